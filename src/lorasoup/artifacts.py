@@ -1,0 +1,122 @@
+"""Run directories: written atomically, and describing themselves in ``run.json``.
+
+Every command builds its artifact in a hidden temporary directory beside the destination and renames
+it into place only when everything is written, so a crash or a bad input never leaves a half-written
+result where a user (or a later command) would take it for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lorasoup.errors import LorasoupError
+
+RUN_JSON = "run.json"
+_PACKAGES = ("lorasoup", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
+
+
+@contextmanager
+def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``destination`` if the block succeeds.
+
+    On any exception the temporary directory is removed and ``destination`` is left as it was.
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise LorasoupError(f"output {destination} already exists; choose another path or pass --overwrite")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            destination.rename(old)
+            staging.rename(destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and ``os.replace`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(to_jsonable(payload), handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, paths, tuples and torch dtypes to plain JSON values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inputs_fingerprint(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each regular file, so a run can be matched to the exact inputs it read."""
+    return {str(p): file_sha256(p) for p in paths if p.is_file()}
+
+
+def run_record(
+    *, command: str, config: Any, seed: int, timings: dict[str, float], **extra: Any
+) -> dict[str, Any]:
+    """The content of ``run.json``: what ran, with which versions, seed and timings."""
+    return {
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "seed": seed,
+        "config": to_jsonable(config),
+        "versions": package_versions(),
+        "platform": platform.platform(),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        **to_jsonable(extra),
+    }

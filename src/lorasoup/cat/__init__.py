@@ -1,0 +1,1 @@
+"""CAT: learnable concatenation of LoRA adapters (LoRA Soups, https://arxiv.org/abs/2410.13025)."""

@@ -1,0 +1,60 @@
+"""Fold learned CAT weights into plain LoRA factors (exact).
+
+With ``c = repeat(w_i·s_i, r_i)`` the CAT update of a module is ``B (c ⊙ (A x)) = B diag(c) A x``, so
+``A' = diag(c) A`` and ``B' = B`` give one ordinary LoRA of rank R at scale 1 (``lora_alpha = r``).
+Modules with fewer rank rows than the largest are padded with zero rows, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lorasoup.cat.inject import CatComposition
+
+VLLM_RANK_BUCKETS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def fold_factors(A: Tensor, B: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+    """``A (R, in)``, ``B (out, R)``, ``c (R,)`` → ``(diag(c) A, B)``; inputs are not modified."""
+    return coefficients.to(A.dtype)[:, None] * A, B.clone()
+
+
+def pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Zero rank rows up to ``rank``: ``B A`` is unchanged. ``A (r, in) → (rank, in)``, ``B (out, r) → (out, rank)``."""
+    extra = rank - A.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {A.shape[0]} down to {rank}")
+    if extra == 0:
+        return A, B
+    return (
+        torch.cat([A, A.new_zeros(extra, A.shape[1])], dim=0),
+        torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1),
+    )
+
+
+def next_bucket(rank: int, buckets: tuple[int, ...] = VLLM_RANK_BUCKETS) -> int:
+    """The smallest serving bucket that holds ``rank``; ``ValueError`` if none does."""
+    for bucket in buckets:
+        if bucket >= rank:
+            return bucket
+    raise ValueError(f"rank {rank} exceeds the largest bucket {buckets[-1]}")
+
+
+def fold_composition(
+    composition: CatComposition, *, dtype: torch.dtype = torch.float32, rank: int | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every module's folded ``(A', B')`` on the CPU, all padded to one rank.
+
+    The folding is done in float32 whatever the model's dtype, then cast to ``dtype``. ``rank``
+    defaults to the largest concatenated rank of any module.
+    """
+    layers = composition.layers()
+    target = rank or max(layer.A.shape[0] for layer in layers.values())
+    folded = {}
+    with torch.no_grad():
+        for path, layer in layers.items():
+            A, B = fold_factors(layer.A.float().cpu(), layer.B.float().cpu(), layer.rank_coefficients().cpu())
+            A, B = pad_rank(A, B, target)
+            folded[path] = (A.to(dtype).contiguous(), B.to(dtype).contiguous())
+    return folded

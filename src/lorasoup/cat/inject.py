@@ -1,0 +1,195 @@
+"""Put CAT layers into a base model, and take them out again.
+
+``compose_cat`` concatenates each module's adapter factors once, wraps the module in a ``CatLinear``
+and registers a single ``CatWeights`` at the model root. Weight groups follow the granularity:
+``module`` (the paper's code: one weight per adapter per adapted module), ``layer`` (per transformer
+block) or ``global`` (one weight per adapter).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lorasoup.adapters import LoraAdapter
+from lorasoup.cat.layer import CatLinear, CatWeights, Parameterisation
+from lorasoup.compat import check_compatibility
+from lorasoup.errors import CompatibilityError
+
+Granularity = Literal["module", "layer", "global"]
+WEIGHTS_ATTR = "lorasoup_cat_weights"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class CatSite:
+    """One adapted module: which weight group it reads and each adapter's rank (0 = absent) and scale."""
+
+    path: str
+    group: int
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+
+
+@dataclass
+class CatComposition:
+    """A base model with CAT layers in it, and what is needed to read, fold or remove them."""
+
+    model: nn.Module
+    weights: CatWeights
+    adapter_names: list[str]
+    group_names: list[str]
+    sites: list[CatSite]
+    granularity: Granularity
+    theta_init: Tensor = field(repr=False)
+
+    def layers(self) -> dict[str, CatLinear]:
+        return {site.path: self.model.get_submodule(site.path) for site in self.sites}
+
+    def effective_weights(self) -> Tensor:
+        """``w (G, K)`` as used in the forward pass, detached, float32, on the CPU."""
+        with torch.no_grad():
+            return self.weights().detach().float().cpu()
+
+    def weights_table(self) -> dict[str, dict[str, float]]:
+        """Learned weights by group, then adapter: what gets written to ``cat_weights.json``."""
+        w = self.effective_weights()
+        return {
+            group: {name: float(w[g, k]) for k, name in enumerate(self.adapter_names)}
+            for g, group in enumerate(self.group_names)
+        }
+
+
+def group_name(path: str, granularity: Granularity) -> str:
+    if granularity == "module":
+        return path
+    if granularity == "global":
+        return "global"
+    match = _LAYER_INDEX.search(f".{path}.")
+    return f"layer.{match.group(1)}" if match else "other"
+
+
+def initial_theta(
+    num_groups: int, num_adapters: int, parameterisation: Parameterisation, seed: int
+) -> Tensor:
+    """``θ0 (G, K)``: N(0, 1) from a private generator for ``softmax`` (as the paper's code, but
+    seeded); ones for ``free`` (the plain sum of the adapters)."""
+    if parameterisation == "free":
+        return torch.ones(num_groups, num_adapters)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_groups, num_adapters, generator=generator)
+
+
+def _base_shape(module: nn.Module, path: str) -> tuple[int, int]:
+    """``(out, in)`` of a linear-like base module (nn.Linear or GPT-2 Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:
+        return weight.shape[1], weight.shape[0]
+    raise CompatibilityError(
+        f"module {path} is a {type(module).__name__}; CAT supports linear layers (nn.Linear, Conv1D)"
+    )
+
+
+def _concat_site(
+    adapters: list[LoraAdapter], path: str, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...], tuple[float, ...]]:
+    As, Bs, owner, ranks, scales = [], [], [], [], []
+    for k, adapter in enumerate(adapters):
+        factors = adapter.modules.get(path)
+        if factors is None:
+            ranks.append(0)
+            scales.append(0.0)
+            continue
+        As.append(factors.A)
+        Bs.append(factors.B)
+        owner += [k] * factors.rank
+        ranks.append(factors.rank)
+        scales.append(factors.scale)
+    A = torch.cat(As, dim=0).to(device=device, dtype=dtype)  # (R, in)
+    B = torch.cat(Bs, dim=1).to(device=device, dtype=dtype)  # (out, R)
+    return A, B, torch.tensor(owner, device=device), torch.tensor(scales, device=device), tuple(ranks), tuple(scales)
+
+
+def compose_cat(
+    model: nn.Module,
+    adapters: list[LoraAdapter],
+    *,
+    granularity: Granularity = "module",
+    parameterisation: Parameterisation = "softmax",
+    seed: int = 0,
+    dropout: float = 0.0,
+    allow_base_mismatch: bool = False,
+) -> CatComposition:
+    """Wrap every module that any adapter adapts in a ``CatLinear``; mutate ``model`` in place.
+
+    The base model's parameters are frozen here too: only the CAT weights train.
+    """
+    if not adapters:
+        raise CompatibilityError("CAT needs at least one adapter")
+    if hasattr(model, WEIGHTS_ATTR):
+        raise CompatibilityError("this model already holds CAT layers; load a fresh base model")
+    check_compatibility(adapters, allow_base_mismatch=allow_base_mismatch).raise_if_incompatible()
+    paths = sorted({p for a in adapters for p in a.modules})
+    reference = next(iter(p for p in model.parameters()))
+    device, dtype = reference.device, reference.dtype
+
+    group_names: list[str] = []
+    for path in paths:
+        name = group_name(path, granularity)
+        if name not in group_names:
+            group_names.append(name)
+    theta0 = initial_theta(len(group_names), len(adapters), parameterisation, seed)
+    weights = CatWeights(theta0, parameterisation).to(device)
+
+    model.requires_grad_(False)
+    plan = []
+    for path in paths:
+        try:
+            base = model.get_submodule(path)
+        except AttributeError:
+            raise CompatibilityError(f"the base model has no module {path}; the adapters belong to another model") from None
+        out_features, in_features = _base_shape(base, path)
+        some = next(a.modules[path] for a in adapters if path in a.modules)
+        if (some.out_features, some.in_features) != (out_features, in_features):
+            raise CompatibilityError(
+                f"{path}: base module is {out_features}x{in_features} but the adapters expect "
+                f"{some.out_features}x{some.in_features} (out x in); the adapters belong to another model"
+            )
+        plan.append((path, base))
+
+    sites = []
+    for path, base in plan:
+        A, B, owner, scales, ranks, scale_tuple = _concat_site(adapters, path, device, dtype)
+        group = group_names.index(group_name(path, granularity))
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, CatLinear(base, A, B, owner, scales, weights, group, dropout))
+        sites.append(CatSite(path=path, group=group, ranks=ranks, scales=scale_tuple))
+    model.add_module(WEIGHTS_ATTR, weights)
+    return CatComposition(
+        model=model,
+        weights=weights,
+        adapter_names=[a.name for a in adapters],
+        group_names=group_names,
+        sites=sites,
+        granularity=granularity,
+        theta_init=theta0,
+    )
+
+
+def remove_cat(composition: CatComposition) -> nn.Module:
+    """Put the original base modules back; the model is the frozen base again."""
+    model = composition.model
+    for path, layer in composition.layers().items():
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, layer.base)
+    if hasattr(model, WEIGHTS_ATTR):
+        delattr(model, WEIGHTS_ATTR)
+    return model

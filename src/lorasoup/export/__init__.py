@@ -1,0 +1,1 @@
+"""Writing standard artifacts: plain PEFT adapters and merged full weights."""

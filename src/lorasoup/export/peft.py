@@ -1,0 +1,82 @@
+"""Write plain PEFT LoRA adapters and merged full weights.
+
+An exported adapter is what stock ``peft.PeftModel.from_pretrained`` (and vLLM) loads: the config is
+built through ``peft.LoraConfig`` with one rank ``r`` and ``lora_alpha = r`` (scale 1, so the stored
+factors are the update itself), no ``rank_pattern``/``alpha_pattern``, no rsLoRA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def target_modules_for(paths: list[str], model: nn.Module | None) -> list[str]:
+    """The shortest ``target_modules`` that selects exactly ``paths`` in ``model``.
+
+    Leaf names (``q_proj``) are what vLLM and most tools expect; they are used when they select no
+    module beyond ``paths``. Otherwise (say, only some layers adapted) the full paths are written.
+    """
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if model is None:
+        return sorted(paths)
+    selected = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(paths) else sorted(paths)
+
+
+def save_peft_adapter(
+    factors: dict[str, tuple[Tensor, Tensor]],
+    out_dir: Path,
+    *,
+    base_model: str | None,
+    model: nn.Module | None = None,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write ``factors`` (module path → ``(A (r, in), B (out, r))``, all of one rank) as a PEFT adapter.
+
+    ``out_dir`` must exist; the caller owns atomicity (see ``lorasoup.artifacts``).
+    """
+    from peft import LoraConfig
+
+    ranks = {A.shape[0] for A, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"all modules must share one rank before export, got {sorted(ranks)}")
+    rank = ranks.pop()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=target_modules_for(list(factors), model),
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=base_model,
+        task_type="CAUSAL_LM",
+    )
+    config.save_pretrained(str(out_dir))
+    tensors = {}
+    for path, (A, B) in factors.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out_dir
+
+
+def merge_factors_into(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
+    """``W = W0 + B A`` for every module, in place, computed in float32 and cast back.
+
+    GPT-2's Conv1D stores ``W0`` as ``(in, out)``, so it gets ``(B A)ᵀ``.
+    """
+    with torch.no_grad():
+        for path, (A, B) in factors.items():
+            module = model.get_submodule(path)
+            weight = module.weight
+            delta = B.float() @ A.float()  # (out, in)
+            if not isinstance(module, nn.Linear):  # Conv1D
+                delta = delta.T
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return model

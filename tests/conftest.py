@@ -1,0 +1,121 @@
+"""Tiny models and real PEFT adapters built locally: no downloads anywhere in the default suite."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+VOCAB_TEXT = [
+    "the cat sat on the mat and wrote a program",
+    "what is 12 plus 7 ? the answer is 19",
+    "def solution ( ) : return 3 * 4",
+    "below is an instruction that describes a task . write a response",
+    "### instruction : ### input : ### response :",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) , . : ?",
+]
+
+
+def build_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer trained on a few lines with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(VOCAB_TEXT, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def build_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    build_gpt2(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_peft_lora(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    targets: list[str] | None = None,
+    seed: int = 0,
+    **config_kwargs: object,
+) -> Path:
+    """Save a real PEFT LoRA adapter with random (non-zero) A and B, made by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets or LLAMA_TARGETS,
+        init_lora_weights=False,  # random B too, so every adapter changes the logits
+        **config_kwargs,
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture
+def make_lora(llama_dir: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``make_lora("name", r=..., ...)`` → directory of a PEFT adapter on the tiny Llama."""
+
+    def make(name: str, base_dir: Path | None = None, **kwargs: object) -> Path:
+        return make_peft_lora(base_dir or llama_dir, tmp_path / name, **kwargs)
+
+    return make

@@ -1,0 +1,41 @@
+"""lorasoup: compose skills from LoRA adapters (CAT, exact merges, exact PEFT export).
+
+The public API. Names are imported lazily so that ``lorasoup --help`` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "LoraAdapter": "lorasoup.adapters",
+    "LoraFactors": "lorasoup.adapters",
+    "load_adapter": "lorasoup.adapters",
+    "check_compatibility": "lorasoup.compat",
+    "CatComposition": "lorasoup.cat.inject",
+    "compose_cat": "lorasoup.cat.inject",
+    "remove_cat": "lorasoup.cat.inject",
+    "fit_cat_weights": "lorasoup.cat.fit",
+    "fold_composition": "lorasoup.cat.fold",
+    "CatRunConfig": "lorasoup.cat.config",
+    "run_cat": "lorasoup.cat.run",
+    "save_peft_adapter": "lorasoup.export.peft",
+    "merge_factors_into": "lorasoup.export.peft",
+    "load_base_model": "lorasoup.models",
+    "load_tokenizer": "lorasoup.models",
+    "parse_model_spec": "lorasoup.models",
+    "load_config": "lorasoup.config",
+    "LorasoupError": "lorasoup.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorasoup' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,187 @@
+"""Train the CAT weights, and only them, with accelerate (one CPU, one GPU, or several through DDP).
+
+Checkpoints hold just ``θ``, the optimizer and scheduler state, the step and the RNG state: a few
+kilobytes. The data order is a function of (seed, epoch), so a resumed run sees exactly the batches
+the uninterrupted run would have seen and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lorasoup.cat.config import TrainOptions
+from lorasoup.cat.inject import CatComposition
+from lorasoup.errors import LorasoupError
+
+CHECKPOINT_FILE = "cat_state.pt"
+ProgressHook = Callable[[int, int, float], None]
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation drawn from ``(seed, epoch)`` alone, so any epoch's order can be recomputed."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class FitResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_step: int = 0
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+def _linear_warmup_decay(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{CHECKPOINT_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path / CHECKPOINT_FILE)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise LorasoupError(f"no CAT checkpoint at {file}; pass a step-N directory from a run's checkpoints")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise LorasoupError(f"{file}: cannot read the checkpoint ({type(err).__name__})") from None
+
+
+def fit_cat_weights(
+    composition: CatComposition,
+    dataset: Dataset,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    options: TrainOptions,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume_from: str | Path | None = None,
+    progress: ProgressHook | None = None,
+) -> FitResult:
+    """Train ``composition.weights`` on ``dataset`` with AdamW and linear warm-up/decay."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # A and B are frozen buffers: re-broadcasting them every step under DDP would move the whole
+    # adapter stack across GPUs for nothing.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=options.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        cpu=options.device == "cpu",
+    )
+    sampler = EpochShuffle(len(dataset), options.seed)
+    # Its own generator, so that creating an iterator draws nothing from the global RNG: dropout masks
+    # then depend only on the RNG state saved in the checkpoint.
+    loader = DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(options.seed),
+    )
+    steps_per_epoch = max(1, math.ceil(len(loader) / options.grad_accum))
+    total = options.max_steps or steps_per_epoch * options.epochs
+    optimizer = torch.optim.AdamW(
+        [composition.weights.theta], lr=options.learning_rate, weight_decay=options.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_warmup_decay(total, int(options.warmup_ratio * total))
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(composition.model, optimizer, loader, scheduler)
+
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        with torch.no_grad():
+            composition.weights.theta.copy_(state["theta"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step = int(state["step"])
+    result = FitResult(steps=step, resumed_from_step=step)
+
+    model.train()
+    start = time.perf_counter()
+    while step < total:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * options.grad_accum) if done_in_epoch else loader
+        running, micro = 0.0, 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                running += loss.detach().float().item()
+                micro += 1
+                if accelerator.sync_gradients and options.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([composition.weights.theta], options.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            result.losses.append(running / micro)
+            running, micro = 0.0, 0
+            if progress is not None:
+                progress(step, total, result.losses[-1])
+            if checkpoint_dir is not None and options.save_every and step % options.save_every == 0:
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        checkpoint_dir / f"step-{step}",
+                        {
+                            "theta": composition.weights.theta.detach().cpu(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                            "step": step,
+                        },
+                    )
+            if step >= total:
+                break
+    model.eval()
+    accelerator.wait_for_everyone()
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    return result

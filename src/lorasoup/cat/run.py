@@ -1,0 +1,187 @@
+"""``lorasoup cat``, end to end: load, check, compose, train the weights, fold, export, describe.
+
+The artifact directory (written atomically) holds:
+- ``adapter_config.json`` + ``adapter_model.safetensors``: a plain PEFT adapter (``r = lora_alpha = R``);
+- ``cat_weights.json``: the learned weights per group and adapter, with their starting values;
+- ``run.json``: config, versions, seed, timings, losses, and how far the weights moved;
+- ``merged/`` with full merged weights when ``export.merge`` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasoup.adapters import LoraAdapter, load_adapter
+from lorasoup.artifacts import atomic_output_dir, inputs_fingerprint, run_record, write_json_atomic
+from lorasoup.cat.config import CatRunConfig
+from lorasoup.cat.fit import FitResult, ProgressHook, fit_cat_weights
+from lorasoup.cat.fold import fold_composition, next_bucket
+from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat
+from lorasoup.compat import check_compatibility
+from lorasoup.errors import LorasoupError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CatRunResult:
+    output: Path
+    composition: CatComposition
+    fit: FitResult
+    export_rank: int
+    notices: list[str]
+
+
+def load_adapters(config: CatRunConfig) -> list[LoraAdapter]:
+    adapters = [load_adapter(ref.path, name=ref.name, revision=ref.revision) for ref in config.adapters]
+    names = [a.name for a in adapters]
+    for i, adapter in enumerate(adapters):  # directories named alike ("adapter") get distinct names
+        if names.count(adapter.name) > 1 and config.adapters[i].name is None:
+            adapter.name = f"{adapter.name}_{i}"
+    return adapters
+
+
+def weight_movement(composition: CatComposition) -> dict[str, float]:
+    """How far θ and the effective weights moved from their initialisation (max and mean |Δ|)."""
+    theta = composition.weights.theta.detach().float().cpu()
+    theta0 = composition.theta_init
+    w0 = torch.softmax(theta0, -1) if composition.weights.parameterisation == "softmax" else theta0
+    w = composition.effective_weights()
+    return {
+        "theta_max_abs_change": float((theta - theta0).abs().max()),
+        "theta_mean_abs_change": float((theta - theta0).abs().mean()),
+        "weight_max_abs_change": float((w - w0).abs().max()),
+        "weight_mean_abs_change": float((w - w0).abs().mean()),
+    }
+
+
+def _weights_payload(composition: CatComposition) -> dict[str, Any]:
+    theta0 = composition.theta_init
+    w0 = torch.softmax(theta0, -1) if composition.weights.parameterisation == "softmax" else theta0
+    return {
+        "adapters": composition.adapter_names,
+        "granularity": composition.granularity,
+        "parameterisation": composition.weights.parameterisation,
+        "weights": composition.weights_table(),
+        "initial_weights": {
+            group: dict(zip(composition.adapter_names, map(float, w0[g])))
+            for g, group in enumerate(composition.group_names)
+        },
+        "modules": {site.path: composition.group_names[site.group] for site in composition.sites},
+    }
+
+
+def build_training_data(config: CatRunConfig, tokenizer: Any) -> Any:
+    from lorasoup.training.data import build_dataset, load_records
+
+    records: list[dict[str, Any]] = []
+    for source in config.data.train:
+        records.extend(load_records(source))
+    if config.data.max_examples is not None:
+        records = records[: config.data.max_examples]
+    return build_dataset(
+        records,
+        tokenizer,
+        template=config.data.template,
+        cutoff_len=config.data.cutoff_len,
+        train_on_inputs=config.data.train_on_inputs,
+        name=", ".join(config.data.train),
+    )
+
+
+def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> CatRunResult:
+    """Compose ``config.adapters`` by CAT on ``config.base_model`` and write the artifact directory."""
+    from lorasoup.models import load_base_model, load_tokenizer, model_fingerprint, parse_model_spec
+    from lorasoup.training.data import collate
+
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise LorasoupError(f"output {output} already exists; choose another path or pass --overwrite")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    adapters = load_adapters(config)
+    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report.raise_if_incompatible()
+    spec = parse_model_spec(config.base_model)
+    tokenizer = load_tokenizer(spec)
+    dataset = build_training_data(config, tokenizer)
+    model = load_base_model(spec, dtype=DTYPES[config.train.dtype], device=config.train.device)
+    timings["load"] = time.perf_counter() - clock
+
+    composition = compose_cat(
+        model,
+        adapters,
+        granularity=config.cat.granularity,
+        parameterisation=config.cat.parameterisation,
+        seed=config.train.seed,
+        dropout=config.cat.dropout,
+        allow_base_mismatch=config.allow_base_mismatch,
+    )
+    clock = time.perf_counter()
+    fit = fit_cat_weights(
+        composition,
+        dataset,
+        functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        config.train,
+        checkpoint_dir=output.with_name(output.name + ".checkpoints"),
+        resume_from=config.resume_from,
+        progress=progress,
+    )
+    timings["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    notices = list(report.notices)
+    largest = max(sum(site.ranks) for site in composition.sites)
+    rank = largest
+    if config.export.rank_bucket == "vllm":
+        try:
+            rank = next_bucket(largest)
+        except ValueError as err:
+            raise LorasoupError(f"export.rank_bucket=vllm: {err}; recompress the adapter to rank <= 512") from None
+        notices.append(f"rank padded with zero rows from {largest} to vLLM bucket {rank} (exact)")
+    folded = fold_composition(composition, dtype=DTYPES[config.export.dtype], rank=rank)
+    fan_in_fan_out = adapters[0].fan_in_fan_out
+    with atomic_output_dir(output, overwrite=config.overwrite) as staging:
+        from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+
+        save_peft_adapter(
+            folded, staging, base_model=config.base_model, model=model, fan_in_fan_out=fan_in_fan_out
+        )
+        write_json_atomic(staging / "cat_weights.json", _weights_payload(composition))
+        if config.export.merge:
+            merged = merge_factors_into(remove_cat(composition), folded)
+            merged.save_pretrained(staging / "merged")
+            tokenizer.save_pretrained(staging / "merged")
+        timings["export"] = time.perf_counter() - clock
+        record = run_record(
+            command="cat",
+            config=config,
+            seed=config.train.seed,
+            timings=timings,
+            base_model=model_fingerprint(model),
+            adapters={a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters},
+            inputs_sha256=inputs_fingerprint(
+                [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
+                + [Path(p) for p in config.data.train]
+            ),
+            training={
+                "examples": len(dataset),
+                "dropped_examples": dataset.dropped,
+                "steps": fit.steps,
+                "resumed_from_step": fit.resumed_from_step,
+                "first_loss": fit.first_loss,
+                "last_loss": fit.last_loss,
+                "losses": fit.losses,
+            },
+            weight_movement=weight_movement(composition),
+            export={"rank": rank, "concatenated_rank": largest, "merged": config.export.merge},
+            notices=notices,
+        )
+        write_json_atomic(staging / "run.json", record)
+    return CatRunResult(output=output, composition=composition, fit=fit, export_rank=rank, notices=notices)

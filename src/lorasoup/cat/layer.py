@@ -57,6 +57,8 @@ class CatLinear(nn.Module):
 
     Shapes: ``A (R, in)``, ``B (out, R)``, ``rank_owner (R,)`` (the adapter index of each rank row),
     ``scales (K,)`` (``s_i`` of each adapter at this module; irrelevant where ``r_i = 0``).
+    The module has no Python loop over adapters and no data-dependent control flow, so
+    ``torch.compile`` captures it whole.
     ``base`` may be ``nn.Linear`` or GPT-2's ``Conv1D``: only its forward is used.
     """
 
@@ -75,7 +77,8 @@ class CatLinear(nn.Module):
         self.base = base
         self.register_buffer("A", A.detach().clone(), persistent=False)
         self.register_buffer("B", B.detach().clone(), persistent=False)
-        self.register_buffer("rank_owner", rank_owner.long(), persistent=False)
+        onehot = F.one_hot(rank_owner.long(), num_classes=scales.shape[0]).float()  # (R, K)
+        self.register_buffer("rank_onehot", onehot, persistent=False)
         self.register_buffer("scales", scales.float(), persistent=False)
         # Shared with every CatLinear of the model and registered once at the model root; a plain
         # attribute keeps it out of this module's children, so it is neither duplicated nor moved twice.
@@ -86,13 +89,16 @@ class CatLinear(nn.Module):
     def rank_coefficients(self) -> Tensor:
         """``c (R,) = repeat(w_i · s_i, r_i)`` in float32."""
         w = self.cat_weights()[self.group]  # (K,)
-        return (w * self.scales)[self.rank_owner]
+        return self.rank_onehot @ (w * self.scales)  # (R,)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base(x)  # (..., out)
+        result = self.base(x)  # (..., out), a fresh contiguous tensor that autograd does not save
         c = self.rank_coefficients().to(x.dtype)  # (R,)
-        z = F.linear(self.dropout(x), self.A)  # (..., R)
-        return result + F.linear(z * c, self.B)  # (..., out)
+        z = F.linear(self.dropout(x), self.A) * c  # (..., R)
+        result = result if result.is_contiguous() else result.contiguous()
+        flat = result.view(-1, result.shape[-1])  # (T, out)
+        flat.addmm_(z.view(-1, z.shape[-1]), self.B.t())  # += (T, R) @ (R, out)
+        return result
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, group={self.group}"

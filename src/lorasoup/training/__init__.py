@@ -1,0 +1,1 @@
+"""Training: supervised data (templates, loss masking, mixing) and LoRA / CAT-weight training."""

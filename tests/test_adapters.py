@@ -116,7 +116,7 @@ def test_bad_files(make_lora, tmp_path):
         load_adapter(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(AdapterError, match="adapter_config.json"):
+    with pytest.raises(AdapterError, match=r"adapter_config\.json"):
         load_adapter(empty)
     corrupt = make_lora("c")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)

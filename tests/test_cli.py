@@ -52,11 +52,18 @@ def test_inspect_reports_and_exit_codes(make_lora, gpt2_dir, tmp_path):
 def test_cat_command_writes_a_complete_artifact(make_lora, llama_dir, tmp_path, data_file):
     a, b = make_lora("a", seed=1), make_lora("b", r=2, seed=2, targets=["q_proj", "v_proj"])
     config = write_config(tmp_path, llama_dir, [{"path": str(a), "name": "math"}, str(b)], data_file)
-    result = runner.invoke(app, ["cat", str(config), "--set", "train.seed=3", "--merge", "--rank-bucket", "vllm"])
+    result = runner.invoke(
+        app, ["cat", str(config), "--set", "train.seed=3", "--merge", "--rank-bucket", "vllm"]
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "run.json",
-                                               "cat_weights.json", "merged"}
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "run.json",
+        "cat_weights.json",
+        "merged",
+    }
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 3 and run["config"]["train"]["seed"] == 3
     assert run["training"]["steps"] == 4 and len(run["training"]["losses"]) == 4
@@ -108,7 +115,9 @@ def test_bad_inputs_give_one_line_and_no_artifact(make_lora, llama_dir, tmp_path
 def test_config_errors_name_the_field(make_lora, llama_dir, tmp_path, data_file):
     config = write_config(tmp_path, llama_dir, [str(make_lora("a"))], data_file)
     result = runner.invoke(app, ["cat", str(config), "--set", "train.learning_rte=0.1"])
-    assert result.exit_code == 2 and "train.learning_rte" in result.output and "learning_rate" in result.output
+    assert (
+        result.exit_code == 2 and "train.learning_rte" in result.output and "learning_rate" in result.output
+    )
     result = runner.invoke(app, ["cat", str(config), "--set", "cat.granularity=row"])
     assert result.exit_code == 2 and "'module'" in result.output
 

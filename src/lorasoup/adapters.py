@@ -110,13 +110,13 @@ def resolve_adapter_dir(source: str | Path, revision: str | None = None) -> Path
     text = str(source)
     looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
     if looks_local:
-        raise AdapterError(f"adapter directory {text!r} does not exist; pass a PEFT adapter directory or a hub id")
+        raise AdapterError(
+            f"adapter directory {text!r} does not exist; pass a PEFT adapter directory or a hub id"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(text, revision=revision, allow_patterns=[CONFIG_NAME, *WEIGHT_NAMES])
-        )
+        return Path(snapshot_download(text, revision=revision, allow_patterns=[CONFIG_NAME, *WEIGHT_NAMES]))
     except Exception as err:  # the hub client raises many types; all mean "could not fetch"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AdapterError(
@@ -140,7 +140,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
 def _check_supported(config: dict[str, Any], where: Path) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise AdapterError(f"{where}: peft_type {peft_type!r} is not supported; lorasoup composes LoRA adapters")
+        raise AdapterError(
+            f"{where}: peft_type {peft_type!r} is not supported; lorasoup composes LoRA adapters"
+        )
     problems = []
     if config.get("use_dora"):
         problems.append("DoRA (use_dora=True)")
@@ -151,7 +153,9 @@ def _check_supported(config: dict[str, Any], where: Path) -> None:
     if config.get("trainable_token_indices"):
         problems.append("trainable tokens (trainable_token_indices)")
     if problems:
-        raise AdapterError(f"{where}: unsupported adapter feature: {', '.join(problems)}; use a plain LoRA adapter")
+        raise AdapterError(
+            f"{where}: unsupported adapter feature: {', '.join(problems)}; use a plain LoRA adapter"
+        )
 
 
 def _read_weights(directory: Path) -> dict[str, Tensor]:
@@ -166,7 +170,9 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
                 return load_file(str(path))
             return torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt files surface as several error types
-            raise AdapterError(f"{path}: cannot read adapter weights ({type(err).__name__}); the file is corrupt") from None
+            raise AdapterError(
+                f"{path}: cannot read adapter weights ({type(err).__name__}); the file is corrupt"
+            ) from None
     raise AdapterError(f"{directory}: no {' or '.join(WEIGHT_NAMES)}")
 
 
@@ -188,7 +194,9 @@ def _pair_factors(weights: dict[str, Tensor], where: Path) -> dict[str, dict[str
                 raise AdapterError(f"{where}: unsupported adapter feature: {feature} (key {key!r})")
         match = _KEY.match(key)
         if match is None:
-            raise AdapterError(f"{where}: unexpected tensor {key!r}; only lora_A/lora_B weights are supported")
+            raise AdapterError(
+                f"{where}: unexpected tensor {key!r}; only lora_A/lora_B weights are supported"
+            )
         pairs.setdefault(match["module"], {})[match["which"]] = tensor
     return pairs
 
@@ -212,7 +220,9 @@ def load_adapter(source: str | Path, name: str | None = None, revision: str | No
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(f"{directory}: module {module!r} has no {missing} weight; the file is incomplete")
+            raise AdapterError(
+                f"{directory}: module {module!r} has no {missing} weight; the file is incomplete"
+            )
         A, B = pair["A"], pair["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterError(

@@ -16,7 +16,14 @@ from typing import Annotated, Any, NoReturn
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from lorasoup.errors import LorasoupError
@@ -89,7 +96,17 @@ def inspect(
     loaded = [load_adapter(a) for a in adapters]
     report = check_compatibility(loaded, allow_base_mismatch=allow_base_mismatch)
     table = Table(title="Adapters", show_lines=False)
-    for column in ("name", "base model", "ranks", "alpha", "scaling", "targets", "modules", "dtype", "params"):
+    for column in (
+        "name",
+        "base model",
+        "ranks",
+        "alpha",
+        "scaling",
+        "targets",
+        "modules",
+        "dtype",
+        "params",
+    ):
         table.add_column(column)
     for a in loaded:
         config = a.peft_config
@@ -123,11 +140,15 @@ def cat(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/cat-example.yaml).")],
     set_: SetOption = None,
     output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
-    merge: Annotated[bool | None, typer.Option(help="Also write merged full weights to OUTPUT/merged.")] = None,
+    merge: Annotated[
+        bool | None, typer.Option(help="Also write merged full weights to OUTPUT/merged.")
+    ] = None,
     rank_bucket: Annotated[
         str | None, typer.Option(help="'vllm' pads the rank with zero rows to vLLM's next bucket.")
     ] = None,
-    resume_from: Annotated[str | None, typer.Option(help="A checkpoint directory (OUTPUT.checkpoints/step-N).")] = None,
+    resume_from: Annotated[
+        str | None, typer.Option(help="A checkpoint directory (OUTPUT.checkpoints/step-N).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
     """Compose adapters by CAT: learn one weight per adapter per module on your data, then write a
@@ -156,7 +177,9 @@ def _print_cat_result(result: Any) -> None:
     for notice in result.notices:
         console.print(f"[yellow]notice:[/] {notice}", highlight=False)
     if fit.first_loss is not None:
-        console.print(f"loss {fit.first_loss:.4f} -> {fit.last_loss:.4f} over {fit.steps} steps ({fit.seconds:.1f} s)")
+        console.print(
+            f"loss {fit.first_loss:.4f} -> {fit.last_loss:.4f} over {fit.steps} steps ({fit.seconds:.1f} s)"
+        )
     table = Table(title="CAT weights (mean over groups)")
     weights = result.composition.effective_weights()
     for name in ("adapter", "mean", "min", "max"):

@@ -37,8 +37,13 @@ def module_shapes(adapter: LoraAdapter) -> dict[str, tuple[int, int]]:
     return {path: (f.out_features, f.in_features) for path, f in adapter.modules.items()}
 
 
-def check_compatibility(adapters: list[LoraAdapter], *, allow_base_mismatch: bool = False) -> CompatibilityReport:
-    """Compare adapters module by module; never raises, see :meth:`CompatibilityReport.raise_if_incompatible`."""
+def check_compatibility(
+    adapters: list[LoraAdapter], *, allow_base_mismatch: bool = False
+) -> CompatibilityReport:
+    """Compare adapters module by module.
+
+    Never raises: see :meth:`CompatibilityReport.raise_if_incompatible`.
+    """
     union = sorted({path for a in adapters for path in a.modules})
     missing = {a.name: [p for p in union if p not in a.modules] for a in adapters}
     report = CompatibilityReport(adapters=adapters, modules=union, missing=missing)
@@ -46,7 +51,9 @@ def check_compatibility(adapters: list[LoraAdapter], *, allow_base_mismatch: boo
     names = [a.name for a in adapters]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        report.problems.append(f"adapter names must be unique, {duplicates} repeat; give each a distinct name")
+        report.problems.append(
+            f"adapter names must be unique, {duplicates} repeat; give each a distinct name"
+        )
 
     bases = {a.name: a.base_model for a in adapters if a.base_model}
     if len(set(bases.values())) > 1 and not allow_base_mismatch:
@@ -65,7 +72,8 @@ def check_compatibility(adapters: list[LoraAdapter], *, allow_base_mismatch: boo
             if first[1] != shape:
                 report.problems.append(
                     f"hidden sizes differ at {path}: {first[0]} is {first[1][0]}x{first[1][1]}, "
-                    f"{adapter.name} is {shape[0]}x{shape[1]} (out x in); the adapters belong to different models"
+                    f"{adapter.name} is {shape[0]}x{shape[1]} (out x in); "
+                    "the adapters belong to different models"
                 )
                 break
 

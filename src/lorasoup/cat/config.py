@@ -47,7 +47,10 @@ class DataConfig:
     max_examples: int | None = None
 
     def validate(self) -> None:
-        require(bool(self.train), "data.train: give at least one dataset (a .json/.jsonl file or a hub dataset id)")
+        require(
+            bool(self.train),
+            "data.train: give at least one dataset (a .json/.jsonl file or a hub dataset id)",
+        )
         require(self.cutoff_len >= 8, f"data.cutoff_len must be at least 8 tokens, got {self.cutoff_len}")
         require(self.max_examples is None or self.max_examples > 0, "data.max_examples must be positive")
 
@@ -82,8 +85,13 @@ class TrainOptions:
         require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
         require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
         require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be at least 1")
-        require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
-        require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        require(
+            self.batch_size >= 1 and self.grad_accum >= 1,
+            "train.batch_size and train.grad_accum must be >= 1",
+        )
+        require(
+            0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+        )
         require(self.save_every >= 0, "train.save_every must be >= 0 (0 saves only at the end)")
 
 

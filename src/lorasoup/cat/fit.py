@@ -145,7 +145,11 @@ def fit_cat_weights(
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * options.grad_accum) if done_in_epoch else loader
+        batches = (
+            accelerator.skip_first_batches(loader, done_in_epoch * options.grad_accum)
+            if done_in_epoch
+            else loader
+        )
         running, micro = 0.0, 0
         for batch in batches:
             with accelerator.accumulate(model):
@@ -165,19 +169,19 @@ def fit_cat_weights(
             running, micro = 0.0, 0
             if progress is not None:
                 progress(step, total, result.losses[-1])
-            if checkpoint_dir is not None and options.save_every and step % options.save_every == 0:
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        checkpoint_dir / f"step-{step}",
-                        {
-                            "theta": composition.weights.theta.detach().cpu(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                            "step": step,
-                        },
-                    )
+            due = checkpoint_dir is not None and options.save_every and step % options.save_every == 0
+            if due and accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoint_dir / f"step-{step}",
+                    {
+                        "theta": composition.weights.theta.detach().cpu(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "step": step,
+                    },
+                )
             if step >= total:
                 break
     model.eval()

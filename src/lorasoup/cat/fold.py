@@ -21,7 +21,10 @@ def fold_factors(A: Tensor, B: Tensor, coefficients: Tensor) -> tuple[Tensor, Te
 
 
 def pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Zero rank rows up to ``rank``: ``B A`` is unchanged. ``A (r, in) → (rank, in)``, ``B (out, r) → (out, rank)``."""
+    """Zero rank rows up to ``rank``, leaving ``B A`` unchanged.
+
+    ``A (r, in) → (rank, in)``, ``B (out, r) → (out, rank)``.
+    """
     extra = rank - A.shape[0]
     if extra < 0:
         raise ValueError(f"cannot pad rank {A.shape[0]} down to {rank}")

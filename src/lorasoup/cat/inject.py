@@ -113,7 +113,14 @@ def _concat_site(
         scales.append(factors.scale)
     A = torch.cat(As, dim=0).to(device=device, dtype=dtype)  # (R, in)
     B = torch.cat(Bs, dim=1).to(device=device, dtype=dtype)  # (out, R)
-    return A, B, torch.tensor(owner, device=device), torch.tensor(scales, device=device), tuple(ranks), tuple(scales)
+    return (
+        A,
+        B,
+        torch.tensor(owner, device=device),
+        torch.tensor(scales, device=device),
+        tuple(ranks),
+        tuple(scales),
+    )
 
 
 def compose_cat(
@@ -153,7 +160,9 @@ def compose_cat(
         try:
             base = model.get_submodule(path)
         except AttributeError:
-            raise CompatibilityError(f"the base model has no module {path}; the adapters belong to another model") from None
+            raise CompatibilityError(
+                f"the base model has no module {path}; the adapters belong to another model"
+            ) from None
         out_features, in_features = _base_shape(base, path)
         some = next(a.modules[path] for a in adapters if path in a.modules)
         if (some.out_features, some.in_features) != (out_features, in_features):

@@ -70,7 +70,7 @@ def _weights_payload(composition: CatComposition) -> dict[str, Any]:
         "parameterisation": composition.weights.parameterisation,
         "weights": composition.weights_table(),
         "initial_weights": {
-            group: dict(zip(composition.adapter_names, map(float, w0[g])))
+            group: dict(zip(composition.adapter_names, map(float, w0[g]), strict=True))
             for g, group in enumerate(composition.group_names)
         },
         "modules": {site.path: composition.group_names[site.group] for site in composition.sites},
@@ -143,7 +143,9 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
         try:
             rank = next_bucket(largest)
         except ValueError as err:
-            raise LorasoupError(f"export.rank_bucket=vllm: {err}; recompress the adapter to rank <= 512") from None
+            raise LorasoupError(
+                f"export.rank_bucket=vllm: {err}; recompress the adapter to rank <= 512"
+            ) from None
         notices.append(f"rank padded with zero rows from {largest} to vLLM bucket {rank} (exact)")
     folded = fold_composition(composition, dtype=DTYPES[config.export.dtype], rank=rank)
     fan_in_fan_out = adapters[0].fan_in_fan_out
@@ -165,7 +167,9 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
             seed=config.train.seed,
             timings=timings,
             base_model=model_fingerprint(model),
-            adapters={a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters},
+            adapters={
+                a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters
+            },
             inputs_sha256=inputs_fingerprint(
                 [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
                 + [Path(p) for p in config.data.train]

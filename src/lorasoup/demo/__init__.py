@@ -73,15 +73,24 @@ def build_tiny_base(directory: Path, corpus: list[str], seed: int) -> None:
     )
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
-def train_skill_lora(base_dir: Path, records: list[dict[str, str]], out_dir: Path, seed: int, steps: int) -> None:
+def train_skill_lora(
+    base_dir: Path, records: list[dict[str, str]], out_dir: Path, seed: int, steps: int
+) -> None:
     """A small PEFT LoRA (r=8 on attention and MLP projections), trained with AdamW."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +106,10 @@ def train_skill_lora(base_dir: Path, records: list[dict[str, str]], out_dir: Pat
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=16, shuffle=True, collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        dataset,
+        batch_size=16,
+        shuffle=True,
+        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(seed),
     )
     model.train()
@@ -123,7 +135,11 @@ def mean_loss(model: torch.nn.Module, tokenizer: object, records: list[dict[str,
 
 
 def run_demo(
-    output: Path, *, seed: int = 0, overwrite: bool = True, progress: Callable[[int, int, float], None] | None = None
+    output: Path,
+    *,
+    seed: int = 0,
+    overwrite: bool = True,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> DemoSummary:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,7 +152,7 @@ def run_demo(
     held_out = {s: skill_records(s, 64, rng) for s in ("add", "reverse")}
     base_dir = output / "base"
     corpus = [f"{r['instruction']} {r['output']}" for rs in train.values() for r in rs]
-    build_tiny_base(base_dir, corpus + ["### Instruction: ### Response: Below is an instruction"], seed)
+    build_tiny_base(base_dir, [*corpus, "### Instruction: ### Response: Below is an instruction"], seed)
     for skill, records in train.items():
         train_skill_lora(base_dir, records, output / f"lora-{skill}", seed, steps=150)
 
@@ -157,11 +173,20 @@ def run_demo(
 
     def row(name: str, model: torch.nn.Module) -> DemoRow:
         model.eval()
-        return DemoRow(name, *(mean_loss(model, tokenizer, rs) for rs in (held_out["add"], held_out["reverse"], mixed)))
+        return DemoRow(
+            name, *(mean_loss(model, tokenizer, rs) for rs in (held_out["add"], held_out["reverse"], mixed))
+        )
 
     rows = [row("base", AutoModelForCausalLM.from_pretrained(base_dir))]
     for skill in train:
-        rows.append(row(f"LoRA {skill}", PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), output / f"lora-{skill}")))
+        rows.append(
+            row(
+                f"LoRA {skill}",
+                PeftModel.from_pretrained(
+                    AutoModelForCausalLM.from_pretrained(base_dir), output / f"lora-{skill}"
+                ),
+            )
+        )
     exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), result.output)
     rows.append(row("CAT (exported)", exported))
 

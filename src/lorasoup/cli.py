@@ -88,8 +88,12 @@ def inspect(
         bool, typer.Option(help="Treat differing base_model_name_or_path as the same model.")
     ] = False,
 ) -> None:
-    """Report base model, ranks, alphas, scaling, target modules, dtype and size of each adapter, and
-    whether they can be composed. Exits non-zero when they cannot."""
+    """Check that adapters can be composed, before any work.
+
+    Reports each adapter's base model, ranks, alpha, scaling (alpha/r or rsLoRA), target modules,
+    dtype and size, the union of adapted modules and the gaps. Exits with code 2 when the adapters
+    cannot be composed (different base models or hidden sizes).
+    """
     from lorasoup.adapters import load_adapter
     from lorasoup.compat import check_compatibility
 
@@ -151,8 +155,12 @@ def cat(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
-    """Compose adapters by CAT: learn one weight per adapter per module on your data, then write a
-    plain PEFT adapter (weights folded in), cat_weights.json and run.json."""
+    """Compose adapters by CAT (learnable concatenation) and export a plain PEFT adapter.
+
+    Learns one weight per adapter per module (or per layer, or global) on your data with base and
+    adapters frozen, then writes OUTPUT/ atomically: a PEFT adapter with the weights folded in
+    (r = lora_alpha = sum of ranks), cat_weights.json and run.json. See configs/cat-example.yaml.
+    """
     from lorasoup.cat.config import CatRunConfig
     from lorasoup.cat.run import run_cat
     from lorasoup.config import load_config
@@ -197,8 +205,11 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for data, models and training.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = True,
 ) -> None:
-    """The embedded default: build a tiny model, train two skill LoRAs, compose them by CAT, export a
-    PEFT adapter and check that stock PEFT reproduces the CAT logits. Runs in about a minute on a CPU."""
+    """Run the embedded default: a small CAT composition on a CPU, no download.
+
+    Builds a tiny model and tokenizer, trains two skill LoRAs, composes them by CAT, exports a PEFT
+    adapter and checks that stock PEFT reproduces the CAT logits. About a minute on a laptop CPU.
+    """
     from lorasoup.demo import run_demo
 
     with step_progress("demo") as progress:

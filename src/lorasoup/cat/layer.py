@@ -41,6 +41,11 @@ class CatWeights(nn.Module):
         self.parameterisation = parameterisation
         self.theta = nn.Parameter(theta.detach().clone().float())
 
+    def group_weights(self, group: int) -> Tensor:
+        """``w (K,)`` of one group: only that row's softmax, so each module's graph stays small."""
+        theta = self.theta[group]
+        return torch.softmax(theta, dim=-1) if self.parameterisation == "softmax" else theta
+
     def forward(self) -> Tensor:
         """Effective weights ``w (G, K)``."""
         if self.parameterisation == "softmax":
@@ -77,8 +82,7 @@ class CatLinear(nn.Module):
         self.base = base
         self.register_buffer("A", A.detach().clone(), persistent=False)
         self.register_buffer("B", B.detach().clone(), persistent=False)
-        onehot = F.one_hot(rank_owner.long(), num_classes=scales.shape[0]).float()  # (R, K)
-        self.register_buffer("rank_onehot", onehot, persistent=False)
+        self.register_buffer("rank_owner", rank_owner.long(), persistent=False)
         self.register_buffer("scales", scales.float(), persistent=False)
         # Shared with every CatLinear of the model and registered once at the model root; a plain
         # attribute keeps it out of this module's children, so it is neither duplicated nor moved twice.
@@ -88,17 +92,15 @@ class CatLinear(nn.Module):
 
     def rank_coefficients(self) -> Tensor:
         """``c (R,) = repeat(w_i · s_i, r_i)`` in float32."""
-        w = self.cat_weights()[self.group]  # (K,)
-        return self.rank_onehot @ (w * self.scales)  # (R,)
+        w = self.cat_weights.group_weights(self.group)  # (K,)
+        return (w * self.scales)[self.rank_owner]  # (R,)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base(x)  # (..., out), a fresh contiguous tensor that autograd does not save
+        # Out of place on purpose: an in-place addmm_ into the base output is functionalised by
+        # torch.compile into extra full-size copies.
         c = self.rank_coefficients().to(x.dtype)  # (R,)
         z = F.linear(self.dropout(x), self.A) * c  # (..., R)
-        result = result if result.is_contiguous() else result.contiguous()
-        flat = result.view(-1, result.shape[-1])  # (T, out)
-        flat.addmm_(z.view(-1, z.shape[-1]), self.B.t())  # += (T, R) @ (R, out)
-        return result
+        return self.base(x) + F.linear(z, self.B)  # (..., out)
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, group={self.group}"

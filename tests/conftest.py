@@ -22,21 +22,9 @@ VOCAB_TEXT = [
 
 def build_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer trained on a few lines with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from lorasoup.demo import build_tokenizer as train_bpe
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(VOCAB_TEXT, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return train_bpe(VOCAB_TEXT, vocab_size)
 
 
 def build_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

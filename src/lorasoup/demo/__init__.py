@@ -16,8 +16,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 from lorasoup.cat.config import AdapterRef, CatRunConfig, DataConfig, TrainOptions
 
@@ -51,26 +55,31 @@ def skill_records(skill: str, count: int, rng: random.Random) -> list[dict[str, 
     return records
 
 
-def build_tiny_base(directory: Path, corpus: list[str], seed: int) -> None:
-    """A 2-layer Llama and a BPE tokenizer trained on ``corpus``, saved as a normal model directory."""
+def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus`` with the ``tokenizers`` library (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tokenizer = PreTrainedTokenizerFast(
+    raw.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def build_tiny_base(directory: Path, corpus: list[str], seed: int) -> None:
+    """A 2-layer Llama and a BPE tokenizer trained on ``corpus``, saved as a normal model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(corpus, vocab_size=400)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -104,7 +113,7 @@ def train_skill_lora(
         AutoModelForCausalLM.from_pretrained(base_dir),
         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=16,
@@ -154,7 +163,7 @@ def run_demo(
     corpus = [f"{r['instruction']} {r['output']}" for rs in train.values() for r in rs]
     build_tiny_base(base_dir, [*corpus, "### Instruction: ### Response: Below is an instruction"], seed)
     for skill, records in train.items():
-        train_skill_lora(base_dir, records, output / f"lora-{skill}", seed, steps=150)
+        train_skill_lora(base_dir, records, output / f"lora-{skill}", seed, steps=250)
 
     mix_path = output / "mix.json"
     mix_path.write_text(json.dumps(train["add"][:100] + train["reverse"][:100]))

@@ -96,8 +96,8 @@ class CatLinear(nn.Module):
         return (w * self.scales)[self.rank_owner]  # (R,)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Out of place on purpose: an in-place addmm_ into the base output is functionalised by
-        # torch.compile into extra full-size copies.
+        # Out of place: torch.compile functionalises an in-place addmm_ into the base output, which
+        # may add full-size copies (not yet timed against this version at the same K).
         c = self.rank_coefficients().to(x.dtype)  # (R,)
         z = F.linear(self.dropout(x), self.A) * c  # (..., R)
         return self.base(x) + F.linear(z, self.B)  # (..., out)

@@ -55,6 +55,12 @@ class CatComposition:
         with torch.no_grad():
             return self.weights().detach().float().cpu()
 
+    def initial_weights(self) -> Tensor:
+        """``w0 (G, K)``: the effective weights at initialisation, before any training."""
+        if self.weights.parameterisation == "softmax":
+            return torch.softmax(self.theta_init, dim=-1)
+        return self.theta_init.clone()
+
     def weights_table(self) -> dict[str, dict[str, float]]:
         """Learned weights by group, then adapter: what gets written to ``cat_weights.json``."""
         w = self.effective_weights()

@@ -51,8 +51,7 @@ def weight_movement(composition: CatComposition) -> dict[str, float]:
     """How far θ and the effective weights moved from their initialisation (max and mean |Δ|)."""
     theta = composition.weights.theta.detach().float().cpu()
     theta0 = composition.theta_init
-    w0 = torch.softmax(theta0, -1) if composition.weights.parameterisation == "softmax" else theta0
-    w = composition.effective_weights()
+    w0, w = composition.initial_weights(), composition.effective_weights()
     return {
         "theta_max_abs_change": float((theta - theta0).abs().max()),
         "theta_mean_abs_change": float((theta - theta0).abs().mean()),
@@ -62,8 +61,7 @@ def weight_movement(composition: CatComposition) -> dict[str, float]:
 
 
 def _weights_payload(composition: CatComposition) -> dict[str, Any]:
-    theta0 = composition.theta_init
-    w0 = torch.softmax(theta0, -1) if composition.weights.parameterisation == "softmax" else theta0
+    w0 = composition.initial_weights()
     return {
         "adapters": composition.adapter_names,
         "granularity": composition.granularity,

@@ -28,6 +28,12 @@ RUN_JSON = "run.json"
 _PACKAGES = ("lorasoup", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
 
 
+def require_free_output(destination: Path, *, overwrite: bool) -> None:
+    """Fail early (before any long work) when ``destination`` exists and may not be replaced."""
+    if destination.exists() and not overwrite:
+        raise LorasoupError(f"output {destination} already exists; choose another path or pass --overwrite")
+
+
 @contextmanager
 def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes ``destination`` if the block succeeds.
@@ -35,8 +41,7 @@ def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> It
     On any exception the temporary directory is removed and ``destination`` is left as it was.
     """
     destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise LorasoupError(f"output {destination} already exists; choose another path or pass --overwrite")
+    require_free_output(destination, overwrite=overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:

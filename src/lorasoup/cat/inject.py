@@ -57,13 +57,11 @@ class CatComposition:
 
     def initial_weights(self) -> Tensor:
         """``w0 (G, K)``: the effective weights at initialisation, before any training."""
-        if self.weights.parameterisation == "softmax":
-            return torch.softmax(self.theta_init, dim=-1)
-        return self.theta_init.clone()
+        return self.weights.activate(self.theta_init.clone())
 
-    def weights_table(self) -> dict[str, dict[str, float]]:
-        """Learned weights by group, then adapter: what gets written to ``cat_weights.json``."""
-        w = self.effective_weights()
+    def weights_table(self, w: Tensor | None = None) -> dict[str, dict[str, float]]:
+        """``w (G, K)`` (default: the learned weights) by group, then adapter: ``cat_weights.json``."""
+        w = self.effective_weights() if w is None else w
         return {
             group: {name: float(w[g, k]) for k, name in enumerate(self.adapter_names)}
             for g, group in enumerate(self.group_names)
@@ -104,7 +102,8 @@ def _base_shape(module: nn.Module, path: str) -> tuple[int, int]:
 
 def _concat_site(
     adapters: list[LoraAdapter], path: str, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...], tuple[float, ...]]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...], tuple[float, ...]]:
+    """``A (R, in)``, ``B (out, R)``, the owner of each rank row, and each adapter's rank and scale."""
     As, Bs, owner, ranks, scales = [], [], [], [], []
     for k, adapter in enumerate(adapters):
         factors = adapter.modules.get(path)
@@ -119,14 +118,7 @@ def _concat_site(
         scales.append(factors.scale)
     A = torch.cat(As, dim=0).to(device=device, dtype=dtype)  # (R, in)
     B = torch.cat(Bs, dim=1).to(device=device, dtype=dtype)  # (out, R)
-    return (
-        A,
-        B,
-        torch.tensor(owner, device=device),
-        torch.tensor(scales, device=device),
-        tuple(ranks),
-        tuple(scales),
-    )
+    return A, B, torch.tensor(owner, device=device), tuple(ranks), tuple(scales)
 
 
 def compose_cat(
@@ -149,7 +141,7 @@ def compose_cat(
         raise CompatibilityError("this model already holds CAT layers; load a fresh base model")
     check_compatibility(adapters, allow_base_mismatch=allow_base_mismatch).raise_if_incompatible()
     paths = sorted({p for a in adapters for p in a.modules})
-    reference = next(iter(p for p in model.parameters()))
+    reference = next(model.parameters())
     device, dtype = reference.device, reference.dtype
 
     group_names: list[str] = []
@@ -180,12 +172,13 @@ def compose_cat(
 
     sites = []
     for path, base in plan:
-        A, B, owner, scales, ranks, scale_tuple = _concat_site(adapters, path, device, dtype)
+        A, B, owner, ranks, scales = _concat_site(adapters, path, device, dtype)
         group = group_names.index(group_name(path, granularity))
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, CatLinear(base, A, B, owner, scales, weights, group, dropout))
-        sites.append(CatSite(path=path, group=group, ranks=ranks, scales=scale_tuple))
+        scale_tensor = torch.tensor(scales, device=device)
+        setattr(parent, child, CatLinear(base, A, B, owner, scale_tensor, weights, group, dropout))
+        sites.append(CatSite(path=path, group=group, ranks=ranks, scales=scales))
     model.add_module(WEIGHTS_ATTR, weights)
     return CatComposition(
         model=model,

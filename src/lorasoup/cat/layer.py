@@ -41,16 +41,17 @@ class CatWeights(nn.Module):
         self.parameterisation = parameterisation
         self.theta = nn.Parameter(theta.detach().clone().float())
 
+    def activate(self, theta: Tensor) -> Tensor:
+        """θ → w along the last (adapter) dimension; works on the table, a row, or θ0."""
+        return torch.softmax(theta, dim=-1) if self.parameterisation == "softmax" else theta
+
     def group_weights(self, group: int) -> Tensor:
         """``w (K,)`` of one group: only that row's softmax, so each module's graph stays small."""
-        theta = self.theta[group]
-        return torch.softmax(theta, dim=-1) if self.parameterisation == "softmax" else theta
+        return self.activate(self.theta[group])
 
     def forward(self) -> Tensor:
         """Effective weights ``w (G, K)``."""
-        if self.parameterisation == "softmax":
-            return torch.softmax(self.theta, dim=-1)
-        return self.theta
+        return self.activate(self.theta)
 
     def extra_repr(self) -> str:
         groups, adapters = self.theta.shape

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from lorasoup.adapters import LoraAdapter, load_adapter
-from lorasoup.artifacts import atomic_output_dir, inputs_fingerprint, run_record, write_json_atomic
+from lorasoup.artifacts import (
+    atomic_output_dir,
+    inputs_fingerprint,
+    require_free_output,
+    run_record,
+    write_json_atomic,
+)
 from lorasoup.cat.config import CatRunConfig
 from lorasoup.cat.fit import FitResult, ProgressHook, fit_cat_weights
 from lorasoup.cat.fold import fold_composition, next_bucket
@@ -61,16 +67,12 @@ def weight_movement(composition: CatComposition) -> dict[str, float]:
 
 
 def _weights_payload(composition: CatComposition) -> dict[str, Any]:
-    w0 = composition.initial_weights()
     return {
         "adapters": composition.adapter_names,
         "granularity": composition.granularity,
         "parameterisation": composition.weights.parameterisation,
         "weights": composition.weights_table(),
-        "initial_weights": {
-            group: dict(zip(composition.adapter_names, map(float, w0[g]), strict=True))
-            for g, group in enumerate(composition.group_names)
-        },
+        "initial_weights": composition.weights_table(composition.initial_weights()),
         "modules": {site.path: composition.group_names[site.group] for site in composition.sites},
     }
 
@@ -99,8 +101,7 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     from lorasoup.training.data import collate
 
     output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise LorasoupError(f"output {output} already exists; choose another path or pass --overwrite")
+    require_free_output(output, overwrite=config.overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     adapters = load_adapters(config)

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -249,3 +249,21 @@ def load_adapter(source: str | Path, name: str | None = None, revision: str | No
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         peft_config=config,
     )
+
+
+class AdapterSource(Protocol):
+    """What a config says about one adapter (``AdapterRef`` and friends)."""
+
+    path: str
+    name: str | None
+    revision: str | None
+
+
+def load_adapters(refs: list[AdapterSource]) -> list[LoraAdapter]:
+    """Load every adapter a config lists; directories named alike ("adapter") get distinct names."""
+    adapters = [load_adapter(ref.path, name=ref.name, revision=ref.revision) for ref in refs]
+    names = [a.name for a in adapters]
+    for i, adapter in enumerate(adapters):
+        if names.count(adapter.name) > 1 and refs[i].name is None:
+            adapter.name = f"{adapter.name}_{i}"
+    return adapters

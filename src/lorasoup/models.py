@@ -156,6 +156,21 @@ def load_base_model(
     return model
 
 
+def load_skeleton(spec: ModelSpec) -> PreTrainedModel:
+    """The model's module tree on the meta device: names and shapes, no weights read or allocated.
+
+    Enough to know which modules exist (say, to write the shortest ``target_modules``) without
+    loading gigabytes.
+    """
+    from transformers import AutoConfig
+
+    source, kwargs = _resolve(spec)
+    with _as_model_error(spec, "config"):
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
     """The facts that identify a base model's shape, for reports, run.json and compatibility checks."""
     config = model.config.get_text_config()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lorasoup.adapters import LoraAdapter, load_adapter
+from lorasoup.adapters import load_adapters
 from lorasoup.artifacts import (
     atomic_output_dir,
     inputs_fingerprint,
@@ -42,15 +42,6 @@ class CatRunResult:
     fit: FitResult
     export_rank: int
     notices: list[str]
-
-
-def load_adapters(config: CatRunConfig) -> list[LoraAdapter]:
-    adapters = [load_adapter(ref.path, name=ref.name, revision=ref.revision) for ref in config.adapters]
-    names = [a.name for a in adapters]
-    for i, adapter in enumerate(adapters):  # directories named alike ("adapter") get distinct names
-        if names.count(adapter.name) > 1 and config.adapters[i].name is None:
-            adapter.name = f"{adapter.name}_{i}"
-    return adapters
 
 
 def weight_movement(composition: CatComposition) -> dict[str, float]:
@@ -104,7 +95,7 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     require_free_output(output, overwrite=config.overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    adapters = load_adapters(config)
+    adapters = load_adapters(config.adapters)
     report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
     report.raise_if_incompatible()
     spec = parse_model_spec(config.base_model)

@@ -1,0 +1,10 @@
+"""Classic merges of LoRA adapters, exact in ΔW space, plus PEFT's factor-space variants by name.
+
+Importing this package registers every method in ``MERGE_METHODS``; a new method is one module
+that calls ``register``.
+"""
+
+from lorasoup.merging import concat, factor_space, task_arithmetic  # noqa: F401  (registration)
+from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
+
+__all__ = ["MERGE_METHODS", "MergeMethod", "MergeParams", "ModuleMerge"]

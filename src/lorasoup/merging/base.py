@@ -1,0 +1,90 @@
+"""What every merge method is: a function from one module's adapter factors to new factors.
+
+Merges run module by module (streaming: at most one module's dense ``ΔW`` per adapter exists at a
+time), so a method is a :class:`MergeMethod` whose ``merge`` maps the K adapters' factors of one
+module to a :class:`ModuleMerge`. The runner (``lorasoup.merging.run``) does the I/O around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lorasoup.adapters import LoraFactors
+from lorasoup.lowrank import SvdMode
+from lorasoup.merging.ops import SignMethod
+from lorasoup.registry import Registry
+
+Space = Literal["delta", "factor"]
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Method parameters; each method reads only those it documents.
+
+    ``density``: fraction kept by TIES/DARE/magnitude pruning. ``majority_sign``: TIES sign election.
+    ``rank`` / ``energy``: the rank of the result, or the fraction of ``‖ΔW‖²`` to keep, when a method
+    re-extracts a low-rank adapter (``None``: the method's default, see each method). ``svd``: how a
+    dense merged ``ΔW`` is factorised back (exact full SVD or seeded randomized range finder).
+    """
+
+    density: float = 1.0
+    majority_sign: SignMethod = "total"
+    rank: int | None = None
+    energy: float | None = None
+    svd: SvdMode = "randomized"
+
+
+@dataclass(frozen=True)
+class ModuleMerge:
+    """Result for one module: ``ΔW = B @ A`` at scale 1. ``A (k, in)``, ``B (out, k)``.
+
+    ``discarded_energy``: fraction of the merged update's ``‖ΔW‖_F²`` lost when re-extracting a
+    low-rank adapter (``None`` when the method is exact and needed no truncation).
+    """
+
+    A: Tensor
+    B: Tensor
+    discarded_energy: float | None = None
+
+
+MergeFunction = Callable[[Sequence[LoraFactors | None], Tensor, MergeParams, torch.Generator], ModuleMerge]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge. ``merge(factors, weights (K,), params, generator)`` handles one module.
+
+    ``factors[i]`` is ``None`` where adapter ``i`` does not adapt the module (its update is zero).
+    ``space`` says where the method acts: on the update ``ΔW`` ("delta", exact maths) or on A and B
+    separately ("factor", PEFT's ``add_weighted_adapter`` behaviour, which creates cross terms
+    ``B_i A_j``; kept to reproduce published baselines).
+    """
+
+    name: str
+    merge: MergeFunction
+    space: Space
+    summary: str
+    reference: str
+    uses_density: bool = False
+    uses_sign: bool = False
+    random: bool = False
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    return MERGE_METHODS.add(method.name, method)
+
+
+def present(factors: Sequence[LoraFactors | None], weights: Tensor) -> tuple[list[LoraFactors], Tensor]:
+    """The adapters that adapt this module and their weights (absent ones contribute zero)."""
+    index = [i for i, f in enumerate(factors) if f is not None]
+    if not index:
+        raise ValueError("no adapter adapts this module")
+    return [factors[i] for i in index], weights[index]  # type: ignore[misc]

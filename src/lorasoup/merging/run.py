@@ -1,0 +1,275 @@
+"""``lorasoup merge`` and ``lorasoup compress``, end to end: load, check, merge module by module, export.
+
+The artifact directory (written atomically) holds a plain PEFT adapter (``r = lora_alpha``: scale 1,
+every module padded with zero rank rows to one rank), ``merge_report.json`` (per-module rank and
+discarded energy), ``run.json``, and with ``merge: true`` the full merged weights in ``merged/``.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lorasoup.adapters import LoraAdapter, LoraFactors, load_adapter, load_adapters
+from lorasoup.artifacts import (
+    atomic_output_dir,
+    inputs_fingerprint,
+    require_free_output,
+    run_record,
+    write_json_atomic,
+)
+from lorasoup.cat.fold import pad_rank
+from lorasoup.compat import check_compatibility
+from lorasoup.errors import ConfigError, LorasoupError
+from lorasoup.lowrank import recompress
+from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams
+from lorasoup.merging.config import MergeRunConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ModuleProgress = Callable[[int, int], None]
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    method: str
+    rank: int
+    modules: dict[str, dict[str, Any]]
+    notices: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def max_discarded_energy(self) -> float | None:
+        values = [m["discarded_energy"] for m in self.modules.values() if m["discarded_energy"] is not None]
+        return max(values) if values else None
+
+
+def module_generator(seed: int, path: str, device: torch.device) -> torch.Generator:
+    """A generator per module, seeded from ``(seed, path)``: a module's random draws do not depend on
+    which other modules exist or on the order they are merged in."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(path.encode()))
+
+
+def merge_adapters(
+    adapters: list[LoraAdapter],
+    weights: list[float],
+    method: MergeMethod,
+    params: MergeParams,
+    *,
+    modules: list[str],
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: ModuleProgress | None = None,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
+    """Merge ``adapters`` module by module: ``{path: (A (k, in), B (out, k))}`` on the CPU in float32,
+    plus per-module facts (rank, discarded energy). Only one module is on ``device`` at a time."""
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weight_tensor = torch.tensor(weights, dtype=torch.float32, device=target)
+    merged: dict[str, tuple[Tensor, Tensor]] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    for done, path in enumerate(modules, start=1):
+        factors: list[LoraFactors | None] = [
+            _on(a.modules[path], target) if path in a.modules else None for a in adapters
+        ]
+        try:
+            result = method.merge(factors, weight_tensor, params, module_generator(seed, path, target))
+        except ValueError as err:
+            raise LorasoupError(f"{method.name} at {path}: {err}") from None
+        merged[path] = (result.A.float().cpu(), result.B.float().cpu())
+        facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
+        if progress is not None:
+            progress(done, len(modules))
+    return merged, facts
+
+
+def _on(factors: LoraFactors, device: torch.device) -> LoraFactors:
+    return LoraFactors(A=factors.A.to(device), B=factors.B.to(device), scale=factors.scale)
+
+
+def pad_all(
+    factors: dict[str, tuple[Tensor, Tensor]], dtype: torch.dtype
+) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+    """Pad every module to the largest rank with zero rows (exact) and cast: PEFT wants one ``r``."""
+    rank = max(A.shape[0] for A, _ in factors.values())
+    padded = {}
+    for path, (A, B) in factors.items():
+        A, B = pad_rank(A, B, rank)
+        padded[path] = (A.to(dtype).contiguous(), B.to(dtype).contiguous())
+    return padded, rank
+
+
+def run_merge(config: MergeRunConfig, *, progress: ModuleProgress | None = None) -> MergeResult:
+    """Merge ``config.adapters`` with ``config.method`` and write the artifact directory."""
+    output = Path(config.output)
+    require_free_output(output, overwrite=config.overwrite)
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+    adapters = load_adapters(config.adapters)
+    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report.raise_if_incompatible()
+    method = MERGE_METHODS.get(config.method)
+    timings["load"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    merged, facts = merge_adapters(
+        adapters,
+        [a.weight for a in config.adapters],
+        method,
+        config.merge_params(),
+        modules=report.modules,
+        seed=config.seed,
+        device=config.device,
+        progress=progress,
+    )
+    timings["merge"] = time.perf_counter() - clock
+    notices = list(report.notices)
+    clock = time.perf_counter()
+    rank = _write_artifact(
+        config, adapters, merged, facts, notices, timings, extra={"method": _describe(method)}
+    )
+    return MergeResult(
+        output=output,
+        method=method.name,
+        rank=rank,
+        modules=facts,
+        notices=notices,
+        seconds=sum(timings.values()) + time.perf_counter() - clock,
+    )
+
+
+def _describe(method: MergeMethod) -> dict[str, Any]:
+    return {
+        "name": method.name,
+        "space": method.space,
+        "summary": method.summary,
+        "reference": method.reference,
+    }
+
+
+def _write_artifact(
+    config: Any,
+    adapters: list[LoraAdapter],
+    factors: dict[str, tuple[Tensor, Tensor]],
+    facts: dict[str, dict[str, Any]],
+    notices: list[str],
+    timings: dict[str, float],
+    *,
+    extra: dict[str, Any],
+) -> int:
+    """Pad, write the PEFT adapter (+ merged weights), ``merge_report.json`` and ``run.json`` atomically."""
+    from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+    from lorasoup.models import load_base_model, load_skeleton, load_tokenizer, parse_model_spec
+
+    clock = time.perf_counter()
+    padded, rank = pad_all(factors, DTYPES[config.dtype])
+    base_name = config.base_model or adapters[0].base_model
+    skeleton = None
+    if config.base_model is not None:
+        skeleton = load_skeleton(parse_model_spec(config.base_model))
+    discarded = [f["discarded_energy"] for f in facts.values() if f["discarded_energy"] is not None]
+    with atomic_output_dir(config.output, overwrite=config.overwrite) as staging:
+        save_peft_adapter(
+            padded, staging, base_model=base_name, model=skeleton, fan_in_fan_out=adapters[0].fan_in_fan_out
+        )
+        if config.merge:
+            spec = parse_model_spec(config.base_model)
+            model = merge_factors_into(load_base_model(spec), padded)
+            model.save_pretrained(staging / "merged")
+            load_tokenizer(spec).save_pretrained(staging / "merged")
+        write_json_atomic(
+            staging / "merge_report.json",
+            {
+                "rank": rank,
+                "max_discarded_energy": max(discarded) if discarded else None,
+                "mean_discarded_energy": sum(discarded) / len(discarded) if discarded else None,
+                "modules": facts,
+            },
+        )
+        timings["export"] = time.perf_counter() - clock
+        record = run_record(
+            command=extra.get("command", "merge"),
+            config=config,
+            seed=getattr(config, "seed", 0),
+            timings=timings,
+            adapters={
+                a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters
+            },
+            inputs_sha256=inputs_fingerprint(
+                [Path(a.source) / "adapter_model.safetensors" for a in adapters]
+            ),
+            export={"rank": rank, "merged": bool(config.merge)},
+            notices=notices,
+            **{k: v for k, v in extra.items() if k != "command"},
+        )
+        write_json_atomic(staging / "run.json", record)
+    return rank
+
+
+@dataclass
+class CompressConfig:
+    """``lorasoup compress``: one adapter recompressed exactly to a lower rank."""
+
+    adapter: str
+    output: str
+    rank: int | None = None
+    energy: float | None = None
+    base_model: str | None = None
+    merge: bool = False
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.rank is None and self.energy is None:
+            raise ConfigError("compress: give --rank k or --energy e (fraction of ‖ΔW‖² to keep)")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"--rank must be at least 1, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ConfigError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def compress_adapter(
+    adapter: LoraAdapter, *, rank: int | None, energy: float | None, progress: ModuleProgress | None = None
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
+    """Exact truncated SVD of every module's ``s·B A``, from the factors (``lorasoup.lowrank``)."""
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    for done, (path, f) in enumerate(sorted(adapter.modules.items()), start=1):
+        low = recompress(f.scale * f.A.float(), f.B.float(), rank=rank, energy=energy)
+        factors[path] = (low.A, low.B)
+        facts[path] = {"rank": low.rank, "discarded_energy": low.discarded_energy}
+        if progress is not None:
+            progress(done, len(adapter.modules))
+    return factors, facts
+
+
+def run_compress(config: CompressConfig, *, progress: ModuleProgress | None = None) -> MergeResult:
+    config.validate()
+    output = Path(config.output)
+    require_free_output(output, overwrite=config.overwrite)
+    if config.merge and config.base_model is None:
+        raise ConfigError("--merge writes full merged weights, so --base-model must name the base model")
+    clock = time.perf_counter()
+    adapter = load_adapter(config.adapter)
+    factors, facts = compress_adapter(adapter, rank=config.rank, energy=config.energy, progress=progress)
+    timings = {"compress": time.perf_counter() - clock}
+    rank = _write_artifact(
+        config,
+        [adapter],
+        factors,
+        facts,
+        [],
+        timings,
+        extra={"command": "compress", "method": "exact truncated SVD"},
+    )
+    return MergeResult(
+        output=output, method="compress", rank=rank, modules=facts, seconds=sum(timings.values())
+    )

@@ -1,0 +1,99 @@
+"""Exact recompression from factors equals the dense SVD truncation (Eckart–Young)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorasoup.lowrank import choose_rank, dense_lowrank, recompress
+
+shapes = st.tuples(st.integers(2, 24), st.integers(2, 24), st.integers(1, 12), st.integers(0, 2**16))
+
+
+def _factors(out: int, inn: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, inn, generator=g, dtype=torch.float64), torch.randn(
+        out, r, generator=g, dtype=torch.float64
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_full_rank_recompression_is_exact(shape: tuple[int, int, int, int]) -> None:
+    A, B = _factors(*shape)
+    low = recompress(A, B)
+    assert torch.allclose(low.B @ low.A, B @ A, atol=1e-10, rtol=0)
+    assert low.rank <= min(shape[:3])
+    assert low.discarded_energy < 1e-20
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(1, 12))
+def test_rank_k_matches_dense_truncated_svd(shape: tuple[int, int, int, int], k: int) -> None:
+    A, B = _factors(*shape)
+    delta = B @ A
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = min(k, S.numel())
+    best = U[:, :keep] @ torch.diag(S[:keep]) @ Vh[:keep]
+    low = recompress(A, B, rank=k)
+    assert torch.allclose(low.B @ low.A, best, atol=1e-8 * max(1.0, float(S[0])), rtol=0)
+    # Eckart–Young: the error is exactly the discarded singular values.
+    error = float((delta - low.B @ low.A).square().sum())
+    assert abs(error - float(S[keep:].square().sum())) <= 1e-8 * float(S.square().sum()) + 1e-12
+    expected = float(S[keep:].square().sum() / S.square().sum())
+    assert abs(low.discarded_energy - expected) < 1e-9
+
+
+def test_energy_threshold_keeps_the_fewest_values() -> None:
+    S = torch.tensor([3.0, 2.0, 1.0, 0.0])  # squares 9, 4, 1: cumulative 9/14, 13/14, 1
+    assert choose_rank(S, None, 0.5) == 1
+    assert choose_rank(S, None, 0.9) == 2
+    assert choose_rank(S, None, 0.93) == 3
+    assert choose_rank(S, None, 1.0) == 3
+    assert choose_rank(S, 1, 1.0) == 1
+    assert choose_rank(torch.zeros(3), None, 0.9) == 3  # nothing to choose from: keep all (zeros)
+
+
+def test_pad_to_adds_zero_rows_only() -> None:
+    A, B = _factors(6, 5, 3, 1)
+    low = recompress(A, B, rank=2, pad_to=4)
+    assert low.A.shape == (4, 5) and low.B.shape == (6, 4)
+    assert torch.count_nonzero(low.A[2:]) == 0 and torch.count_nonzero(low.B[:, 2:]) == 0
+
+
+def test_large_module_singular_values_without_densifying() -> None:
+    # 4096 x 11008 at rank 64 (a 7B MLP module): ΔW would be 180 MB. The squared singular values of B A
+    # are the eigenvalues of (BᵀB)(A Aᵀ), a 64 x 64 product: an independent check that needs no ΔW.
+    g = torch.Generator().manual_seed(0)
+    A, B = (
+        torch.randn(64, 11008, generator=g, dtype=torch.float64),
+        torch.randn(4096, 64, generator=g, dtype=torch.float64),
+    )
+    low = recompress(A, B, rank=32)
+    assert low.A.shape == (32, 11008) and low.B.shape == (4096, 32)
+    eig = torch.linalg.eigvals((B.T @ B) @ (A @ A.T)).real.sort(descending=True).values
+    assert torch.allclose(low.singular_values.square(), eig, rtol=1e-8)
+    kept = float(((low.B.T @ low.B) * (low.A @ low.A.T)).sum())  # ‖B_k A_k‖_F² = tr(BᵀB A Aᵀ)
+    assert kept == pytest.approx(float(eig[:32].sum()), rel=1e-9)
+
+
+def test_dense_exact_and_randomized_agree_on_a_low_rank_matrix() -> None:
+    A, B = _factors(40, 30, 5, 3)
+    delta = (B @ A).float()
+    exact = dense_lowrank(delta, rank=5, mode="exact")
+    fast = dense_lowrank(delta, rank=5, mode="randomized", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(exact.B @ exact.A, delta, atol=1e-3)
+    assert torch.allclose(fast.B @ fast.A, delta, atol=1e-3)
+    assert fast.discarded_energy < 1e-6 and exact.discarded_energy < 1e-6
+
+
+def test_randomized_reports_the_true_residual() -> None:
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(50, 40, generator=g)
+    low = dense_lowrank(delta, rank=6, mode="randomized", generator=torch.Generator().manual_seed(2))
+    residual = float((delta - low.B @ low.A).square().sum() / delta.square().sum())
+    assert abs(low.discarded_energy - residual) < 1e-4
+    exact = dense_lowrank(delta, rank=6, mode="exact")
+    assert exact.discarded_energy <= low.discarded_energy + 1e-6  # Eckart–Young is the floor

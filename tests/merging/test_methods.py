@@ -1,0 +1,155 @@
+"""Merge methods: the maths of each family member, on random factors and on hand-made cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorasoup.adapters import LoraFactors
+from lorasoup.merging import MERGE_METHODS, MergeParams
+from lorasoup.merging.ops import disjoint_mean, elect_sign, keep_top_magnitude, sign_agreement
+from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
+
+DELTA_METHODS = [n for n in MERGE_METHODS if MERGE_METHODS.get(n).space == "delta"]
+
+
+def _factors(k: int, out: int, inn: int, ranks: list[int], seed: int) -> list[LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        LoraFactors(A=torch.randn(r, inn, generator=g), B=torch.randn(out, r, generator=g), scale=0.5 + i)
+        for i, r in zip(range(k), ranks, strict=True)
+    ]
+
+
+def _merge(name: str, factors, weights, seed: int = 0, **params) -> torch.Tensor:
+    method = MERGE_METHODS.get(name)
+    result = method.merge(
+        factors, torch.tensor(weights), MergeParams(**params), torch.Generator().manual_seed(seed)
+    )
+    return result.B @ result.A
+
+
+cases = st.tuples(st.integers(1, 3), st.integers(2, 12), st.integers(2, 12), st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases, st.lists(st.floats(-2, 2), min_size=3, max_size=3))
+def test_linear_is_the_exact_weighted_sum_of_updates(case, weights) -> None:
+    k, out, inn, seed = case
+    factors = _factors(k, out, inn, [1 + (seed + i) % 4 for i in range(k)], seed)
+    expected = sum(w * f.delta() for w, f in zip(weights[:k], factors, strict=True))
+    assert torch.allclose(_merge("linear", factors, weights[:k]), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [*DELTA_METHODS, "linear_factor"])
+def test_weight_one_on_one_adapter_returns_it(name: str) -> None:
+    factors = _factors(2, 10, 8, [3, 3], seed=4)
+    params = {"density": 1.0} if MERGE_METHODS.get(name).uses_density else {}
+    if name in ("ties", "dare_linear", "dare_ties", "magnitude_prune", "svd"):
+        params["rank"] = 3
+    merged = _merge(name, [factors[0], None], [1.0, 0.0], **params)
+    assert torch.allclose(merged, factors[0].delta(), atol=1e-4)
+    merged = _merge(name, factors, [1.0, 0.0], **params)
+    assert torch.allclose(merged, factors[0].delta(), atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases)
+def test_dare_at_density_one_equals_linear(case) -> None:
+    k, out, inn, seed = case
+    factors = _factors(k, out, inn, [2] * k, seed)
+    weights = [0.7, -0.3, 1.1][:k]
+    linear = _merge("linear", factors, weights)
+    dare = _merge("dare_linear", factors, weights, density=1.0, rank=2 * k, svd="exact")
+    assert torch.allclose(dare, linear, atol=1e-4)
+
+
+def test_ties_on_a_hand_made_case_follows_trim_elect_merge() -> None:
+    # Two task vectors of 4 entries; density 0.5 keeps the 2 largest |values| of each.
+    t1 = torch.tensor([3.0, -1.0, 0.5, -4.0])  # trimmed: [3, 0, 0, -4]
+    t2 = torch.tensor([-2.0, 0.1, 1.0, 5.0])  # trimmed: [-2, 0, 0, 5]
+    trimmed = torch.stack([keep_top_magnitude(t1, 0.5), keep_top_magnitude(t2, 0.5)])
+    assert trimmed.tolist() == [[3.0, 0.0, 0.0, -4.0], [-2.0, 0.0, 0.0, 5.0]]
+    # Elect (total mass): entry 0: 3-2=1>0 → +; entry 3: -4+5=1>0 → +; entries 1,2 tie at 0 → +.
+    sign = elect_sign(trimmed, "total")
+    assert sign.tolist() == [1.0, 1.0, 1.0, 1.0]
+    # Disjoint mean: entry 0 keeps only 3; entry 3 keeps only 5; others have no agreeing value.
+    merged = disjoint_mean(trimmed, sign_agreement(trimmed, sign))
+    assert merged.tolist() == [3.0, 0.0, 0.0, 5.0]
+    end_to_end = merge_tasks(
+        torch.stack([t1, t2]),
+        torch.ones(2),
+        RECIPES["ties"],
+        density=0.5,
+        sign_method="total",
+        generator=torch.Generator(),
+    )
+    assert end_to_end.tolist() == [3.0, 0.0, 0.0, 5.0]
+
+
+def test_frequency_sign_counts_votes_not_mass() -> None:
+    tasks = torch.tensor([[10.0], [-1.0], [-1.0]])
+    assert elect_sign(tasks, "total").item() == 1.0
+    assert elect_sign(tasks, "frequency").item() == -1.0
+    merged = disjoint_mean(tasks, sign_agreement(tasks, elect_sign(tasks, "frequency")))
+    assert merged.item() == -1.0
+
+
+def test_negative_weight_flips_a_tasks_vote_in_delta_space() -> None:
+    tasks = torch.tensor([[1.0], [2.0]])
+    merged = merge_tasks(
+        tasks,
+        torch.tensor([1.0, -1.0]),
+        RECIPES["ties"],
+        density=1.0,
+        sign_method="total",
+        generator=torch.Generator(),
+    )
+    assert merged.item() == -2.0  # weighted votes: +1 and -2 → sign -, only the subtracted task agrees
+
+
+def test_magnitude_prune_keeps_exactly_the_largest_entries() -> None:
+    t = torch.tensor([[0.1, -5.0, 2.0], [-3.0, 0.2, 0.3]])
+    kept = keep_top_magnitude(t, 0.5)
+    assert kept.tolist() == [[0.0, -5.0, 2.0], [-3.0, 0.0, 0.0]]
+    assert t.tolist()[0][0] == pytest.approx(0.1)  # input untouched
+
+
+@pytest.mark.parametrize("name", [n for n in MERGE_METHODS if MERGE_METHODS.get(n).random])
+def test_same_seed_same_result_other_seed_differs(name: str) -> None:
+    factors = _factors(2, 16, 12, [4, 4], seed=9)
+    params = {"density": 0.5}
+    first = _merge(name, factors, [1.0, 1.0], seed=3, **params)
+    again = _merge(name, factors, [1.0, 1.0], seed=3, **params)
+    other = _merge(name, factors, [1.0, 1.0], seed=4, **params)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_random_methods_leave_the_global_rng_alone() -> None:
+    factors = _factors(2, 8, 8, [2, 2], seed=1)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    _merge("dare_ties", factors, [1.0, 1.0], density=0.3)
+    assert torch.equal(torch.rand(1), before)
+
+
+def test_factor_space_requires_one_rank() -> None:
+    factors = _factors(2, 8, 8, [2, 3], seed=1)
+    with pytest.raises(ValueError, match="one rank"):
+        _merge("ties_factor", factors, [1.0, 1.0], density=0.5)
+
+
+def test_svd_defaults_to_the_largest_input_rank_and_is_the_best_approximation() -> None:
+    factors = _factors(2, 20, 16, [3, 3], seed=2)
+    method = MERGE_METHODS.get("svd")
+    result = method.merge(factors, torch.tensor([1.0, 1.0]), MergeParams(), torch.Generator())
+    assert result.A.shape[0] == 3
+    delta = factors[0].delta() + factors[1].delta()
+    S = torch.linalg.svdvals(delta.double())
+    error = float((delta - result.B @ result.A).double().square().sum())
+    assert error == pytest.approx(float(S[3:].square().sum()), rel=1e-4)
+    assert result.discarded_energy == pytest.approx(float(S[3:].square().sum() / S.square().sum()), rel=1e-4)

@@ -69,7 +69,7 @@ def test_cat_command_writes_a_complete_artifact(make_lora, llama_dir, tmp_path, 
     assert run["training"]["steps"] == 4 and len(run["training"]["losses"]) == 4
     assert run["weight_movement"]["theta_max_abs_change"] > 0
     assert run["versions"]["torch"] == torch.__version__
-    assert run["export"] == {"rank": 8, "concatenated_rank": 6, "merged": True}
+    assert run["export"] == {"rank": 8, "concatenated_rank": 6, "merged": True, "recompression": None}
     weights = json.loads((out / "cat_weights.json").read_text())
     assert weights["adapters"] == ["math", "b"] and len(weights["weights"]) == 10
     exported = load_adapter(out)
@@ -78,6 +78,25 @@ def test_cat_command_writes_a_complete_artifact(make_lora, llama_dir, tmp_path, 
 
     again = runner.invoke(app, ["cat", str(config)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_cat_export_rank_is_the_exact_truncation_of_the_full_export(
+    make_lora, llama_dir, tmp_path, data_file
+):
+    a, b = make_lora("a", seed=1), make_lora("b", r=2, seed=2)
+    config = write_config(tmp_path, llama_dir, [str(a), str(b)], data_file)
+    full = tmp_path / "full"
+    assert runner.invoke(app, ["cat", str(config), "--output", str(full)]).exit_code == 0
+    result = runner.invoke(app, ["cat", str(config), "--set", "export.rank=3"])
+    assert result.exit_code == 0, result.output
+    small, exact = load_adapter(tmp_path / "out"), load_adapter(full)
+    assert small.peft_config["r"] == 3 and exact.peft_config["r"] == 6
+    for path, factors in exact.modules.items():
+        U, S, Vh = torch.linalg.svd(factors.delta().double(), full_matrices=False)
+        best = (U[:, :3] * S[:3]) @ Vh[:3]
+        assert torch.allclose(small.modules[path].delta().double(), best, atol=1e-5), path
+    facts = json.loads((tmp_path / "out" / "run.json").read_text())["export"]["recompression"]
+    assert set(facts) == set(exact.modules) and all(0 < f["discarded_energy"] < 1 for f in facts.values())
 
 
 def bad_input_cases(tmp_path, a, data_file):

@@ -14,8 +14,9 @@ Dense matrices (the output of elementwise merges such as TIES) go through :func:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -111,6 +112,27 @@ def recompress(
     return LowRank(
         A=A_k.to(dtype), B=B_k.to(dtype), singular_values=S.to(dtype), discarded_energy=_discarded(S, keep)
     )
+
+
+def recompress_modules(
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
+    """:func:`recompress` every module of an adapter: ``{path: (A, B)}`` at scale 1 in, same out,
+    plus ``{path: {"rank", "discarded_energy"}}``. Modules go one at a time, in sorted order."""
+    result: dict[str, tuple[Tensor, Tensor]] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    for done, path in enumerate(sorted(factors), start=1):
+        A, B = factors[path]
+        low = recompress(A, B, rank=rank, energy=energy)
+        result[path] = (low.A, low.B)
+        facts[path] = {"rank": low.rank, "discarded_energy": low.discarded_energy}
+        if progress is not None:
+            progress(done, len(factors))
+    return result, facts
 
 
 def dense_lowrank(

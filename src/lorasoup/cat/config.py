@@ -97,9 +97,20 @@ class TrainOptions:
 
 @dataclass
 class ExportOptions:
+    """How the folded adapter is written.
+
+    ``rank``: recompress every module to at most this rank with the exact truncated SVD (the
+    discarded energy per module goes to run.json); ``None`` keeps the exact concatenated rank.
+    ``rank_bucket: vllm`` then pads with zero rows to vLLM's next rank bucket (exact).
+    """
+
     merge: bool = False
     rank_bucket: Literal["none", "vllm"] = "none"
+    rank: int | None = None
     dtype: Dtype = "float32"
+
+    def validate(self) -> None:
+        require(self.rank is None or self.rank >= 1, f"export.rank must be at least 1, got {self.rank}")
 
 
 @dataclass

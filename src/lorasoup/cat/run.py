@@ -27,10 +27,11 @@ from lorasoup.artifacts import (
 )
 from lorasoup.cat.config import CatRunConfig
 from lorasoup.cat.fit import FitResult, ProgressHook, fit_cat_weights
-from lorasoup.cat.fold import fold_composition, next_bucket
+from lorasoup.cat.fold import fold_composition, next_bucket, pad_rank
 from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import LorasoupError
+from lorasoup.lowrank import recompress_modules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,6 +87,18 @@ def build_training_data(config: CatRunConfig, tokenizer: Any) -> Any:
     )
 
 
+def _export_factors(
+    composition: CatComposition, config: CatRunConfig
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, dict[str, dict[str, Any]] | None]:
+    """Folded float32 factors, their common rank, and per-module recompression facts (or None)."""
+    folded = fold_composition(composition, dtype=torch.float32)
+    if config.export.rank is None:
+        return folded, next(iter(folded.values()))[0].shape[0], None
+    folded, facts = recompress_modules(folded, rank=config.export.rank)
+    rank = max(A.shape[0] for A, _ in folded.values())
+    return {path: pad_rank(A, B, rank) for path, (A, B) in folded.items()}, rank, facts
+
+
 def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> CatRunResult:
     """Compose ``config.adapters`` by CAT on ``config.base_model`` and write the artifact directory."""
     from lorasoup.models import load_base_model, load_tokenizer, model_fingerprint, parse_model_spec
@@ -127,17 +140,24 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
 
     clock = time.perf_counter()
     notices = list(report.notices)
-    largest = max(sum(site.ranks) for site in composition.sites)
+    folded, largest, recompression = _export_factors(composition, config)
     rank = largest
     if config.export.rank_bucket == "vllm":
         try:
             rank = next_bucket(largest)
         except ValueError as err:
-            raise LorasoupError(
-                f"export.rank_bucket=vllm: {err}; recompress the adapter to rank <= 512"
-            ) from None
+            raise LorasoupError(f"export.rank_bucket=vllm: {err}; set export.rank to 512 or less") from None
         notices.append(f"rank padded with zero rows from {largest} to vLLM bucket {rank} (exact)")
-    folded = fold_composition(composition, dtype=DTYPES[config.export.dtype], rank=rank)
+    if recompression is not None:
+        worst = max(f["discarded_energy"] for f in recompression.values())
+        notices.append(
+            f"recompressed to rank {largest} (export.rank); the largest loss is {worst:.2%} "
+            "of a module's ‖ΔW‖²"
+        )
+    folded = {
+        path: tuple(t.to(DTYPES[config.export.dtype]).contiguous() for t in pad_rank(A, B, rank))
+        for path, (A, B) in folded.items()
+    }
     fan_in_fan_out = adapters[0].fan_in_fan_out
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
         from lorasoup.export.peft import merge_factors_into, save_peft_adapter
@@ -174,7 +194,12 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
                 "losses": fit.losses,
             },
             weight_movement=weight_movement(composition),
-            export={"rank": rank, "concatenated_rank": largest, "merged": config.export.merge},
+            export={
+                "rank": rank,
+                "concatenated_rank": max(sum(site.ranks) for site in composition.sites),
+                "merged": config.export.merge,
+                "recompression": recompression,
+            },
             notices=notices,
         )
         write_json_atomic(staging / "run.json", record)

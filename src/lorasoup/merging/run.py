@@ -28,7 +28,7 @@ from lorasoup.artifacts import (
 from lorasoup.cat.fold import pad_rank
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import ConfigError, LorasoupError
-from lorasoup.lowrank import recompress
+from lorasoup.lowrank import recompress_modules
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams
 from lorasoup.merging.config import MergeRunConfig
 
@@ -236,21 +236,6 @@ class CompressConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
-def compress_adapter(
-    adapter: LoraAdapter, *, rank: int | None, energy: float | None, progress: ModuleProgress | None = None
-) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
-    """Exact truncated SVD of every module's ``s·B A``, from the factors (``lorasoup.lowrank``)."""
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
-    facts: dict[str, dict[str, Any]] = {}
-    for done, (path, f) in enumerate(sorted(adapter.modules.items()), start=1):
-        low = recompress(f.scale * f.A.float(), f.B.float(), rank=rank, energy=energy)
-        factors[path] = (low.A, low.B)
-        facts[path] = {"rank": low.rank, "discarded_energy": low.discarded_energy}
-        if progress is not None:
-            progress(done, len(adapter.modules))
-    return factors, facts
-
-
 def run_compress(config: CompressConfig, *, progress: ModuleProgress | None = None) -> MergeResult:
     config.validate()
     output = Path(config.output)
@@ -259,7 +244,8 @@ def run_compress(config: CompressConfig, *, progress: ModuleProgress | None = No
         raise ConfigError("--merge writes full merged weights, so --base-model must name the base model")
     clock = time.perf_counter()
     adapter = load_adapter(config.adapter)
-    factors, facts = compress_adapter(adapter, rank=config.rank, energy=config.energy, progress=progress)
+    scaled = {path: (f.scale * f.A.float(), f.B.float()) for path, f in adapter.modules.items()}
+    factors, facts = recompress_modules(scaled, rank=config.rank, energy=config.energy, progress=progress)
     timings = {"compress": time.perf_counter() - clock}
     rank = _write_artifact(
         config,

@@ -29,6 +29,15 @@ _API = {
     "parse_model_spec": "lorasoup.models",
     "load_config": "lorasoup.config",
     "LorasoupError": "lorasoup.errors",
+    "EvalRunConfig": "lorasoup.evaluation.config",
+    "evaluate": "lorasoup.evaluation.runner",
+    "evaluate_model": "lorasoup.evaluation.runner",
+    "generate": "lorasoup.evaluation.generate",
+    "GenerationSettings": "lorasoup.evaluation.generate",
+    "Task": "lorasoup.evaluation.tasks",
+    "TaskSpec": "lorasoup.evaluation.tasks",
+    "get_task_spec": "lorasoup.evaluation.tasks",
+    "register_task": "lorasoup.evaluation.tasks",
 }
 
 __all__ = sorted(_API)

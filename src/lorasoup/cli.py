@@ -429,6 +429,124 @@ def _print_train_result(result: Any) -> None:
     console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter + run.json)")
 
 
+@app.command("eval")
+def eval_(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (optional; flags override it).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model: hub id, checkpoint dir, .gguf or builtin.")
+    ] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory or hub id.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="gsm-hard, qa, rc, prompt-formats, or a task YAML.")
+    ] = None,
+    data: Annotated[
+        list[str] | None, typer.Option(help="Data file (repeatable), or a folder such as LoRA Soups' data/.")
+    ] = None,
+    fewshot: Annotated[str | None, typer.Option(help="Few-shot demos file (.json/.jsonl).")] = None,
+    output: Annotated[str | None, typer.Option(help="Result directory (default runs/eval/TASK).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch.")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="New tokens at most (default: the task's).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples of each data file.")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (default) or vllm.")] = None,
+    sampling: Annotated[
+        str | None, typer.Option(help="greedy (default) or paper (T=0.1, top-p 0.95).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda if present).")
+    ] = None,
+    set_: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run from OUTPUT.partial/.")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Score a base model (+ adapter) on a task: generate, extract, score; write per-example results.
+
+    Writes OUTPUT/ when done: examples.jsonl, summary.json, summary.md and run.json. An interrupted
+    run resumes from OUTPUT.partial/. Model-written programs (gsm-hard) run in the sandbox.
+    """
+    import json
+
+    from lorasoup.config import load_config
+    from lorasoup.evaluation.config import EvalRunConfig
+    from lorasoup.evaluation.runner import evaluate
+
+    flags: dict[str, Any] = {
+        "model": model,
+        "adapter": adapter,
+        "task": task,
+        "data": data or None,
+        "fewshot": fewshot,
+        "output": output,
+        "limit": limit,
+        "backend": backend,
+        "device": device,
+        "generation.batch_size": batch_size,
+        "generation.max_new_tokens": max_new_tokens,
+        "generation.sampling": sampling,
+        "resume": None if resume else False,
+        "overwrite": overwrite or None,
+    }
+    # JSON is valid YAML: paths with spaces or colons survive the override parser unchanged
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    run_config = load_config(EvalRunConfig, config, [*overrides, *(set_ or [])])
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("accuracy {task.fields[accuracy]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        bar_task = bar.add_task(f"eval {run_config.task}", total=None, accuracy=float("nan"))
+
+        def update(done: int, total: int, accuracy: float) -> None:
+            bar.update(bar_task, completed=done, total=total, accuracy=accuracy)
+
+        result = evaluate(run_config, progress=update)
+    _print_eval_result(run_config.task, result)
+
+
+def _print_eval_result(task: str, result: Any) -> None:
+    summary = result.summary
+    metrics = list(summary["metrics"])
+    table = Table(title=f"lorasoup eval: {task}")
+    for column in ("subset", "examples", "accuracy", *metrics):
+        table.add_column(column)
+
+    def row(name: str, block: dict[str, Any]) -> list[str]:
+        values = [f"{block['metrics'][m]:.4f}" for m in metrics]
+        return [name, str(block["examples"]), f"{block['accuracy']:.4f}", *values]
+
+    if len(summary["subsets"]) > 1:
+        for name, block in summary["subsets"].items():
+            table.add_row(*row(name, block))
+    table.add_row(*row("[bold]all[/]", summary))
+    console.print(table)
+    if "across_subsets" in summary:
+        across = summary["across_subsets"]
+        console.print(
+            f"across subsets: mean {across['mean']:.4f}, worst {across['worst']:.4f} "
+            f"({across['worst_subset']}), spread {across['spread']:.4f}",
+            highlight=False,
+        )
+    console.print(
+        "verdicts: " + ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items()), highlight=False
+    )
+    speed = result.throughput
+    if speed.get("examples"):
+        console.print(
+            f"throughput: {speed['examples_per_s']:.2f} examples/s, {speed['tokens_per_s']:.1f} tokens/s",
+            highlight=False,
+        )
+    if result.resumed:
+        console.print(f"resumed: {result.resumed} examples were already done", highlight=False)
+    console.print(f"[bold green]wrote[/] {result.output}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our own progress bars and tables say what is happening; the libraries' per-file bars and

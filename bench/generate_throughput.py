@@ -1,0 +1,368 @@
+"""Generation throughput: lorasoup's batched ``generate`` vs the reference per-example loop.
+
+One process, one random-weight model built from a config (Llama-2-7B shape in bf16 on a GPU, or a
+tiny fp32 one for a CPU smoke check), so every ratio is against a baseline measured in the same
+process on the same card. Every prompt is ``--prompt-len`` random token ids and every row makes
+exactly ``--new-tokens`` tokens (EOS suppressed), so each variant does the same work per row.
+
+* ``reference_loop``: what the LoRA Soups evaluation does (``cat_eval.py``): one prompt at a time,
+  ``model.generate(do_sample=True, temperature=0.1, top_p=0.95)`` with the default dynamic cache.
+* ``lorasoup_hf``: ``lorasoup.evaluation.generate`` (greedy unless ``--lorasoup-sampling paper``)
+  for each ``--cache`` (``dynamic``; ``static``, which transformers compiles with CUDA graphs on a
+  GPU) and each ``--batch``: one warm-up call with the same shapes (compilation happens there), then
+  ``--repeats`` timed calls; the median is reported.
+* ``lorasoup_vllm``: the same through ``lorasoup.evaluation.vllm_backend`` when vLLM is importable
+  (random weights via ``load_format="dummy"``); skipped otherwise.
+
+tokens/s = rows × new tokens ÷ wall seconds (CUDA synchronised). ``floor_tokens_per_s`` estimates the
+memory-bandwidth bound at each batch: every decoding step reads all weights plus the batch's KV cache.
+
+    PYTHONPATH=src python bench/generate_throughput.py --shape 7b --batch 32 64 --cache dynamic static
+    PYTHONPATH=src python bench/generate_throughput.py --shape tiny --out /tmp/generate_tiny.json  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorasoup.evaluation.generate import PAPER_SAMPLING, GenerationSettings, generate
+
+SHAPES = {
+    "7b": dict(  # Llama-2-7B
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+    ),
+}
+TINY_DEFAULTS = {"batch": [4], "prompt_len": 32, "new_tokens": 8, "reference_prompts": 2}
+FULL_DEFAULTS = {"batch": [32, 64], "prompt_len": 1024, "new_tokens": 128, "reference_prompts": 3}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    p.add_argument("--batch", type=int, nargs="+", help="lorasoup batch sizes (default 32 64; tiny: 4)")
+    p.add_argument("--prompt-len", type=int, help="tokens per prompt (default 1024; tiny: 32)")
+    p.add_argument("--new-tokens", type=int, help="new tokens per row (default 128; tiny: 8)")
+    p.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])
+    p.add_argument("--reference-prompts", type=int, help="prompts the reference loop runs (default 3)")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per lorasoup variant (median)")
+    p.add_argument("--backends", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
+    p.add_argument("--lorasoup-sampling", choices=["greedy", "paper"], default="greedy")
+    p.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="HBM GB/s for the floor (H100 SXM)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/generate_throughput.json", help="also copied to $OUT")
+    args = p.parse_args(argv)
+    defaults = TINY_DEFAULTS if args.shape == "tiny" else FULL_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+class IdTokenizer:
+    """Prompts written as space-separated token ids ("17 2345 ..."), so a random model needs no vocab."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [int(t) for t in text.split()]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(str(i) for i in ids)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r) for r in rows]
+
+
+def build_model(args, device: torch.device) -> LlamaForCausalLM:
+    """Random Llama built straight on the device (bf16 on GPU, fp32 on CPU)."""
+    config = LlamaConfig(**SHAPES[args.shape], attn_implementation="sdpa", bos_token_id=1, eos_token_id=2)
+    config.max_position_embeddings = max(4096, args.prompt_len + args.new_tokens)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def make_prompts(args, count: int, vocab: int) -> list[str]:
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(3, vocab, (count, args.prompt_len - 1), generator=g)  # BOS makes prompt_len
+    return [" ".join(map(str, row.tolist())) for row in ids]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_loop(model, tokenizer, prompts, args, device) -> dict:
+    """The reference evaluation: batch 1, HF sampling (T=0.1, top-p 0.95), dynamic cache."""
+
+    def one(prompt: str, new_tokens: int) -> int:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+                num_beams=1,
+                **PAPER_SAMPLING,
+            )
+        tokenizer.decode(out[0, ids.shape[1] :].tolist())
+        return out.shape[1] - ids.shape[1]
+
+    one(prompts[0], 2)  # warm-up
+    sync(device)
+    began = time.perf_counter()
+    tokens = sum(one(p, args.new_tokens) for p in prompts)
+    sync(device)
+    seconds = time.perf_counter() - began
+    return {
+        "variant": "reference_loop",
+        "batch": 1,
+        "cache": "dynamic",
+        "sampling": "paper",
+        "rows": len(prompts),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+def lorasoup_variant(generate_fn, prompts, settings, args, device, name: str) -> dict:
+    """Warm-up call with the same shapes, then ``--repeats`` timed calls (median)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    warm_began = time.perf_counter()
+    generate_fn(prompts, settings)
+    sync(device)
+    warm_s = time.perf_counter() - warm_began
+    times, tokens = [], 0
+    for _ in range(args.repeats):
+        began = time.perf_counter()
+        out = generate_fn(prompts, settings)
+        sync(device)
+        times.append(time.perf_counter() - began)
+        tokens = sum(g.new_tokens for g in out)
+    seconds = statistics.median(times)
+    row = {
+        "variant": name,
+        "batch": settings.batch_size,
+        "cache": settings.cache_implementation,
+        "sampling": args.lorasoup_sampling,
+        "rows": len(prompts),
+        "tokens": tokens,
+        "seconds": seconds,
+        "seconds_all": times,
+        "warmup_s": warm_s,
+        "tokens_per_s": tokens / seconds,
+    }
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def settings_for(args, batch: int, cache: str) -> GenerationSettings:
+    sampling = PAPER_SAMPLING if args.lorasoup_sampling == "paper" else {}
+    return GenerationSettings(
+        max_new_tokens=args.new_tokens,
+        batch_size=batch,
+        cache_implementation=cache,
+        ignore_eos=True,
+        seed=args.seed,
+        **sampling,
+    )
+
+
+def floor_tokens_per_s(model, args, batch: int) -> float:
+    """Bandwidth bound: per step, all weights plus the batch's KV cache at mid-generation are read."""
+    c = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    element = next(model.parameters()).element_size()
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * element
+    kv_bytes = batch * (args.prompt_len + args.new_tokens / 2) * kv_per_token
+    return batch / ((weight_bytes + kv_bytes) / (args.bandwidth_gbs * 1e9))
+
+
+def vllm_rows(args, prompts_by_batch, tokenizer) -> list[dict]:
+    """vLLM through lorasoup's backend, random weights (``load_format="dummy"``); a skip row without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return [{"variant": "lorasoup_vllm", "skipped": "vllm is not installed"}]
+    from lorasoup.evaluation.vllm_backend import VllmGenerator
+
+    folder = Path(tempfile.mkdtemp(prefix="vllm-random-"))
+    config = LlamaConfig(**SHAPES[args.shape], bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    config.max_position_embeddings = max(4096, args.prompt_len + args.new_tokens)
+    config.save_pretrained(folder)
+    engine_args = {
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "max_model_len": args.prompt_len + args.new_tokens + 8,
+    }
+    rows = []
+    try:
+        engine = VllmGenerator(
+            str(folder),
+            tokenizer,
+            dtype="bfloat16",
+            seed=args.seed,
+            engine_args=engine_args,
+            sampling_args={"detokenize": False},  # no tokenizer: token ids only
+        )
+        for batch, prompts in prompts_by_batch.items():
+            settings = settings_for(args, batch, "dynamic")
+            row = lorasoup_variant(
+                engine.generate, prompts, settings, args, torch.device("cuda"), "lorasoup_vllm"
+            )
+            rows.append(row | {"cache": "vllm-paged", "floor_tokens_per_s": None})
+    except Exception as err:  # untested on this project's machines (vLLM is not installed there)
+        traceback.print_exc()
+        rows.append({"variant": "lorasoup_vllm", "error": repr(err)})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def write_json(result: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):  # the device machine returns $OUT
+        copy = Path(os.environ["OUT"]) / path.name
+        if copy.resolve() != path.resolve():
+            shutil.copy(path, copy)
+
+
+def table(rows: list[dict], reference: float | None) -> str:
+    lines = [f"{'variant':<16}{'cache':>12}{'batch':>7}{'tokens/s':>11}{'x ref':>9}{'floor %':>9}"]
+    for r in rows:
+        if "tokens_per_s" not in r:
+            lines.append(f"{r['variant']:<16}  {r.get('skipped') or 'ERROR ' + r.get('error', '')}")
+            continue
+        ratio = f"{r['tokens_per_s'] / reference:.1f}" if reference else "-"
+        floor = (
+            f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:.0f}" if r.get("floor_tokens_per_s") else "-"
+        )
+        lines.append(
+            f"{r['variant']:<16}{r['cache']:>12}{r['batch']:>7}{r['tokens_per_s']:>11.1f}{ratio:>9}{floor:>9}"
+        )
+    return "\n".join(lines)
+
+
+def header(args, model, on_gpu: bool) -> dict:
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "benchmark": "generate_throughput",
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "versions": versions | {"cuda": torch.version.cuda, "python": sys.version.split()[0]},
+        "model": SHAPES[args.shape] | {"dtype": str(next(model.parameters()).dtype), "attn": "sdpa"},
+        "args": vars(args),
+        "rows": [],
+    }
+
+
+def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result: dict) -> float | None:
+    """The reference loop, then lorasoup's HF generation per cache and batch; returns the reference."""
+    plan = [("reference", 1, "dynamic")]
+    plan += [("hf", b, c) for c in args.cache for b in args.batch] if "hf" in args.backends else []
+    reference = None
+    for kind, batch, cache in plan:
+        try:
+            if kind == "reference":
+                chosen = prompts[args.reference_prompts][: args.reference_prompts]
+                row = reference_loop(model, tokenizer, chosen, args, device)
+                reference = row["tokens_per_s"]
+            else:
+                fn = lambda p, s: generate(model, tokenizer, p, s)  # noqa: E731
+                settings = settings_for(args, batch, cache)
+                row = lorasoup_variant(fn, prompts[batch], settings, args, device, "lorasoup_hf")
+            row["floor_tokens_per_s"] = floor_tokens_per_s(model, args, row["batch"])
+        except Exception as err:  # OOM at a large batch, say: record it and go on
+            traceback.print_exc()
+            row = {"variant": kind, "batch": batch, "cache": cache, "error": repr(err)}
+        add_row(result, row, reference, args)
+        free_memory(device)
+    return reference
+
+
+def add_row(result: dict, row: dict, reference: float | None, args) -> None:
+    if reference and "tokens_per_s" in row:
+        row["x_reference"] = row["tokens_per_s"] / reference
+    result["rows"].append(row)
+    print(table([row], reference), flush=True)
+    write_json(result, args.out)  # after every row: a run cut off by a time limit keeps its numbers
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and args.shape != "tiny":
+        sys.exit("no CUDA device: the 7b shape needs a GPU (use --shape tiny for a CPU smoke check)")
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if not on_gpu:
+        torch.set_num_threads(1)  # on a small shared VM, OpenMP threads made tiny steps 100x slower
+    model, tokenizer = build_model(args, device), IdTokenizer()
+    result = header(args, model, on_gpu)
+    prompts = {
+        b: make_prompts(args, b, model.config.vocab_size) for b in {*args.batch, args.reference_prompts}
+    }
+    reference = hf_rows(model, tokenizer, prompts, args, device, result)
+    if "vllm" in args.backends:
+        del model  # vLLM allocates most of the card for itself
+        free_memory(device)
+        if not on_gpu:
+            add_row(result, {"variant": "lorasoup_vllm", "skipped": "needs a GPU"}, reference, args)
+        for row in vllm_rows(args, {b: prompts[b] for b in args.batch}, tokenizer) if on_gpu else []:
+            add_row(result, row, reference, args)
+    print("\n" + table(result["rows"], reference))
+    write_json(result, args.out)
+    print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Metrics: numeric tolerance on GSM-Hard-like answers, SQuAD EM/F1, the paper's TF-IDF cosine."""
+
+import math
+from fractions import Fraction
+
+import pytest
+
+from lorasoup.evaluation.metrics import (
+    METRICS,
+    exact_match,
+    normalize_answer,
+    numeric,
+    parse_number,
+    tfidf_cosine,
+    token_f1,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("42", Fraction(42)),
+        ("-1,234.5", Fraction(-2469, 2)),
+        ("1.5e3", Fraction(1500)),
+        ("3/4", Fraction(3, 4)),
+        ("−7", Fraction(-7)),
+        ("np.float64(3.5)", Fraction(7, 2)),
+        ("Decimal('2.50')", Fraction(5, 2)),
+        ("Fraction(7, 2)", Fraction(7, 2)),
+        (12, Fraction(12)),
+        (0.1, Fraction(0.1)),
+    ],
+)
+def test_parse_number(text, value):
+    assert parse_number(text) == value
+
+
+@pytest.mark.parametrize(
+    "text", ["True", "[3]", "(1, 2)", "3+4j", "abc", "", None, True, "1/0", "Fraction(1, 0)", "9" * 5000]
+)
+def test_not_numbers(text):
+    assert parse_number(text) is None
+
+
+def test_huge_exponents_do_not_hang_or_overflow():
+    assert parse_number("1e400") == Fraction(10) ** 400
+    assert parse_number("1e99999999") == math.inf
+    assert parse_number("-1e-99999999") == 0.0
+    assert numeric("1e400", "1e400") == 1.0
+
+
+def test_numeric_gsm_hard_answers():
+    assert numeric("-9867630", -9867630.0) == 1.0
+    assert numeric("-9867630.0004", -9867630.0) == 1.0  # within the reference's absolute 1e-3
+    # off by the 3 eggs of the question: a relative 1e-3 tolerance would wrongly accept it
+    assert numeric("-9867624", -9867630.0) == 0.0
+    # a non-integer answer stored with float noise (GSM-Hard row 2 of our fixture)
+    assert numeric("3244047.1", 3244047.0999999996) == 1.0
+    assert numeric("3244047.2", 3244047.0999999996) == 0.0
+    assert numeric("0.333", 1 / 3) == 1.0 and numeric("0.33", 1 / 3) == 0.0
+
+
+def test_numeric_exact_integers_beyond_float_precision():
+    exact = 2**60 + 3  # a program's exact int; the stored float answer rounds it
+    assert numeric(str(exact), float(exact)) == 1.0
+    assert numeric(str(exact), float(2**61)) == 0.0
+
+
+def test_numeric_edge_values():
+    assert numeric("inf", math.inf) == 1.0
+    assert numeric("inf", -math.inf) == 0.0
+    assert numeric("nan", math.nan) == 0.0
+    assert numeric(None, 3) == 0.0
+    assert numeric("three", 3) == 0.0
+    assert numeric("3", ["4", "3"]) == 1.0  # any acceptable reference
+    assert numeric("10.4", 10, abs_tol=0.5) == 1.0
+
+
+def test_squad_normalisation_em_f1():
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    assert exact_match("the Cat.", "cat") == 1.0
+    assert exact_match("a cat", "dog") == 0.0
+    assert exact_match(None, "x") == 0.0
+    # common tokens red, and, blue: precision 3/3, recall 3/4 -> F1 = 6/7
+    assert token_f1("red and blue", "blue, red and yellow") == pytest.approx(6 / 7)
+    assert token_f1("red green", "red blue yellow") == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
+    assert token_f1("green", "red") == 0.0
+    assert token_f1("the", "a") == 1.0  # both empty after normalisation
+    assert token_f1("cat", ["dog", "a cat"]) == 1.0
+
+
+def test_tfidf_cosine_fitted_on_the_pair():
+    # fit on ["red blue", "red green"]: idf(red) = ln(3/3) + 1 = 1, idf(blue) = idf(green) = ln(3/2) + 1
+    rare = math.log(3 / 2) + 1
+    expected = 1 / (rare**2 + 1)
+    assert tfidf_cosine("red blue", "red green") == pytest.approx(expected)
+    assert tfidf_cosine("Red, BLUE and yellow", "yellow and blue, red") == pytest.approx(1.0)
+    assert tfidf_cosine("cats", "dogs") == 0.0
+    assert tfidf_cosine("a", "?") == 0.0  # no word of two letters: empty vocabulary
+    assert tfidf_cosine(None, "x") == 0.0
+    # the QABot threshold: a partial answer passes, an unrelated one does not
+    reference = "Extra kinetic energy is needed for a molecule to jump a fence between compartments"
+    assert tfidf_cosine("extra kinetic energy", reference) > 0.3
+    assert tfidf_cosine("ATP hydrolysis drives pumps", reference) < 0.3
+
+
+def test_registry():
+    assert {"numeric", "exact_match", "token_f1", "tfidf_cosine"} <= set(METRICS.names())

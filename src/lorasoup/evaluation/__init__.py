@@ -1,0 +1,1 @@
+"""Evaluation: tasks, generation, answer extraction, metrics and a sandbox for model-written code."""

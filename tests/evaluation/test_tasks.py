@@ -263,3 +263,26 @@ def test_shared_test_files_load():
     assert counts == {"gsm-hard": 1319, "qa": 95, "rc": 201, "prompt-formats": 4 * 417}
     _, math = prepared("gsm-hard", data=[SHARED])
     assert sum(1 for e in math if e.reference != int(e.reference)) == 303
+
+
+def test_strict_pal_scorer_and_identical_programs_run_once(monkeypatch):
+    from lorasoup.evaluation import sandbox
+
+    task, examples = prepared("gsm-hard")
+    strict = Task(TaskSpec(**{**vars(task.spec), "scorer": "program_solution"}), num_fewshot=0)
+    seen = []
+    real = sandbox.run_programs
+
+    def counting(codes, **kwargs):
+        seen.append(list(codes))
+        return real(codes, **kwargs)
+
+    monkeypatch.setattr(sandbox, "run_programs", counting)
+    texts = [PROGRAMS["correct int"], PROGRAMS["printed"], PROGRAMS["correct int"], PROGRAMS["correct int"]]
+    rows = [examples[0], examples[1], examples[0], examples[0]]
+    scored = strict.score(rows, texts, SandboxOptions(timeout_s=2.0, workers=2))
+    assert [s.verdict for s in scored] == ["correct", "no-code", "correct", "correct"]
+    assert "solution()" in scored[1].detail
+    assert len(seen) == 1 and len(seen[0]) == 2  # two distinct programs, each run once
+    lenient = task.score(rows[:2], texts[:2], SandboxOptions(timeout_s=2.0, workers=2))
+    assert [s.verdict for s in lenient] == ["correct", "correct"]  # printing counts for `program`

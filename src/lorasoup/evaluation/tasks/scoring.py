@@ -10,6 +10,11 @@
   by the task's metric. Verdicts: ``correct``, ``wrong`` (ran, but the answer is off or not a
   number), ``no-code`` (no program in the text), ``error`` (raised, or hit the memory, output or
   process limits; the sandbox's own verdict is kept in ``detail``) and ``timeout``.
+* ``program_solution`` — as ``program``, but strictly PAL: the program must define ``solution()``
+  and return the answer; one that only prints gets ``no-code``.
+
+Identical programs run once per batch: a program gets no input, so its result is a function of its
+text (a small model repeats itself a lot; the demo scores thousands of generations).
 """
 
 from __future__ import annotations
@@ -84,37 +89,57 @@ def answer(
     return results
 
 
-@SCORERS.register("program")
-def program(
-    spec: TaskSpec, examples: Sequence[Example], texts: Sequence[str], options: SandboxOptions
+def _run_programs(
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    texts: Sequence[str],
+    options: SandboxOptions,
+    *,
+    require_solution: bool,
 ) -> list[Scored]:
     from lorasoup.evaluation.sandbox import SandboxLimits, run_programs
 
     codes = [extract_program(text) for text in texts]
-    to_run = [i for i, code in enumerate(codes) if code is not None]
     limits = SandboxLimits(
         timeout_s=options.timeout_s, cpu_s=max(1, math.ceil(options.timeout_s)), memory_mb=options.memory_mb
     )
-    programs = [codes[i] for i in to_run]
-    ran = run_programs(programs, call="solution", limits=limits, workers=options.workers) if programs else []
-    by_index = dict(zip(to_run, ran, strict=True))
+    unique = list(dict.fromkeys(code for code in codes if code is not None))
+    ran = run_programs(unique, call="solution", limits=limits, workers=options.workers) if unique else []
+    by_code = dict(zip(unique, ran, strict=True))
     results = []
-    for i, example in enumerate(examples):
-        if i not in by_index:
+    for code, example in zip(codes, examples, strict=True):
+        if code is None:
             scores, _ = score_answer(spec, None, example.reference)
             results.append(Scored(None, "no-code", False, scores, "no program found in the generation"))
             continue
-        results.append(_judge_run(spec, example, by_index[i]))
+        results.append(_judge_run(spec, example, by_code[code], require_solution=require_solution))
     return results
 
 
-def _judge_run(spec: TaskSpec, example: Example, run: Any) -> Scored:
+@SCORERS.register("program")
+def program(
+    spec: TaskSpec, examples: Sequence[Example], texts: Sequence[str], options: SandboxOptions
+) -> list[Scored]:
+    return _run_programs(spec, examples, texts, options, require_solution=False)
+
+
+@SCORERS.register("program_solution")
+def program_solution(
+    spec: TaskSpec, examples: Sequence[Example], texts: Sequence[str], options: SandboxOptions
+) -> list[Scored]:
+    return _run_programs(spec, examples, texts, options, require_solution=True)
+
+
+def _judge_run(spec: TaskSpec, example: Example, run: Any, *, require_solution: bool) -> Scored:
     """A sandbox ``ProgramResult`` → verdict: timeout, error, or the answer scored by the metric."""
     if run.verdict != "ok":
         scores, _ = score_answer(spec, None, example.reference)
         verdict = "timeout" if run.verdict == "timeout" else "error"
         detail = f"{run.verdict}: {_last_line(run.detail or run.stderr)}"
         return Scored(None, verdict, False, scores, detail)
+    if require_solution and run.returned is None:
+        scores, _ = score_answer(spec, None, example.reference)
+        return Scored(None, "no-code", False, scores, "no solution() returned a value")
     answer_text = run.returned if run.returned is not None else last_number(run.stdout or "")
     scores, correct = score_answer(spec, answer_text, example.reference)
     detail = "" if answer_text is not None else "the program returned and printed nothing"

@@ -180,11 +180,12 @@ def _randomized_svd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Approximate top singular triplets of ``matrix (out, in)``: ``U (out, w)``, ``S (w,)``, ``Vh (w, in)``.
 
-    The probe is drawn on the CPU so a seed gives the same result on any device.
+    The probe is drawn with ``generator`` on its own device (CPU when none is given).
     """
     out_features, in_features = matrix.shape
     width = min(width, out_features, in_features)
-    probe = torch.randn(in_features, width, generator=generator, device="cpu", dtype=matrix.dtype)
+    where = generator.device if generator is not None else torch.device("cpu")
+    probe = torch.randn(in_features, width, generator=generator, device=where, dtype=matrix.dtype)
     Q, _ = torch.linalg.qr(matrix @ probe.to(matrix.device))  # (out, w)
     for _ in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
         Z, _ = torch.linalg.qr(matrix.T @ Q)

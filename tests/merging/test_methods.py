@@ -153,3 +153,20 @@ def test_svd_defaults_to_the_largest_input_rank_and_is_the_best_approximation() 
     error = float((delta - result.B @ result.A).double().square().sum())
     assert error == pytest.approx(float(S[3:].square().sum()), rel=1e-4)
     assert result.discarded_energy == pytest.approx(float(S[3:].square().sum() / S.square().sum()), rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
+)
+@pytest.mark.parametrize("name", DELTA_METHODS)
+def test_delta_methods_run_on_cuda_like_on_cpu(name: str) -> None:
+    factors = _factors(2, 24, 20, [3, 3], seed=6)
+    method = MERGE_METHODS.get(name)
+    params = MergeParams(density=1.0 if method.random else 0.5, rank=6, svd="randomized")
+    cuda = [type(f)(f.A.cuda(), f.B.cuda(), f.scale) for f in factors]
+    on_gpu = method.merge(
+        cuda, torch.tensor([0.6, 0.4]).cuda(), params, torch.Generator("cuda").manual_seed(0)
+    )
+    on_cpu = method.merge(factors, torch.tensor([0.6, 0.4]), params, torch.Generator().manual_seed(0))
+    assert torch.allclose((on_gpu.B @ on_gpu.A).cpu(), on_cpu.B @ on_cpu.A, atol=1e-4)

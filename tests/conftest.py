@@ -22,9 +22,21 @@ VOCAB_TEXT = [
 
 def build_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer trained on a few lines with the ``tokenizers`` library."""
-    from lorasoup.demo import build_tokenizer as train_bpe
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    return train_bpe(VOCAB_TEXT, vocab_size)
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(VOCAB_TEXT, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def build_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

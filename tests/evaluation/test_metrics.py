@@ -106,3 +106,12 @@ def test_tfidf_cosine_fitted_on_the_pair():
 
 def test_registry():
     assert {"numeric", "exact_match", "token_f1", "tfidf_cosine"} <= set(METRICS.names())
+
+
+def test_exact_text_keeps_operators_and_case():
+    exact_text = METRICS.get("exact_text")
+    assert exact_text("answer :  7 * 8 ", "answer : 7 * 8") == 1.0
+    assert exact_text("answer : 7 + 8", "answer : 7 * 8") == 0.0  # exact_match would call these equal
+    assert exact_match("answer : 7 + 8", "answer : 7 * 8") == 1.0
+    assert exact_text("Cat", "cat") == 0.0
+    assert exact_text(None, "x") == 0.0

@@ -1,205 +1,154 @@
-"""The embedded default: a small CAT composition that needs no download and runs in about a minute.
+"""The embedded default, ``lorasoup demo``: a skill-composition study that runs in minutes on a CPU.
 
-Everything is built locally from a seed: a byte-level BPE tokenizer (``tokenizers``), a tiny Llama
-(``transformers``, from a config), two synthetic skills (A: add two numbers, B: copy a word list in
-reverse), one PEFT LoRA per skill, and a CAT composition trained on the mix of both skills' data.
-The table compares held-out losses per skill; then the exported adapter is reloaded with stock PEFT
-and must reproduce the CAT logits. It shows the pipeline end to end, not the paper's claim: that is
-what the demo-study issue and the GPU study are for.
+A miniature of the LoRA Soups GSM-Hard experiment (https://arxiv.org/abs/2410.13025), built from a
+seed with no download: see ``benchmark.py`` for the task design, ``study.py`` for the methods, and
+docs/demo.md for what the numbers mean. The output directory (written atomically) holds:
+
+- ``report.md`` / ``report.html``: the results table (mean ± std over seeds), the methods' bar chart
+  and a heatmap of CAT's learned weights per layer and module;
+- ``results.json``: every number, per seed and aggregated; ``run.json``: settings, versions, timings;
+- ``seed-N/``: that seed's base model, adapters, merges, CAT artifact and per-example results
+  (``eval/<method>/<task>.jsonl``) from which the table is computed.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import random
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-import torch
+from lorasoup.demo.study import TASKS, DemoSettings, MethodResult, StageHook, aggregate, run_seed
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
-
-from lorasoup.cat.config import AdapterRef, CatRunConfig, DataConfig, TrainOptions
-
-WORDS = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "fish", "star", "rock"]
-
-
-@dataclass
-class DemoRow:
-    name: str
-    loss_a: float
-    loss_b: float
-    loss_mix: float
+__all__ = ["DemoSettings", "DemoSummary", "run_demo"]
 
 
 @dataclass
 class DemoSummary:
-    rows: list[DemoRow]
-    export_max_abs_diff: float
-    cat_output: Path
-
-
-def skill_records(skill: str, count: int, rng: random.Random) -> list[dict[str, str]]:
-    records = []
-    for _ in range(count):
-        if skill == "add":
-            a, b = rng.randint(0, 49), rng.randint(0, 49)
-            records.append({"instruction": f"add {a} and {b}", "output": str(a + b)})
-        else:
-            words = rng.sample(WORDS, 3)
-            records.append({"instruction": "reverse " + " ".join(words), "output": " ".join(reversed(words))})
-    return records
-
-
-def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``corpus`` with the ``tokenizers`` library (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-def build_tiny_base(directory: Path, corpus: list[str], seed: int) -> None:
-    """A 2-layer Llama and a BPE tokenizer trained on ``corpus``, saved as a normal model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(corpus, vocab_size=400)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
-def train_skill_lora(
-    base_dir: Path, records: list[dict[str, str]], out_dir: Path, seed: int, steps: int
-) -> None:
-    """A small PEFT LoRA (r=8 on attention and MLP projections), trained with AdamW."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorasoup.training.data import build_dataset, collate
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    dataset = build_dataset(records, tokenizer, template="plain", cutoff_len=64)
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]),
-    )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=16,
-        shuffle=True,
-        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    model.train()
-    done = 0
-    while done < steps:
-        for batch in loader:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            done += 1
-            if done >= steps:
-                break
-    model.save_pretrained(out_dir)
-
-
-def mean_loss(model: torch.nn.Module, tokenizer: object, records: list[dict[str, str]]) -> float:
-    from lorasoup.training.data import build_dataset, collate
-
-    dataset = build_dataset(records, tokenizer, template="plain", cutoff_len=64)
-    batch = collate(list(dataset), tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    with torch.no_grad():
-        return float(model(**batch).loss)
+    output: Path
+    table: list[dict[str, Any]]
+    seeds: list[int]
+    seconds: float
 
 
 def run_demo(
-    output: Path,
+    output: str | Path,
     *,
     seed: int = 0,
-    overwrite: bool = True,
-    progress: Callable[[int, int, float], None] | None = None,
+    seeds: int = 1,
+    settings: DemoSettings | None = None,
+    overwrite: bool = False,
+    stage: StageHook | None = None,
 ) -> DemoSummary:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Run the study for ``seeds`` seeds (``seed``, ``seed + 1``, ...) and write the report."""
+    from lorasoup.artifacts import atomic_output_dir, require_free_output, run_record, write_json_atomic
+    from lorasoup.demo.study import settings_record
 
-    from lorasoup.cat.run import run_cat
+    settings = settings or DemoSettings()
+    output = Path(output)
+    require_free_output(output, overwrite=overwrite)
+    started = time.perf_counter()
+    chosen = [seed + i for i in range(seeds)]
+    with atomic_output_dir(output, overwrite=overwrite) as staging:
+        per_seed: list[list[MethodResult]] = []
+        facts: list[dict[str, Any]] = []
+        for index, current in enumerate(chosen):
 
-    output.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    train = {s: skill_records(s, 400, rng) for s in ("add", "reverse")}
-    held_out = {s: skill_records(s, 64, rng) for s in ("add", "reverse")}
-    base_dir = output / "base"
-    corpus = [f"{r['instruction']} {r['output']}" for rs in train.values() for r in rs]
-    build_tiny_base(base_dir, [*corpus, "### Instruction: ### Response: Below is an instruction"], seed)
-    for skill, records in train.items():
-        train_skill_lora(base_dir, records, output / f"lora-{skill}", seed, steps=250)
+            def seed_stage(
+                what: str, done: int, total: int, index: int = index, current: int = current
+            ) -> None:
+                if stage is not None:
+                    stage(f"seed {current}: {what}", index * total + done, len(chosen) * total)
 
-    mix_path = output / "mix.json"
-    mix_path.write_text(json.dumps(train["add"][:100] + train["reverse"][:100]))
-    config = CatRunConfig(
-        base_model=str(base_dir),
-        adapters=[AdapterRef(str(output / f"lora-{skill}"), name=skill) for skill in train],
-        data=DataConfig(train=[str(mix_path)], template="plain", cutoff_len=64),
-        output=str(output / "cat"),
-        train=TrainOptions(learning_rate=5e-2, epochs=2, batch_size=16, seed=seed),
-        overwrite=overwrite,
+            folder = staging / f"seed-{current}"
+            folder.mkdir()
+            rows, seed_facts = run_seed(folder, current, settings, seed_stage)
+            per_seed.append(rows)
+            facts.append(seed_facts)
+        table = aggregate(per_seed)
+        seconds = time.perf_counter() - started
+        results = {
+            "tasks": list(TASKS),
+            "seeds": chosen,
+            "table": table,
+            "per_seed": [[vars(row) for row in rows] for rows in per_seed],
+            "settings": settings_record(settings),
+        }
+        write_json_atomic(staging / "results.json", results)
+        _write_report(staging, table, chosen, settings, facts, seconds)
+        record = run_record(
+            command="demo",
+            config=settings_record(settings),
+            seed=seed,
+            timings={
+                "total": seconds,
+                **{f"seed_{f['seed']}_{k}": v for f in facts for k, v in f["timings_s"].items()},
+            },
+            seeds=chosen,
+            base_models=[f["base_model"] for f in facts],
+        )
+        write_json_atomic(staging / "run.json", record)
+    return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)
+
+
+def _cell(value: dict[str, Any], seeds: int) -> str:
+    mean = f"{100 * value['mean']:.1f}"
+    return f"{mean} ± {100 * value['std']:.1f}" if seeds > 1 else mean
+
+
+def _write_report(
+    folder: Path,
+    table: list[dict[str, Any]],
+    seeds: list[int],
+    settings: DemoSettings,
+    facts: list[dict[str, Any]],
+    seconds: float,
+) -> None:
+    from lorasoup.report import markdown_table, markdown_to_html, methods_bar_chart, weights_heatmap
+
+    bars = methods_bar_chart(
+        table, TASKS, folder / "methods.png", title=f"accuracy per method ({len(seeds)} seed(s))"
     )
-    result = run_cat(config, progress=progress)
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    mixed = held_out["add"] + held_out["reverse"]
-
-    def row(name: str, model: torch.nn.Module) -> DemoRow:
-        model.eval()
-        return DemoRow(
-            name, *(mean_loss(model, tokenizer, rs) for rs in (held_out["add"], held_out["reverse"], mixed))
-        )
-
-    rows = [row("base", AutoModelForCausalLM.from_pretrained(base_dir))]
-    for skill in train:
-        rows.append(
-            row(
-                f"LoRA {skill}",
-                PeftModel.from_pretrained(
-                    AutoModelForCausalLM.from_pretrained(base_dir), output / f"lora-{skill}"
-                ),
-            )
-        )
-    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), result.output)
-    rows.append(row("CAT (exported)", exported))
-
-    ids = torch.randint(4, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        diff = (result.composition.model(input_ids=ids).logits - exported(input_ids=ids).logits).abs().max()
-    return DemoSummary(rows=rows, export_max_abs_diff=float(diff), cat_output=result.output)
+    weights = json.loads(Path(facts[0]["cat_weights"]).read_text(encoding="utf-8"))
+    heatmap = weights_heatmap(
+        weights["weights"], folder / "cat_weights.png", title=f"CAT's learned weights (seed {seeds[0]})"
+    )
+    headers = ["method", "composite task (%)", "math skill (%)", "code skill (%)", "how"]
+    rows = [[row["method"], *(_cell(row[t], len(seeds)) for t in TASKS), row["detail"]] for row in table]
+    best = max((r for r in table if r["kind"] != "ceiling"), key=lambda r: r["composite"]["mean"])
+    cat = next(r for r in table if r["method"] == "CAT (trained)")
+    mix = next(r for r in table if r["method"] == "DATA-MIX")
+    base = settings.base
+    text = "\n".join(
+        [
+            "# lorasoup demo: composing a math skill and a code skill",
+            "",
+            "Composite task: a multiplication word problem answered by a Python program that defines "
+            "`solution()`, run in the sandbox. The math skill LoRA knows multiplication stories but "
+            "writes `answer : a * b`; the code skill LoRA writes `def solution ( ) : return ...` but "
+            "has never seen a multiplication story. See docs/demo.md for the design.",
+            "",
+            f"Seeds: {', '.join(map(str, seeds))}. Base model: Llama, {base.layers} layers, "
+            f"hidden {base.hidden}, "
+            f"{facts[0]['base_model']['parameters']:,} parameters, pre-trained {base.steps} steps. "
+            f"Skill LoRAs r={settings.lora_rank}, {settings.lora_steps} steps. Test sets: "
+            f"{settings.sizes.test} examples per task. Wall time {seconds:.0f} s.",
+            "",
+            markdown_table(headers, rows),
+            f"Best composition (oracle excluded): **{best['method']}**, "
+            f"{100 * best['composite']['mean']:.1f} % on the composite task. "
+            f"CAT (trained): {100 * cat['composite']['mean']:.1f} %; "
+            f"DATA-MIX: {100 * mix['composite']['mean']:.1f} %.",
+            "",
+            "![accuracy per method](methods.png)",
+            "",
+            "![CAT weights](cat_weights.png)",
+            "",
+        ]
+    )
+    (folder / "report.md").write_text(text, encoding="utf-8")
+    page = markdown_to_html(
+        text, title="lorasoup demo", images={"methods.png": bars, "cat_weights.png": heatmap}
+    )
+    (folder / "report.html").write_text(page, encoding="utf-8")

@@ -129,6 +129,16 @@ def exact_match(prediction: str | None, reference: Any) -> float:
     return max((float(ours == normalize_answer(str(r))) for r in _references(reference)), default=0.0)
 
 
+@METRICS.register("exact_text")
+def exact_text(prediction: str | None, reference: Any) -> float:
+    """Equal after collapsing whitespace; case and punctuation count (``7 * 8`` is not ``7 + 8``),
+    unlike ``exact_match``'s SQuAD normalisation, which drops operators."""
+    if prediction is None:
+        return 0.0
+    ours = " ".join(str(prediction).split())
+    return max((float(ours == " ".join(str(r).split())) for r in _references(reference)), default=0.0)
+
+
 @METRICS.register("token_f1")
 def token_f1(prediction: str | None, reference: Any) -> float:
     if prediction is None:

@@ -25,13 +25,14 @@ from lorasoup.artifacts import (
     run_record,
     write_json_atomic,
 )
-from lorasoup.cat.config import CatRunConfig
+from lorasoup.cat.config import CatRunConfig, DataConfig, ExportOptions
 from lorasoup.cat.fit import FitResult, ProgressHook, fit_cat_weights
 from lorasoup.cat.fold import fold_composition, next_bucket, pad_rank
-from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat
+from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat, start_from_file
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import LorasoupError
 from lorasoup.lowrank import recompress_modules
+from lorasoup.training.formats import FormatReport
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,7 @@ class CatRunResult:
     fit: FitResult
     export_rank: int
     notices: list[str]
+    formats: FormatReport | None = None
 
 
 def weight_movement(composition: CatComposition) -> dict[str, float]:
@@ -58,7 +60,7 @@ def weight_movement(composition: CatComposition) -> dict[str, float]:
     }
 
 
-def _weights_payload(composition: CatComposition) -> dict[str, Any]:
+def weights_payload(composition: CatComposition) -> dict[str, Any]:
     return {
         "adapters": composition.adapter_names,
         "granularity": composition.granularity,
@@ -70,33 +72,83 @@ def _weights_payload(composition: CatComposition) -> dict[str, Any]:
 
 
 def build_training_data(config: CatRunConfig, tokenizer: Any) -> Any:
+    return load_training_data(config.data, tokenizer, seed=config.train.seed)[0]
+
+
+def load_training_data(data: DataConfig, tokenizer: Any, *, seed: int) -> tuple[Any, FormatReport | None]:
+    """The tokenised dataset, in ``data.template``, or format-robust when ``data.formats`` lists a pool
+    (formats dealt from ``data.format_seed``, else ``seed``; the report counts examples per format)."""
     from lorasoup.training.data import build_dataset, load_records
+    from lorasoup.training.formats import as_format_specs, build_format_dataset
 
     records: list[dict[str, Any]] = []
-    for source in config.data.train:
+    for source in data.train:
         records.extend(load_records(source))
-    if config.data.max_examples is not None:
-        records = records[: config.data.max_examples]
-    return build_dataset(
-        records,
-        tokenizer,
-        template=config.data.template,
-        cutoff_len=config.data.cutoff_len,
-        train_on_inputs=config.data.train_on_inputs,
-        name=", ".join(config.data.train),
-    )
+    if data.max_examples is not None:
+        records = records[: data.max_examples]
+    common = {
+        "cutoff_len": data.cutoff_len,
+        "train_on_inputs": data.train_on_inputs,
+        "name": ", ".join(data.train),
+    }
+    if data.formats:
+        format_seed = seed if data.format_seed is None else data.format_seed
+        return build_format_dataset(
+            records, tokenizer, as_format_specs(data.formats), seed=format_seed, **common
+        )
+    return build_dataset(records, tokenizer, template=data.template, **common), None
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _export_factors(
-    composition: CatComposition, config: CatRunConfig
+    composition: CatComposition, export: ExportOptions
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, dict[str, dict[str, Any]] | None]:
     """Folded float32 factors, their common rank, and per-module recompression facts (or None)."""
     folded = fold_composition(composition, dtype=torch.float32)
-    if config.export.rank is None:
+    if export.rank is None:
         return folded, next(iter(folded.values()))[0].shape[0], None
-    folded, facts = recompress_modules(folded, rank=config.export.rank)
+    folded, facts = recompress_modules(folded, rank=export.rank)
     rank = max(A.shape[0] for A, _ in folded.values())
     return {path: pad_rank(A, B, rank) for path, (A, B) in folded.items()}, rank, facts
+
+
+@dataclass
+class ExportedFactors:
+    """What an artifact's PEFT adapter holds: ``path → (A', B')`` of one ``rank``, in the export dtype."""
+
+    factors: dict[str, tuple[torch.Tensor, ...]]
+    rank: int
+    recompression: dict[str, dict[str, Any]] | None
+    notices: list[str]
+
+
+def export_factors(composition: CatComposition, export: ExportOptions) -> ExportedFactors:
+    """Fold the composition's weights, recompress (``export.rank``), pad to a bucket, cast: ready to save."""
+    notices = []
+    folded, largest, recompression = _export_factors(composition, export)
+    rank = largest
+    if export.rank_bucket == "vllm":
+        try:
+            rank = next_bucket(largest)
+        except ValueError as err:
+            raise LorasoupError(f"export.rank_bucket=vllm: {err}; set export.rank to 512 or less") from None
+        notices.append(f"rank padded with zero rows from {largest} to vLLM bucket {rank} (exact)")
+    if recompression is not None:
+        worst = max(f["discarded_energy"] for f in recompression.values())
+        notices.append(
+            f"recompressed to rank {largest} (export.rank); the largest loss is {worst:.2%} "
+            "of a module's ‖ΔW‖²"
+        )
+    folded = {
+        path: tuple(t.to(DTYPES[export.dtype]).contiguous() for t in pad_rank(A, B, rank))
+        for path, (A, B) in folded.items()
+    }
+    return ExportedFactors(folded, rank, recompression, notices)
 
 
 def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> CatRunResult:
@@ -113,7 +165,7 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     report.raise_if_incompatible()
     spec = parse_model_spec(config.base_model)
     tokenizer = load_tokenizer(spec)
-    dataset = build_training_data(config, tokenizer)
+    dataset, formats = load_training_data(config.data, tokenizer, seed=config.train.seed)
     model = load_base_model(spec, dtype=DTYPES[config.train.dtype], device=config.train.device)
     timings["load"] = time.perf_counter() - clock
 
@@ -126,6 +178,8 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
         dropout=config.cat.dropout,
         allow_base_mismatch=config.allow_base_mismatch,
     )
+    if config.cat.init_from is not None:
+        start_from_file(composition, config.cat.init_from)
     clock = time.perf_counter()
     fit = fit_cat_weights(
         composition,
@@ -139,33 +193,21 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     timings["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    notices = list(report.notices)
-    folded, largest, recompression = _export_factors(composition, config)
-    rank = largest
-    if config.export.rank_bucket == "vllm":
-        try:
-            rank = next_bucket(largest)
-        except ValueError as err:
-            raise LorasoupError(f"export.rank_bucket=vllm: {err}; set export.rank to 512 or less") from None
-        notices.append(f"rank padded with zero rows from {largest} to vLLM bucket {rank} (exact)")
-    if recompression is not None:
-        worst = max(f["discarded_energy"] for f in recompression.values())
-        notices.append(
-            f"recompressed to rank {largest} (export.rank); the largest loss is {worst:.2%} "
-            "of a module's ‖ΔW‖²"
-        )
-    folded = {
-        path: tuple(t.to(DTYPES[config.export.dtype]).contiguous() for t in pad_rank(A, B, rank))
-        for path, (A, B) in folded.items()
-    }
+    exported = export_factors(composition, config.export)
+    folded, rank, recompression = exported.factors, exported.rank, exported.recompression
+    notices = list(report.notices) + exported.notices
     fan_in_fan_out = adapters[0].fan_in_fan_out
+    if not _is_main_process():  # under `accelerate launch`, one process writes the artifact
+        return CatRunResult(
+            output=output, composition=composition, fit=fit, export_rank=rank, notices=notices
+        )
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
         from lorasoup.export.peft import merge_factors_into, save_peft_adapter
 
         save_peft_adapter(
             folded, staging, base_model=config.base_model, model=model, fan_in_fan_out=fan_in_fan_out
         )
-        write_json_atomic(staging / "cat_weights.json", _weights_payload(composition))
+        write_json_atomic(staging / "cat_weights.json", weights_payload(composition))
         if config.export.merge:
             merged = merge_factors_into(remove_cat(composition), folded)
             merged.save_pretrained(staging / "merged")
@@ -192,6 +234,7 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
                 "first_loss": fit.first_loss,
                 "last_loss": fit.last_loss,
                 "losses": fit.losses,
+                **({"formats": formats} if formats is not None else {}),
             },
             weight_movement=weight_movement(composition),
             export={
@@ -203,4 +246,6 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
             notices=notices,
         )
         write_json_atomic(staging / "run.json", record)
-    return CatRunResult(output=output, composition=composition, fit=fit, export_rank=rank, notices=notices)
+    return CatRunResult(
+        output=output, composition=composition, fit=fit, export_rank=rank, notices=notices, formats=formats
+    )

@@ -28,7 +28,7 @@ class BaseModelSize:
     hidden: int = 128
     intermediate: int = 256
     heads: int = 4
-    steps: int = 800
+    steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 2e-3
 

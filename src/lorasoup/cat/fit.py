@@ -117,15 +117,18 @@ def fit_cat_weights(
         collate_fn=collate,
         generator=torch.Generator().manual_seed(options.seed),
     )
-    steps_per_epoch = max(1, math.ceil(len(loader) / options.grad_accum))
-    total = options.max_steps or steps_per_epoch * options.epochs
     optimizer = torch.optim.AdamW(
         [composition.weights.theta], lr=options.learning_rate, weight_decay=options.weight_decay
     )
+    model, optimizer, loader = accelerator.prepare(composition.model, optimizer, loader)
+    # After prepare: under DDP each process sees its shard, so an epoch is fewer steps per process.
+    steps_per_epoch = max(1, math.ceil(len(loader) / options.grad_accum))
+    total = options.max_steps or steps_per_epoch * options.epochs
+    # Not passed through accelerate: its wrapper advances the schedule once per process per step
+    # (it assumes a schedule written for one process), which would run it N times too fast.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_warmup_decay(total, int(options.warmup_ratio * total))
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(composition.model, optimizer, loader, scheduler)
 
     step = 0
     if resume_from is not None:
@@ -160,7 +163,8 @@ def fit_cat_weights(
                 if accelerator.sync_gradients and options.max_grad_norm > 0:
                     accelerator.clip_grad_norm_([composition.weights.theta], options.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue

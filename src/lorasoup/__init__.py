@@ -48,6 +48,16 @@ _API = {
     "TaskSpec": "lorasoup.evaluation.tasks",
     "get_task_spec": "lorasoup.evaluation.tasks",
     "register_task": "lorasoup.evaluation.tasks",
+    "principal_angles": "lorasoup.diagnostics",
+    "lora_angles": "lorasoup.diagnostics",
+    "adapter_angles": "lorasoup.diagnostics",
+    "sign_conflicts": "lorasoup.diagnostics",
+    "adapter_sign_conflicts": "lorasoup.diagnostics",
+    "energy_kept": "lorasoup.diagnostics",
+    "adapter_energy": "lorasoup.diagnostics",
+    "accuracy_vs_rank": "lorasoup.diagnostics",
+    "ReportConfig": "lorasoup.report.build",
+    "build_report": "lorasoup.report.build",
 }
 
 __all__ = sorted(_API)

@@ -161,7 +161,10 @@ def test_chat_without_template_and_unknown_template(tokenizer: PreTrainedTokeniz
         build_dataset([{"text": "x"}], tokenizer, template="alpacca")
     with pytest.raises(ConfigError, match="unknown prompt template 'alpacca'"):
         tokenize_example({"text": "x"}, tokenizer, template="alpacca")
-    assert TEMPLATES.names() == ["alpaca", "chat", "plain"]
+    import lorasoup.training.formats  # noqa: F401  (registers the prompt formats; the CAT config imports it)
+
+    formats = ["fmt1", "fmt10", "fmt2", "fmt3", "fmt4", "fmt7", "fmt8"]
+    assert TEMPLATES.names() == ["alpaca", "chat", *formats, "plain", "verbatim"]
 
 
 def test_malformed_record_in_build_names_the_row(tokenizer: PreTrainedTokenizerFast) -> None:

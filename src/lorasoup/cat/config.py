@@ -7,6 +7,9 @@ Defaults and why:
   to 5e-2 before the weights learned anything. ``run.json`` records how far they moved.
 - ``data.train_on_inputs: false``: loss on response tokens only (the paper's code used the whole
   sequence; set it to true to reproduce that).
+- ``data.formats: []``: one template (``data.template``) for every example, as the paper. A list of
+  formats makes the training format-robust: each example is rendered in a format dealt to it from
+  the list (``lorasoup.training.formats``; ``data.format_seed``, default ``train.seed``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorasoup.config import require
+from lorasoup.training.formats import FormatSpec, check_pool
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -38,13 +42,20 @@ class AdapterRef:
 
 @dataclass
 class DataConfig:
-    """Training data for the CAT weights: the skills' own data mixed (the paper) or target-task data."""
+    """Training data for the CAT weights: the skills' own data mixed (the paper) or target-task data.
+
+    ``formats``: when given, the pool of prompt formats (template names, format strings or
+    FormatSpread-style specs; see ``lorasoup.training.formats``) replacing ``template``; each example
+    gets one, dealt from ``format_seed`` (``None``: ``train.seed``).
+    """
 
     train: list[str] = field(default_factory=list)
     template: str = "alpaca"
     cutoff_len: int = 256
     train_on_inputs: bool = False
     max_examples: int | None = None
+    formats: list[FormatSpec] = field(default_factory=list)
+    format_seed: int | None = None
 
     def validate(self) -> None:
         require(
@@ -53,6 +64,15 @@ class DataConfig:
         )
         require(self.cutoff_len >= 8, f"data.cutoff_len must be at least 8 tokens, got {self.cutoff_len}")
         require(self.max_examples is None or self.max_examples > 0, "data.max_examples must be positive")
+        if self.formats:
+            check_pool(self.formats)
+            require(
+                self.template == "alpaca" or self.template in [spec.name for spec in self.formats],
+                f"data.template {self.template!r} is unused when data.formats is given; "
+                "list it in data.formats instead",
+            )
+        else:
+            require(self.format_seed is None, "data.format_seed needs data.formats (the pool to draw from)")
 
 
 @dataclass

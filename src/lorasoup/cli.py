@@ -656,6 +656,47 @@ def report(
     console.print(f"[bold green]wrote[/] {result.output}/report.md and report.html ({result.seconds:.1f} s)")
 
 
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/search-example.yaml).")],
+    set_: SetOption = None,
+    output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Search adapter weights on a few target examples (LoraHub-style, CMA-ES) and export a PEFT adapter.
+
+    Each iteration scores a whole population of weightings in one batched forward and keeps the best
+    (loss on response tokens + l1 * mean |w|). Writes OUTPUT/ atomically: a plain PEFT adapter,
+    search_weights.json (lorasoup cat can start from it: cat.init_from), cat-warm-start.yaml, run.json.
+    """
+    from lorasoup.config import load_config
+    from lorasoup.search.config import SearchRunConfig
+    from lorasoup.search.run import run_search
+
+    flags = {"output": output, "overwrite": overwrite or None}
+    overrides = list(set_ or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    run_config = load_config(SearchRunConfig, config, overrides)
+    with step_progress("searching weights (best loss so far)") as progress:
+        result = run_search(run_config, progress=progress)
+    found = result.search
+    for notice in result.notices:
+        console.print(f"[yellow]notice:[/] {notice}", highlight=False)
+    console.print(
+        f"objective {found.start_objective:.4f} -> {found.objective:.4f} (loss {found.loss:.4f}) after "
+        f"{found.trace.evaluations} candidates, {found.candidates_per_second:.1f}/s; "
+        f"stopped: {found.trace.stop_reason}",
+        highlight=False,
+    )
+    table = Table(title="searched weights (over groups)")
+    for name in ("adapter", "mean", "min", "max"):
+        table.add_column(name)
+    for k, name in enumerate(result.composition.adapter_names):
+        column = found.weights[:, k]
+        table.add_row(name, f"{column.mean():.3f}", f"{column.min():.3f}", f"{column.max():.3f}")
+    console.print(table)
+    console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our own progress bars and tables say what is happening; the libraries' per-file bars and

@@ -7,6 +7,9 @@ Defaults and why:
   to 5e-2 before the weights learned anything. ``run.json`` records how far they moved.
 - ``data.train_on_inputs: false``: loss on response tokens only (the paper's code used the whole
   sequence; set it to true to reproduce that).
+- ``cat.init_from: null``: start from θ0 as above. A path to a ``search_weights.json`` (``lorasoup
+  search``) or ``cat_weights.json`` starts from those weights instead (``free``: any values; ``softmax``:
+  positive rows summing to 1).
 - ``data.formats: []``: one template (``data.template``) for every example, as the paper. A list of
   formats makes the training format-robust: each example is rendered in a format dealt to it from
   the list (``lorasoup.training.formats``; ``data.format_seed``, default ``train.seed``).
@@ -80,6 +83,7 @@ class CatOptions:
     granularity: Literal["module", "layer", "global"] = "module"
     parameterisation: Literal["softmax", "free"] = "softmax"
     dropout: float = 0.0
+    init_from: str | None = None
 
     def validate(self) -> None:
         require(0.0 <= self.dropout < 1.0, f"cat.dropout must be in [0, 1), got {self.dropout}")

@@ -4,13 +4,21 @@
 and registers a single ``CatWeights`` at the model root. Weight groups follow the granularity:
 ``module`` (the paper's code: one weight per adapter per adapted module), ``layer`` (per transformer
 block) or ``global`` (one weight per adapter).
+
+``weights_from_file`` reads a saved weights table (``cat_weights.json`` of a CAT run, or
+``search_weights.json`` of a search) onto a composition's groups, so a search can warm-start CAT.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +26,7 @@ from torch import Tensor, nn
 from lorasoup.adapters import LoraAdapter
 from lorasoup.cat.layer import CatLinear, CatWeights, Parameterisation
 from lorasoup.compat import check_compatibility
-from lorasoup.errors import CompatibilityError
+from lorasoup.errors import CompatibilityError, ConfigError
 
 Granularity = Literal["module", "layer", "global"]
 WEIGHTS_ATTR = "lorasoup_cat_weights"
@@ -58,6 +66,31 @@ class CatComposition:
     def initial_weights(self) -> Tensor:
         """``w0 (G, K)``: the effective weights at initialisation, before any training."""
         return self.weights.activate(self.theta_init.clone())
+
+    @contextmanager
+    def population(self, weights: Tensor) -> Iterator[None]:
+        """Score P candidates in one batch: ``weights (P, G, K)`` effective weights; see ``cat.layer``."""
+        with self.weights.candidates(weights):
+            yield
+
+    def set_effective_weights(self, w: Tensor, *, initial: bool = False) -> None:
+        """Set θ so that the forward uses ``w (G, K)``; ``initial`` also makes it the starting point.
+
+        ``free``: θ = w. ``softmax``: θ = log w, which needs every row positive and summing to 1.
+        """
+        w = w.detach().float().cpu()
+        if tuple(w.shape) != tuple(self.weights.theta.shape):
+            raise ValueError(
+                f"weights must have shape {tuple(self.weights.theta.shape)}, got {tuple(w.shape)}"
+            )
+        if self.weights.parameterisation == "softmax":
+            if (w <= 0).any() or not torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-4):
+                raise ValueError("softmax weights must be positive and sum to 1 in every group")
+            w = w.log()
+        with torch.no_grad():
+            self.weights.theta.copy_(w)
+        if initial:
+            self.theta_init = w.clone()
 
     def weights_table(self, w: Tensor | None = None) -> dict[str, dict[str, float]]:
         """``w (G, K)`` (default: the learned weights) by group, then adapter: ``cat_weights.json``."""
@@ -189,6 +222,79 @@ def compose_cat(
         granularity=granularity,
         theta_init=theta0,
     )
+
+
+def weights_from_file(path: str | Path, composition: CatComposition) -> Tensor:
+    """``w (G, K)`` for ``composition`` from a saved table (``cat_weights.json``/``search_weights.json``).
+
+    The file's ``modules`` map (module path → its group) says which weights each module used, so a
+    coarser table (global, per layer) spreads over finer groups; a group whose modules had different
+    weights in the file cannot be represented and is an error. Adapters are matched by name.
+    """
+    payload = _read_weights_file(Path(path))
+    missing = [name for name in composition.adapter_names if name not in payload["adapters"]]
+    if missing:
+        raise ConfigError(
+            f"{path}: has no weights for adapter(s) {', '.join(missing)} (it has "
+            f"{', '.join(payload['adapters'])}); name the adapters alike in both configs"
+        )
+    w = torch.empty(len(composition.group_names), len(composition.adapter_names))
+    filled: dict[int, str] = {}
+    for site in composition.sites:
+        source_group = payload["modules"].get(site.path)
+        if source_group is None:
+            raise ConfigError(
+                f"{path}: has no weights for module {site.path}; it was made for other adapters"
+            )
+        row = torch.tensor([float(payload["weights"][source_group][n]) for n in composition.adapter_names])
+        if site.group in filled and not torch.equal(w[site.group], row):
+            raise ConfigError(
+                f"{path}: modules {filled[site.group]} and {site.path} have different weights but share "
+                f"group {composition.group_names[site.group]!r}; use a granularity at least as fine as "
+                f"the file's ({payload.get('granularity', '?')})"
+            )
+        w[site.group], filled[site.group] = row, site.path
+    return w
+
+
+def start_from_file(composition: CatComposition, path: str | Path) -> None:
+    """Make the weights in ``path`` (see :func:`weights_from_file`) θ and θ0 of ``composition``."""
+    w = weights_from_file(path, composition)
+    try:
+        composition.set_effective_weights(w, initial=True)
+    except ValueError:
+        raise ConfigError(
+            f"{path}: its weights are not positive rows summing to 1, which softmax cannot represent; "
+            "set cat.parameterisation: free to start from them"
+        ) from None
+
+
+def _read_weights_file(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"weights file {path} does not exist; give a cat_weights.json or search_weights.json"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read a weights table ({type(err).__name__})") from None
+    kinds = {"adapters": list, "weights": dict, "modules": dict}
+    if not isinstance(payload, dict) or any(not isinstance(payload.get(k), t) for k, t in kinds.items()):
+        raise ConfigError(f"{path}: not a weights table; it needs 'adapters', 'weights' and 'modules'")
+    if not all(isinstance(group, str) for group in payload["modules"].values()):
+        raise ConfigError(f"{path}: 'modules' must map each module path to its group's name")
+    for group in set(payload["modules"].values()):
+        row = payload["weights"].get(group)
+        bad = [
+            n for n in payload["adapters"] if not _is_number(row.get(n) if isinstance(row, dict) else None)
+        ]
+        if bad:
+            raise ConfigError(f"{path}: group {group!r} has no numeric weight for {', '.join(map(str, bad))}")
+    return payload
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def remove_cat(composition: CatComposition) -> nn.Module:

@@ -14,10 +14,18 @@ launches 2K GEMMs; instead the factors are concatenated once, ``A = [A_1; …; A
 which is two GEMMs for any K. A and B are buffers: frozen, no gradient, no optimizer state. The
 gradient of ``w_i`` is the block sum of ``∂L/∂c`` over adapter i's rank rows, which autograd derives
 from the gather below.
+
+**Populations** (gradient-free search, LoraHub https://arxiv.org/abs/2307.13269): while
+``CatWeights.population`` holds effective weights ``W (P, G, K)`` of P candidates, every layer computes
+per-candidate coefficients ``c (P, R)`` and reads the batch as candidate-major: rows ``b`` of a batch of
+B use candidate ``b // (B / P)``. P candidates × k examples then run as one forward of ``P·k`` rows
+instead of P forwards of k rows. Without a population the layer computes exactly what it did before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -40,6 +48,9 @@ class CatWeights(nn.Module):
             raise ValueError(f"parameterisation must be 'softmax' or 'free', not {parameterisation!r}")
         self.parameterisation = parameterisation
         self.theta = nn.Parameter(theta.detach().clone().float())
+        # Effective weights (P, G, K) of P candidates scored in one batch, or None (the normal path).
+        # A plain attribute: not a buffer, not saved, and θ is bypassed while it is set.
+        self.population: Tensor | None = None
 
     def activate(self, theta: Tensor) -> Tensor:
         """θ → w along the last (adapter) dimension; works on the table, a row, or θ0."""
@@ -52,6 +63,31 @@ class CatWeights(nn.Module):
     def forward(self) -> Tensor:
         """Effective weights ``w (G, K)``."""
         return self.activate(self.theta)
+
+    def set_population(self, weights: Tensor) -> None:
+        """Route every ``CatLinear`` through P candidates: ``weights (P, G, K)``, effective (not θ).
+
+        The batch size of each forward must then be a multiple of P, laid out candidate-major. The
+        weights are detached (the search is gradient-free) and kept in float32 on θ's device.
+        """
+        if weights.dim() != 3 or tuple(weights.shape[1:]) != tuple(self.theta.shape):
+            raise ValueError(
+                f"population weights must have shape (P, {', '.join(map(str, self.theta.shape))}), "
+                f"got {tuple(weights.shape)}"
+            )
+        self.population = weights.detach().to(device=self.theta.device, dtype=torch.float32)
+
+    def clear_population(self) -> None:
+        self.population = None
+
+    @contextmanager
+    def candidates(self, weights: Tensor) -> Iterator[None]:
+        """``with weights.candidates(W):`` score the population ``W (P, G, K)``, then back to θ."""
+        self.set_population(weights)
+        try:
+            yield
+        finally:
+            self.clear_population()
 
     def extra_repr(self) -> str:
         groups, adapters = self.theta.shape
@@ -97,11 +133,26 @@ class CatLinear(nn.Module):
         return (w * self.scales)[self.rank_owner]  # (R,)
 
     def forward(self, x: Tensor) -> Tensor:
+        population = self.cat_weights.population
+        if population is not None:  # a guard for torch.compile, not a graph break
+            return self.population_forward(x, population)
         # Out of place: torch.compile functionalises an in-place addmm_ into the base output, which
         # may add full-size copies (not yet timed against this version at the same K).
         c = self.rank_coefficients().to(x.dtype)  # (R,)
         z = F.linear(self.dropout(x), self.A) * c  # (..., R)
         return self.base(x) + F.linear(z, self.B)  # (..., out)
+
+    def population_forward(self, x: Tensor, population: Tensor) -> Tensor:
+        """``x (B, ..., in)``: rows ``b`` use candidate ``b // (B / P)`` of ``population (P, G, K)``."""
+        w = population[:, self.group]  # (P, K)
+        c = (w * self.scales)[:, self.rank_owner].to(x.dtype)  # (P, R)
+        candidates, rows = c.shape[0], x.shape[0]
+        if rows % candidates:
+            raise ValueError(f"a batch of {rows} rows cannot be split evenly among {candidates} candidates")
+        z = F.linear(self.dropout(x), self.A)  # (B, ..., R)
+        z = z.unflatten(0, (candidates, rows // candidates))  # (P, B/P, ..., R)
+        z = z * c.view(candidates, *([1] * (z.dim() - 2)), -1)  # c broadcast over rows and positions
+        return self.base(x) + F.linear(z.flatten(0, 1), self.B)  # (B, ..., out)
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, group={self.group}"

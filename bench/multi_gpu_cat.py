@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def prepare(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorasoup.demo.benchmark import BenchmarkSizes, build_benchmark, build_tokenizer
+    from lorasoup.demo.benchmark import EXPRESSIONS, build_tokenizer, draw, pal_record
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -57,9 +58,11 @@ def prepare(args: argparse.Namespace) -> None:
         peft_model = get_peft_model(model, lora, adapter_name=f"skill{i}")
         peft_model.save_pretrained(work / "adapters")
         model = peft_model.unload()
-    bench = build_benchmark(0, BenchmarkSizes(base=30, skill=args.examples, test=1))
+    # Bare expressions in the PAL format: every row has the same number of tokens, so a mean over the
+    # tokens of a half batch per GPU, averaged over GPUs, is exactly the mean over the whole batch.
+    records = draw(random.Random(0), args.examples, EXPRESSIONS, pal_record)
     data = work / "data.json"
-    data.write_text(json.dumps(bench.train["math"] + bench.train["code"]))
+    data.write_text(json.dumps(records))
     cat = {
         "base_model": str(work / "base"),
         "adapters": [{"path": str(work / "adapters" / f"skill{i}"), "name": f"skill{i}"} for i in range(2)],
@@ -121,7 +124,7 @@ def main() -> None:
     prep.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     prep.add_argument("--work", default="/tmp/mgpu")
     prep.add_argument("--steps", type=int, default=30)
-    prep.add_argument("--examples", type=int, default=256)
+    prep.add_argument("--examples", type=int, default=256, help="a multiple of the global batch")
     comp = sub.add_parser("compare")
     comp.add_argument("one")
     comp.add_argument("two")

@@ -68,6 +68,23 @@ _API = {
     "accuracy_vs_rank": "lorasoup.diagnostics",
     "ReportConfig": "lorasoup.report.build",
     "build_report": "lorasoup.report.build",
+    "MoeComposition": "lorasoup.moe.inject",
+    "compose_moe": "lorasoup.moe.inject",
+    "remove_moe": "lorasoup.moe.inject",
+    "load_balancing_loss": "lorasoup.moe.layer",
+    "train_routers": "lorasoup.moe.train",
+    "save_moe": "lorasoup.moe.io",
+    "load_moe": "lorasoup.moe.io",
+    "mean_gates": "lorasoup.moe.distill",
+    "distill_to_cat": "lorasoup.moe.distill",
+    "RouterOptions": "lorasoup.moe.config",
+    "MoeTrainOptions": "lorasoup.moe.config",
+    "MoeRunConfig": "lorasoup.moe.config",
+    "MoeDistillConfig": "lorasoup.moe.config",
+    "train_moe": "lorasoup.moe.run",
+    "MoeTrainResult": "lorasoup.moe.run",
+    "run_moe": "lorasoup.moe.run",
+    "run_distill": "lorasoup.moe.run",
 }
 
 __all__ = sorted(_API)

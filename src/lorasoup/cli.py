@@ -697,6 +697,118 @@ def search(
     console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
 
 
+class _MoeCommands(_Commands):
+    """``lorasoup moe CONFIG.yaml`` means ``lorasoup moe train CONFIG.yaml``; ``distill`` is the other."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+moe_app = typer.Typer(
+    cls=_MoeCommands,
+    help="Mixture of LoRA experts: per-token routers gate the skill LoRAs (a baseline to CAT).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(moe_app, name="moe")
+
+
+@moe_app.command("train")
+def moe_train(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/moe-example.yaml).")],
+    set_: SetOption = None,
+    output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
+    resume_from: Annotated[
+        str | None, typer.Option(help="A checkpoint directory (OUTPUT.checkpoints/step-N).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Train per-token routers over frozen skill LoRAs (the default: `lorasoup moe CONFIG.yaml`).
+
+    Loss: the LM loss plus router.balance_coef x the Switch Transformer load-balancing loss. Writes
+    OUTPUT/ atomically: moe_config.json, router.safetensors, adapters/ (copies) and run.json.
+    """
+    from lorasoup.config import load_config
+    from lorasoup.moe.config import MoeRunConfig
+    from lorasoup.moe.run import run_moe
+
+    flags = {"output": output, "resume_from": resume_from, "overwrite": overwrite or None}
+    overrides = list(set_ or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    run_config = load_config(MoeRunConfig, config, overrides)
+    with step_progress("training MoE routers") as progress:
+        result = run_moe(run_config, progress=progress)
+    fit = result.trained.fit
+    for notice in result.notices:
+        console.print(f"[yellow]notice:[/] {notice}", highlight=False)
+    if fit.first_loss is not None:
+        console.print(
+            f"loss {fit.first_loss:.4f} -> {fit.last_loss:.4f} over {fit.steps} steps "
+            f"(balance {fit.balance_losses[0]:.3f} -> {fit.balance_losses[-1]:.3f}, {fit.seconds:.1f} s)"
+        )
+    composition = result.trained.composition
+    gating = "soft" if composition.top_k is None else f"top-{composition.top_k}"
+    console.print(
+        f"[bold green]wrote[/] {result.output} ({len(composition.routers)} {composition.granularity} "
+        f"routers, {gating} gating over {len(composition.adapters)} adapters)"
+    )
+
+
+@moe_app.command("distill")
+def moe_distill(
+    run_dir: Annotated[Path, typer.Argument(help="A MoE artifact written by `lorasoup moe`.")],
+    output: Annotated[str, typer.Option(help="Where to write the distilled PEFT adapter.")],
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Data to average the gates over (repeatable; default: the training data)."),
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Prompt template (default: training's).")] = None,
+    cutoff_len: Annotated[int | None, typer.Option(help="Tokens per example at most.")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model (default: the recorded one).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Average the routers' gates over data into static CAT weights; export a plain PEFT adapter.
+
+    Every module gets its router's mean gate per adapter (over all real tokens) as its CAT weight;
+    the weights are folded in exactly as `lorasoup cat` does. Writes OUTPUT/ atomically: the PEFT
+    adapter, cat_weights.json and run.json.
+    """
+    from lorasoup.moe.config import MoeDistillConfig
+    from lorasoup.moe.run import run_distill
+
+    settings = MoeDistillConfig(
+        run_dir=str(run_dir),
+        output=output,
+        data=list(data or []),
+        template=template,
+        cutoff_len=cutoff_len,
+        max_examples=max_examples,
+        base_model=base_model,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+    )
+    with count_progress("averaging gates (batches)") as progress:
+        result = run_distill(settings, progress=progress)
+    table = Table(title=f"distilled CAT weights (mean over {len(result.weights)} modules)")
+    weights = result.composition.effective_weights()
+    for name in ("adapter", "mean", "min", "max"):
+        table.add_column(name)
+    for k, name in enumerate(result.composition.adapter_names):
+        column = weights[:, k]
+        table.add_row(name, f"{column.mean():.3f}", f"{column.min():.3f}", f"{column.max():.3f}")
+    console.print(table)
+    console.print(
+        f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.rank}; gates averaged over "
+        f"{result.tokens} tokens)"
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our own progress bars and tables say what is happening; the libraries' per-file bars and

@@ -60,42 +60,32 @@ class MethodResult:
 
 
 def _task_specs() -> dict[str, TaskSpec]:
-    generation = {"max_new_tokens": 16, "stop": []}
+    from lorasoup.evaluation.generate import GenerationOptions
+
+    def spec(name: str, description: str, **scoring: str) -> TaskSpec:
+        generation = GenerationOptions(max_new_tokens=16, stop=[])
+        return TaskSpec(
+            name=name, description=description, template="plain", generation=generation, **scoring
+        )
+
+    program = {"reference": "value", "scorer": "program_solution", "metric": "numeric"}
     return {
-        "composite": TaskSpec(
-            name="demo-composite",
-            description="multiplication story → PAL program; the sandbox calls solution()",
-            template="plain",
-            reference="value",
-            scorer="program_solution",
-            metric="numeric",
-            generation=_options(generation),
+        "composite": spec(
+            "demo-composite", "multiplication story → PAL program; the sandbox calls solution()", **program
         ),
-        "math": TaskSpec(
-            name="demo-math",
-            description="multiplication story → 'answer : a * b'",
-            template="plain",
+        "math": spec(
+            "demo-math",
+            "multiplication story → 'answer : a * b'",
             reference="output",
             extractor="strip",
             metric="exact_text",
-            generation=_options(generation),
         ),
-        "code": TaskSpec(
-            name="demo-code",
-            description="addition/subtraction story → PAL program (the code skill on its own ground)",
-            template="plain",
-            reference="value",
-            scorer="program_solution",
-            metric="numeric",
-            generation=_options(generation),
+        "code": spec(
+            "demo-code",
+            "addition/subtraction story → PAL program (the code skill on its own ground)",
+            **program,
         ),
     }
-
-
-def _options(values: dict[str, Any]) -> Any:
-    from lorasoup.evaluation.generate import GenerationOptions
-
-    return GenerationOptions(**values)
 
 
 class Scorer:

@@ -68,22 +68,26 @@ def _linear_warmup_decay(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], *, file: str = CHECKPOINT_FILE) -> None:
+    """Write ``state`` to ``path/file`` through a temporary file (a crash never leaves half of one)."""
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{CHECKPOINT_FILE}.tmp"
+    tmp = path / f".{file}.tmp"
     torch.save(state, tmp)
-    os.replace(tmp, path / CHECKPOINT_FILE)
+    os.replace(tmp, path / file)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, file: str = CHECKPOINT_FILE, kind: str = "CAT") -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`: ``path`` is its step directory or the file."""
     path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise LorasoupError(f"no CAT checkpoint at {file}; pass a step-N directory from a run's checkpoints")
+    target = path / file if path.is_dir() else path
+    if not target.is_file():
+        raise LorasoupError(
+            f"no {kind} checkpoint at {target}; pass a step-N directory from a run's checkpoints"
+        )
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(target, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise LorasoupError(f"{file}: cannot read the checkpoint ({type(err).__name__})") from None
+        raise LorasoupError(f"{target}: cannot read the checkpoint ({type(err).__name__})") from None
 
 
 def fit_cat_weights(

@@ -154,6 +154,29 @@ def _concat_site(
     return A, B, torch.tensor(owner, device=device), tuple(ranks), tuple(scales)
 
 
+def plan_sites(
+    model: nn.Module, adapters: list[LoraAdapter], paths: list[str]
+) -> list[tuple[str, nn.Module]]:
+    """Each path's base module, checked to exist and to have the shape the adapters expect."""
+    plan = []
+    for path in paths:
+        try:
+            base = model.get_submodule(path)
+        except AttributeError:
+            raise CompatibilityError(
+                f"the base model has no module {path}; the adapters belong to another model"
+            ) from None
+        out_features, in_features = _base_shape(base, path)
+        some = next(a.modules[path] for a in adapters if path in a.modules)
+        if (some.out_features, some.in_features) != (out_features, in_features):
+            raise CompatibilityError(
+                f"{path}: base module is {out_features}x{in_features} but the adapters expect "
+                f"{some.out_features}x{some.in_features} (out x in); the adapters belong to another model"
+            )
+        plan.append((path, base))
+    return plan
+
+
 def compose_cat(
     model: nn.Module,
     adapters: list[LoraAdapter],
@@ -186,22 +209,7 @@ def compose_cat(
     weights = CatWeights(theta0, parameterisation).to(device)
 
     model.requires_grad_(False)
-    plan = []
-    for path in paths:
-        try:
-            base = model.get_submodule(path)
-        except AttributeError:
-            raise CompatibilityError(
-                f"the base model has no module {path}; the adapters belong to another model"
-            ) from None
-        out_features, in_features = _base_shape(base, path)
-        some = next(a.modules[path] for a in adapters if path in a.modules)
-        if (some.out_features, some.in_features) != (out_features, in_features):
-            raise CompatibilityError(
-                f"{path}: base module is {out_features}x{in_features} but the adapters expect "
-                f"{some.out_features}x{some.in_features} (out x in); the adapters belong to another model"
-            )
-        plan.append((path, base))
+    plan = plan_sites(model, adapters, paths)
 
     sites = []
     for path, base in plan:

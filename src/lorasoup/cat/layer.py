@@ -94,6 +94,16 @@ class CatWeights(nn.Module):
         return f"groups={groups}, adapters={adapters}, parameterisation={self.parameterisation}"
 
 
+def store_fused_factors(module: nn.Module, A: Tensor, B: Tensor, rank_owner: Tensor, scales: Tensor) -> None:
+    """The frozen concatenated factors as non-persistent buffers (they move with the module, never
+    reach its state dict, and get no gradient): ``A (R, in)``, ``B (out, R)``, ``rank_owner (R,)``,
+    ``scales (K,)``."""
+    module.register_buffer("A", A.detach().clone(), persistent=False)
+    module.register_buffer("B", B.detach().clone(), persistent=False)
+    module.register_buffer("rank_owner", rank_owner.long(), persistent=False)
+    module.register_buffer("scales", scales.float(), persistent=False)
+
+
 class CatLinear(nn.Module):
     """A frozen linear module plus the fused CAT update (see the module docstring).
 
@@ -117,10 +127,7 @@ class CatLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer("A", A.detach().clone(), persistent=False)
-        self.register_buffer("B", B.detach().clone(), persistent=False)
-        self.register_buffer("rank_owner", rank_owner.long(), persistent=False)
-        self.register_buffer("scales", scales.float(), persistent=False)
+        store_fused_factors(self, A, B, rank_owner, scales)
         # Shared with every CatLinear of the model and registered once at the model root; a plain
         # attribute keeps it out of this module's children, so it is neither duplicated nor moved twice.
         object.__setattr__(self, "cat_weights", weights)

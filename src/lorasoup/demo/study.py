@@ -45,6 +45,9 @@ class DemoSettings:
     cat_steps: int = 300
     cat_learning_rate: float = 0.1
     density: float = 0.75  # TIES and DARE, as the paper's code
+    search_examples: int = 8
+    search_population: int = 16
+    search_iterations: int = 15
     eval_batch_size: int = 100
 
 
@@ -212,6 +215,70 @@ def _cat(
     return run_cat(config)
 
 
+def _search(
+    base_dir: Path,
+    adapters: dict[str, Path],
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    settings: DemoSettings,
+    seed: int,
+) -> tuple[torch.nn.Module, str]:
+    """LoraHub-style: one weight per adapter, searched gradient-free on a handful of target examples."""
+    from lorasoup.adapters import load_adapter
+    from lorasoup.cat.inject import compose_cat
+    from lorasoup.search.config import SearchOptions
+    from lorasoup.search.run import search_weights
+    from lorasoup.training.data import build_dataset
+
+    composition = compose_cat(
+        _load(base_dir),
+        [load_adapter(p, name=n) for n, p in adapters.items()],
+        granularity="global",
+        parameterisation="free",
+        seed=seed,
+    )
+    examples = build_dataset(records, tokenizer, template="plain", cutoff_len=64)
+    options = SearchOptions(
+        population=settings.search_population, iterations=settings.search_iterations, seed=seed
+    )
+    result = search_weights(composition, examples, pad_token_id=tokenizer.pad_token_id, options=options)
+    composition.set_effective_weights(result.weights)
+    found = "(" + ", ".join(f"{name} {w:.2f}" for name, w in result.table["global"].items()) + ")"
+    return composition.model.eval(), found
+
+
+def _moe(
+    base_dir: Path, adapters: dict[str, Path], data: list[str], settings: DemoSettings, seed: int
+) -> Any:
+    """A mixture of the skill LoRAs: per-token routers trained on the skills' data (the paper's MoE row)."""
+    from lorasoup.moe.config import MoeTrainOptions
+    from lorasoup.moe.run import train_moe
+
+    options = MoeTrainOptions(
+        learning_rate=settings.cat_learning_rate,
+        max_steps=settings.cat_steps,
+        epochs=100,
+        batch_size=settings.batch_size,
+        seed=seed,
+        log_every=50,
+    )
+    return train_moe(base_dir, adapters, data, train=options, template="plain", cutoff_len=64)
+
+
+def _distil(moe: Any, records: list[dict[str, Any]]) -> Any:
+    """Static CAT weights from the router's mean gates over the skills' data (consumes ``moe``)."""
+    import functools
+
+    from lorasoup.moe.distill import distill_to_cat, mean_gates
+    from lorasoup.training.data import build_dataset, collate
+
+    dataset = build_dataset(records, moe.tokenizer, template="plain", cutoff_len=64)
+    gates, _ = mean_gates(
+        moe.composition, dataset, functools.partial(collate, pad_token_id=moe.tokenizer.pad_token_id)
+    )
+    return distill_to_cat(moe.composition, gates)
+
+
 def _load(base_dir: Path, adapter: Path | None = None) -> torch.nn.Module:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -239,7 +306,7 @@ def _untrained_cat(base_dir: Path, adapters: dict[str, Path], seed: int, *, unif
     return composition.model.eval()
 
 
-STAGES = 18
+STAGES = 23
 
 
 def run_seed(
@@ -341,6 +408,35 @@ def run_seed(
         _load(base_dir, cat.output),
         cat.output,
         f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter",
+    )
+    step("searching weights on a few composite examples")
+    searched, found = _search(
+        base_dir,
+        adapters,
+        benchmark.train["composite"][: settings.search_examples],
+        tokenizer,
+        settings,
+        seed,
+    )
+    add(
+        "LoraHub search",
+        "search",
+        searched,
+        None,
+        f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)",
+    )
+    step("training the MoE routers")
+    moe = _moe(base_dir, adapters, [files["math"], files["code"]], settings, seed)
+    add(
+        "MoE (per-token router)", "baseline", moe.model, None, "soft gates per token and module, skills' data"
+    )
+    distilled = _distil(moe, [*benchmark.train["math"], *benchmark.train["code"]])
+    add(
+        "MoE → CAT (mean gates)",
+        "baseline",
+        distilled.model,
+        None,
+        "router gates averaged into static weights",
     )
     step("training the oracle")
     oracle = _train_lora(

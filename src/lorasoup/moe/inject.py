@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lorasoup.adapters import LoraAdapter
-from lorasoup.cat.inject import WEIGHTS_ATTR, CatSite, _base_shape, _concat_site
+from lorasoup.cat.inject import WEIGHTS_ATTR, CatSite, _base_shape, _concat_site, plan_sites
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import CompatibilityError, ConfigError, ModelError
 from lorasoup.moe.layer import GatedLoraLinear, RouterRecord, TokenRouter, load_balancing_loss
@@ -120,27 +120,6 @@ def hidden_size(model: nn.Module) -> int:
     if embeddings is None or not hasattr(embeddings, "embedding_dim"):
         raise ModelError("cannot tell this model's hidden size; use router.granularity=module")
     return int(embeddings.embedding_dim)
-
-
-def _plan(model: nn.Module, adapters: list[LoraAdapter], paths: list[str]) -> list[tuple[str, nn.Module]]:
-    """Each path's base module, checked to exist and to have the adapters' shape."""
-    plan = []
-    for path in paths:
-        try:
-            base = model.get_submodule(path)
-        except AttributeError:
-            raise CompatibilityError(
-                f"the base model has no module {path}; the adapters belong to another model"
-            ) from None
-        out_features, in_features = _base_shape(base, path)
-        some = next(a.modules[path] for a in adapters if path in a.modules)
-        if (some.out_features, some.in_features) != (out_features, in_features):
-            raise CompatibilityError(
-                f"{path}: base module is {out_features}x{in_features} but the adapters expect "
-                f"{some.out_features}x{some.in_features} (out x in); the adapters belong to another model"
-            )
-        plan.append((path, base))
-    return plan
 
 
 def _groups(plan: list[tuple[str, nn.Module]], granularity: Granularity) -> list[str]:
@@ -245,7 +224,7 @@ def compose_moe(
     """
     _check_request(model, adapters, granularity, top_k, renormalize)
     check_compatibility(adapters, allow_base_mismatch=allow_base_mismatch).raise_if_incompatible()
-    plan = _plan(model, adapters, sorted({p for a in adapters for p in a.modules}))
+    plan = plan_sites(model, adapters, sorted({p for a in adapters for p in a.modules}))
     group_names = _groups(plan, granularity)
     routers = _build_routers(
         model,

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorasoup.cat.layer import store_fused_factors
 from lorasoup.errors import ModelError
 
 
@@ -169,10 +170,7 @@ class GatedLoraLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer("A", A.detach().clone(), persistent=False)
-        self.register_buffer("B", B.detach().clone(), persistent=False)
-        self.register_buffer("rank_owner", rank_owner.long(), persistent=False)
-        self.register_buffer("scales", scales.float(), persistent=False)
+        store_fused_factors(self, A, B, rank_owner, scales)
         object.__setattr__(self, "router", router)
         self.shared = shared
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

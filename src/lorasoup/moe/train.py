@@ -11,7 +11,6 @@ exactly where the uninterrupted one does.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lorasoup.cat.config import TrainOptions
 from lorasoup.cat.fit import EpochShuffle, FitResult, ProgressHook, _linear_warmup_decay
+from lorasoup.cat.fit import load_checkpoint as load_state
+from lorasoup.cat.fit import save_checkpoint as save_state
 from lorasoup.errors import LorasoupError
 from lorasoup.moe.inject import MoeComposition
 
@@ -38,21 +39,11 @@ class MoeFitResult(FitResult):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{CHECKPOINT_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / CHECKPOINT_FILE)
+    save_state(path, state, file=CHECKPOINT_FILE)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise LorasoupError(f"no MoE checkpoint at {file}; pass a step-N directory from a run's checkpoints")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise LorasoupError(f"{file}: cannot read the checkpoint ({type(err).__name__})") from None
+    return load_state(path, file=CHECKPOINT_FILE, kind="MoE")
 
 
 def _restore(composition: MoeComposition, optimizer: Any, scheduler: Any, resume_from: str | Path) -> int:

@@ -54,6 +54,13 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. --set train.learning_rate=0.05 (repeatable)."),
 ]
+OutputOption = Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")]
+
+
+def with_flags(set_: list[str] | None, flags: dict[str, Any]) -> list[str]:
+    """``--set`` overrides followed by the flags that were given (a flag beats a --set of its key)."""
+    return list(set_ or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
 
 
 @contextmanager
@@ -162,7 +169,7 @@ def inspect(
 def cat(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/cat-example.yaml).")],
     set_: SetOption = None,
-    output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
+    output: OutputOption = None,
     merge: Annotated[
         bool | None, typer.Option(help="Also write merged full weights to OUTPUT/merged.")
     ] = None,
@@ -172,7 +179,7 @@ def cat(
     resume_from: Annotated[
         str | None, typer.Option(help="A checkpoint directory (OUTPUT.checkpoints/step-N).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Compose adapters by CAT (learnable concatenation) and export a plain PEFT adapter.
 
@@ -184,7 +191,6 @@ def cat(
     from lorasoup.cat.run import run_cat
     from lorasoup.config import load_config
 
-    overrides = list(set_ or [])
     flags: dict[str, Any] = {
         "output": output,
         "export.merge": merge,
@@ -192,7 +198,7 @@ def cat(
         "resume_from": resume_from,
         "overwrite": overwrite or None,
     }
-    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = with_flags(set_, flags)
     run_config = load_config(CatRunConfig, config, overrides)
     with step_progress("training CAT weights") as progress:
         result = run_cat(run_config, progress=progress)
@@ -231,7 +237,7 @@ def demo(
             "(fields of lorasoup.demo.DemoSettings).",
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = True,
+    overwrite: OverwriteOption = True,
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
 
@@ -307,7 +313,7 @@ def merge(
         list[str] | None,
         typer.Option("--adapter", "-a", help="PATH or PATH:WEIGHT (repeatable), e.g. -a runs/math:0.7."),
     ] = None,
-    output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
+    output: OutputOption = None,
     density: Annotated[
         float | None, typer.Option(help="Fraction of entries kept (TIES, DARE, magnitude).")
     ] = None,
@@ -324,7 +330,7 @@ def merge(
     seed: Annotated[int | None, typer.Option(help="Seed for DARE's random drops.")] = None,
     set_: SetOption = None,
     list_methods: Annotated[bool, typer.Option("--list", help="List the merge methods and exit.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Merge LoRA adapters into one plain PEFT adapter: linear, svd, ties, dare_*, magnitude_prune.
 
@@ -361,7 +367,7 @@ def merge(
         "seed": seed,
         "overwrite": overwrite or None,
     }
-    overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = with_flags(set_, flags)
     if config is None and not adapter:
         _fail("give a config file or at least one --adapter PATH[:WEIGHT] (see lorasoup merge --help)")
     run_config = load_config(MergeRunConfig, config, overrides, base=base)
@@ -401,7 +407,7 @@ def compress(
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model (needed for --merge).")] = None,
     merge_weights: Annotated[bool, typer.Option("--merge", help="Also write merged full weights.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Recompress an adapter to a lower rank with the exact truncated SVD of each module's update.
 
@@ -432,7 +438,7 @@ def train(
     resume_from: Annotated[
         str | None, typer.Option(help="A checkpoint (OUTPUT.checkpoints/checkpoint-N), or 'last'.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train a LoRA on one skill's data, or on several mixed (DATA-MIX), with the transformers Trainer.
 
@@ -447,7 +453,7 @@ def train(
     from lorasoup.training.skill import train_skill
 
     flags = {"output": output, "resume_from": resume_from, "overwrite": overwrite or None}
-    overrides = list(set_ or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = with_flags(set_, flags)
     run_config = load_config(TrainRunConfig, config, overrides)
     # Under accelerate launch every process runs this command; one progress bar is enough.
     bar = step_progress("training LoRA") if os.environ.get("RANK", "0") == "0" else nullcontext(None)
@@ -509,7 +515,7 @@ def eval_(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run from OUTPUT.partial/.")
     ] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Score a base model (+ adapter) on a task: generate, extract, score; write per-example results.
 
@@ -621,7 +627,7 @@ def report(
         str | None, typer.Option(help="Device for --rank-sweep (default: cuda if present).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write one static Markdown + HTML page (figures embedded) about the runs given.
 
@@ -660,8 +666,8 @@ def report(
 def search(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/search-example.yaml).")],
     set_: SetOption = None,
-    output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    output: OutputOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Search adapter weights on a few target examples (LoraHub-style, CMA-ES) and export a PEFT adapter.
 
@@ -674,7 +680,7 @@ def search(
     from lorasoup.search.run import run_search
 
     flags = {"output": output, "overwrite": overwrite or None}
-    overrides = list(set_ or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = with_flags(set_, flags)
     run_config = load_config(SearchRunConfig, config, overrides)
     with step_progress("searching weights (best loss so far)") as progress:
         result = run_search(run_config, progress=progress)
@@ -720,11 +726,11 @@ app.add_typer(moe_app, name="moe")
 def moe_train(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/moe-example.yaml).")],
     set_: SetOption = None,
-    output: Annotated[str | None, typer.Option(help="Artifact directory (overrides `output`).")] = None,
+    output: OutputOption = None,
     resume_from: Annotated[
         str | None, typer.Option(help="A checkpoint directory (OUTPUT.checkpoints/step-N).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train per-token routers over frozen skill LoRAs (the default: `lorasoup moe CONFIG.yaml`).
 
@@ -736,7 +742,7 @@ def moe_train(
     from lorasoup.moe.run import run_moe
 
     flags = {"output": output, "resume_from": resume_from, "overwrite": overwrite or None}
-    overrides = list(set_ or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = with_flags(set_, flags)
     run_config = load_config(MoeRunConfig, config, overrides)
     with step_progress("training MoE routers") as progress:
         result = run_moe(run_config, progress=progress)
@@ -770,7 +776,7 @@ def moe_distill(
     base_model: Annotated[str | None, typer.Option(help="Base model (default: the recorded one).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Average the routers' gates over data into static CAT weights; export a plain PEFT adapter.
 

@@ -167,7 +167,7 @@ def dense_lowrank(
     U, S, Vh = _randomized_svd(work, rank + oversample, power_iterations, generator)
     keep = choose_rank(S, rank, energy)
     A_k, B_k = _split_singular_values(U, S, Vh, keep, keep)
-    total = float(work.double().square().sum())
+    total = float(torch.linalg.vector_norm(work)) ** 2  # no float64 copy of a module-sized matrix
     kept = float(S[:keep].double().square().sum())
     discarded = max(0.0, 1.0 - kept / total) if total > 0 else 0.0
     return LowRank(
@@ -186,9 +186,26 @@ def _randomized_svd(
     width = min(width, out_features, in_features)
     where = generator.device if generator is not None else torch.device("cpu")
     probe = torch.randn(in_features, width, generator=generator, device=where, dtype=matrix.dtype)
-    Q, _ = torch.linalg.qr(matrix @ probe.to(matrix.device))  # (out, w)
+    Q = _orthonormal(matrix @ probe.to(matrix.device))  # (out, w)
     for _ in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
-        Z, _ = torch.linalg.qr(matrix.T @ Q)
-        Q, _ = torch.linalg.qr(matrix @ Z)
+        Z = _orthonormal(matrix.T @ Q)
+        Q = _orthonormal(matrix @ Z)
     U_small, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)  # (w, w), (w,), (w, in)
     return Q @ U_small, S, Vh
+
+
+def _orthonormal(Y: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of a tall ``Y (m, w)``: ``Q (m, w)``.
+
+    CholeskyQR2 (Fukaya et al. 2014): ``Q = Y R⁻¹`` with ``RᵀR = YᵀY``, done twice. It is a few GEMMs
+    and a w×w factorisation, where Householder QR of a tall matrix is a long sequential kernel on a
+    GPU. Falls back to Householder QR when ``Y`` is too ill-conditioned for the Cholesky step.
+    """
+    Q = Y.double()  # tall and skinny: float64 is cheap here and keeps the Gram matrix accurate
+    for _ in range(2):
+        gram = Q.T @ Q  # (w, w)
+        factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if int(info) != 0:
+            return torch.linalg.qr(Y)[0]
+        Q = torch.linalg.solve_triangular(factor, Q, upper=True, left=False)
+    return Q.to(Y.dtype)

@@ -97,3 +97,27 @@ def test_randomized_reports_the_true_residual() -> None:
     assert abs(low.discarded_energy - residual) < 1e-4
     exact = dense_lowrank(delta, rank=6, mode="exact")
     assert exact.discarded_energy <= low.discarded_energy + 1e-6  # Eckart–Young is the floor
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(20, 60), st.integers(1, 12), st.floats(0.0, 6.0), st.integers(0, 2**16))
+def test_orthonormal_basis_spans_the_columns(rows: int, width: int, decay: float, seed: int) -> None:
+    from lorasoup.lowrank import _orthonormal
+
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -decay, width)  # up to 1e6 condition number
+    Y = torch.randn(rows, width, generator=g) * scales
+    Q = _orthonormal(Y)
+    assert Q.shape == Y.shape and Q.dtype == Y.dtype
+    assert torch.allclose(Q.T @ Q, torch.eye(width), atol=1e-4)
+    assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4 * float(Y.abs().max()))
+
+
+def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
+    from lorasoup.lowrank import _orthonormal
+
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(30, 2, generator=g) @ torch.randn(2, 6, generator=g)  # rank 2, width 6
+    Q = _orthonormal(Y)
+    assert torch.isfinite(Q).all()
+    assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4)

@@ -20,7 +20,7 @@ module. Only one module is densified at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,6 +90,56 @@ def merge_tasks(
     return disjoint_mean(weighted, sign_agreement(voters, sign))
 
 
+def merge_streaming(
+    tasks: Sequence[Callable[[], Tensor]],
+    weights: Tensor,
+    recipe: Recipe,
+    *,
+    density: float,
+    sign_method: SignMethod,
+    generator: torch.Generator,
+) -> Tensor:
+    """:func:`merge_tasks` (signs elected on the weighted tasks) without stacking the K tasks.
+
+    ``tasks[i]()`` builds task i (e.g. ``s_i B_i A_i`` of one module); only one task exists at a
+    time, so memory stays at a few task-sized tensors whatever K is. Sign consensus needs two passes:
+    the first elects the signs, the second rebuilds each task (replaying DARE's random draws from the
+    saved generator state) and averages the agreeing entries.
+    """
+
+    def sparse(i: int) -> Tensor:
+        task = tasks[i]()
+        if recipe.sparsify == "magnitude":
+            task = keep_top_magnitude(task, density)
+        elif recipe.sparsify == "random":
+            task = drop_random(task, density, generator)
+        return task * weights[i].to(task.dtype)
+
+    if recipe.consensus == "none":
+        total = sparse(0)
+        for i in range(1, len(tasks)):
+            total += sparse(i)
+        return total
+    if sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority sign method must be 'total' or 'frequency', got {sign_method!r}")
+    start = generator.get_state()
+    score = None
+    for i in range(len(tasks)):
+        vote = sparse(i) if sign_method == "total" else sparse(i).sign()
+        score = vote if score is None else score.add_(vote)
+    sign = torch.where(score >= 0, 1.0, -1.0).to(score.dtype)
+    del score
+    generator.set_state(start)
+    total = torch.zeros_like(sign)
+    count = torch.zeros_like(sign)
+    for i in range(len(tasks)):
+        task = sparse(i)
+        agrees = (task.sign() == sign) & (task != 0)
+        total += task * agrees
+        count += agrees
+    return total / count.clamp(min=1)
+
+
 def _delta_merge(name: str) -> object:
     recipe = RECIPES[name]
 
@@ -100,11 +150,10 @@ def _delta_merge(name: str) -> object:
         generator: torch.Generator,
     ) -> ModuleMerge:
         kept, w = present(factors, weights)
-        tasks = torch.stack([f.delta() for f in kept])  # (K, out, in): this module only
-        merged = merge_tasks(
-            tasks, w, recipe, density=params.density, sign_method=params.majority_sign, generator=generator
+        builders = [f.delta for f in kept]  # each (out, in), built when needed, one at a time
+        merged = merge_streaming(
+            builders, w, recipe, density=params.density, sign_method=params.majority_sign, generator=generator
         )
-        del tasks
         rank = params.rank if params.rank is not None else sum(f.rank for f in kept)
         low = dense_lowrank(merged, rank=rank, energy=params.energy, mode=params.svd, generator=generator)
         return ModuleMerge(A=low.A, B=low.B, discarded_energy=low.discarded_energy)

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lorasoup.cli import app
 from lorasoup.demo.benchmark import MUL_STORIES, BenchmarkSizes, build_benchmark, build_tokenizer
-from lorasoup.demo.study import TASKS, slug
+from lorasoup.demo.robustness import BASE_FORMATS, STATS, held_out_stats
+from lorasoup.demo.study import TASKS, TASKS_K3, slug
+from lorasoup.training.templates import TEMPLATES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny models gain nothing from threads, and a loaded 2-core machine loses a lot to them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _value(expression: str) -> int:
@@ -19,7 +32,10 @@ def _value(expression: str) -> int:
 
 
 def _is_mul_story(record: dict) -> bool:
-    return "compute" not in record["instruction"] and " * " in record["output"]
+    """A story (not ``compute ...``) whose operation, between the first two numbers, is ``*``."""
+    words = record["output"].split()
+    first = next(i for i, w in enumerate(words) if w.isdigit())
+    return "compute" not in record["instruction"] and words[first + 1] == "*"
 
 
 def test_benchmark_separates_the_skills_from_the_composite() -> None:
@@ -61,6 +77,8 @@ TINY = [
     "cat_steps=3",
     "batch_size=8",
     "eval_batch_size=12",
+    "search_population=4",
+    "search_iterations=2",
 ]
 
 
@@ -137,3 +155,168 @@ def test_bad_setting_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--output", str(tmp_path / "x"), "--set", "base.stepz=3"])
     assert result.exit_code == 2 and "did you mean 'steps'" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def _features(record: dict) -> set[str]:
+    """Which skill a record needs: M (a multiplication story), E (the extra clause), P (a PAL program)."""
+    found = set()
+    if _is_mul_story(record):
+        found.add("M")
+    if " . then " in record["instruction"]:
+        found.add("E")
+    if record["output"].startswith("def solution ( ) : return"):
+        found.add("P")
+    return found
+
+
+def test_the_three_way_composite_needs_all_three_skills() -> None:
+    sizes = BenchmarkSizes(base=900, skill=300, test=100)
+    bench = build_benchmark(2, sizes, skills=3)
+    # The base has none of the three; each skill's data exactly one; the 2-way composite M and P;
+    # the 3-way composite (and its oracle's data) all three.
+    assert all(not _features(r) for r in bench.base)
+    assert any(len(r["output"].split(" + ")) == 2 and "compute" in r["instruction"] for r in bench.base)
+    assert not any(
+        len([w for w in r["instruction"].split() if w.isdigit()]) > 2
+        for r in bench.base
+        if "compute" not in r["instruction"]
+    )
+    expected = {"math": {"M"}, "code": {"P"}, "extra": {"E"}, "composite": {"M", "P"}}
+    for split, features in expected.items():
+        assert all(_features(r) == features for r in bench.train[split]), split
+    assert all(_features(r) == {"E"} for r in bench.test["extra"])
+    for split in (bench.train["composite3"], bench.test["composite3"]):
+        assert all(_features(r) == {"M", "E", "P"} for r in split)
+        for record, (a, b, c) in zip(split, _operands(split), strict=True):
+            assert record["output"] == f"def solution ( ) : return {a} * {b} + {c}"
+            assert (
+                record["value"] == a * b + c and str(c) in record["instruction"].split(" . then ")[1].split()
+            )
+    # What a pair of skills would answer is wrong: math + code ignore the clause (a * b, never
+    # a * b + c), code + extra read the story as an addition (a + b + c, right only for a = b = 2),
+    # math + extra write no program at all (no ``solution()``: scored no-code).
+    triples = _operands(bench.test["composite3"])
+    assert all(a * b != a * b + c for a, b, c in triples)
+    assert sum(a + b + c == a * b + c for a, b, c in triples) <= 0.1 * len(triples)
+    # Two skills: the very same splits as before the third skill existed.
+    two = build_benchmark(2, sizes)
+    assert two.base != bench.base and set(two.train) == {"math", "code", "composite"}
+    assert build_benchmark(2, sizes, skills=2).test == two.test
+
+
+def _operands(records: list[dict]) -> list[tuple[int, int, int]]:
+    """``(a, b, c)`` of each 3-way composite record, from its program ``... return a * b + c``."""
+    found = []
+    for record in records:
+        a, times, b, plus, c = record["output"].split("return ")[1].split()
+        assert (times, plus) == ("*", "+")
+        found.append((int(a), int(b), int(c)))
+    return found
+
+
+def test_frames_tokenizer_tells_the_frames_apart() -> None:
+    tokenizer = build_tokenizer(skills=3, frames=True)
+    bench = build_benchmark(1, BenchmarkSizes(base=120, skill=20, test=10), skills=3)
+    record = bench.test["composite3"][0]
+    seen = set()
+    for name in BASE_FORMATS:
+        prompt, _ = TEMPLATES.get(name)(record, tokenizer)
+        ids = tuple(tokenizer(prompt)["input_ids"])
+        assert tokenizer.unk_token_id not in ids, name
+        seen.add(ids)
+    assert len(seen) == len(BASE_FORMATS)  # fmt8 and fmt10 differ only in whitespace, yet differ here
+    for r in bench.all_records():
+        assert tokenizer.unk_token_id not in tokenizer(f"{r['instruction']} {r['output']}")["input_ids"]
+
+
+def test_held_out_stats() -> None:
+    stats = held_out_stats(
+        {"plain": 1.0, "fmt7": 0.5, "fmt8": 0.25, "fmt10": 0.75}, ["fmt7", "fmt8", "fmt10"]
+    )
+    assert stats == {"mean": 0.5, "worst": 0.25, "best": 0.75, "spread": 0.5}
+
+
+@pytest.fixture(scope="module")
+def k3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo-k3") / "run"
+    args = ["demo", "--output", str(out), "--seed", "3"]
+    for item in [*TINY, "skills=3", "format_robust=true"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _accuracy(path: Path) -> float:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 12
+    return sum(r["correct"] for r in records) / len(records)
+
+
+def test_three_skills_and_formats_write_every_artifact(k3_run: Path) -> None:
+    for name in ("scaling.png", "formats.png", "cat_weights_k3.png", "report.md", "results.json"):
+        assert (k3_run / name).is_file(), name
+    report = (k3_run / "report.md").read_text()
+    for heading in (
+        "## Three skills (K = 3)",
+        "### How each method scales with K",
+        "## Prompt-format robustness",
+    ):
+        assert heading in report
+    assert (k3_run / "report.html").read_text().count("data:image/png;base64,") == 5
+    seed = k3_run / "seed-3"
+    for folder in (
+        "cat-k3",
+        "merges/ties-k3",
+        "adapters/extra",
+        "adapters/oracle-k3",
+        "adapters/datamix-k3",
+    ):
+        assert (seed / folder / "run.json").is_file(), folder
+    robust = json.loads((seed / "cat-format-robust" / "run.json").read_text())["training"]["formats"]
+    assert robust["pool"] == ["plain", "fmt1", "fmt2", "fmt4"] and min(robust["examples"].values()) > 0
+    assert "formats" not in json.loads((seed / "cat" / "run.json").read_text()).get("training", {})
+
+
+def test_three_skills_and_formats_numbers_agree_with_the_per_example_files(k3_run: Path) -> None:
+    results = json.loads((k3_run / "results.json").read_text())
+    seed = k3_run / "seed-3"
+    k3 = results["k3"]
+    assert k3["tasks"] == list(TASKS_K3)
+    assert {"extra skill LoRA", "CAT (trained)", "TIES", "oracle (composite data)"} <= {
+        r["method"] for r in k3["table"]
+    }
+    for row in k3["per_seed"][0]:
+        for task in TASKS_K3:
+            assert row["accuracy"][task] == _accuracy(
+                seed / "eval-k3" / slug(row["method"]) / f"{task}.jsonl"
+            )
+    two = {r["method"]: r["composite"]["mean"] for r in results["table"]}
+    three = {r["method"]: r["composite3"]["mean"] for r in k3["table"]}
+    for row in results["scaling"]:
+        assert row["K=3"]["mean"] == three[row["method"]]
+        assert (row["K=2"] or {}).get("mean") == two.get(row["method"])
+    formats = results["formats"]
+    assert formats["frames"] == ["plain", "fmt7", "fmt8", "fmt10"]
+    methods = [r["method"] for r in formats["table"]]
+    assert methods == ["CAT (trained)", "CAT, format-robust", "DATA-MIX", "oracle (composite data)"]
+    for row, table_row in zip(formats["per_seed"][0], formats["table"], strict=True):
+        for frame in formats["frames"]:
+            accuracy = _accuracy(seed / "eval-formats" / slug(row["method"]) / f"{frame}.jsonl")
+            assert row["accuracy"][frame] == accuracy == table_row[frame]["mean"]
+        stats = held_out_stats(row["accuracy"], formats["held_out"])
+        assert {s: table_row["held_out"][s]["mean"] for s in STATS} == pytest.approx(stats)
+    prompt = json.loads((seed / "eval-formats" / "data-mix" / "fmt7.jsonl").read_text().splitlines()[0])[
+        "prompt"
+    ]
+    assert prompt.startswith("Instruction write a program .")
+
+
+def test_bad_skills_and_formats_are_one_line(tmp_path: Path) -> None:
+    for setting, message in (
+        ("skills=4", "2 or 3 skills"),
+        ("held_out_formats=[fmt1]", "also in train_formats"),
+        ("train_formats=[plain, fmt9]", "not among the base's frames"),
+    ):
+        result = CliRunner().invoke(app, ["demo", "--output", str(tmp_path / "x"), "--set", setting])
+        assert result.exit_code == 2 and message in result.output, (setting, result.output)

@@ -9,6 +9,10 @@ docs/demo.md for what the numbers mean. The output directory (written atomically
 - ``results.json``: every number, per seed and aggregated; ``run.json``: settings, versions, timings;
 - ``seed-N/``: that seed's base model, adapters, merges, CAT artifact and per-example results
   (``eval/<method>/<task>.jsonl``) from which the table is computed.
+
+With ``--set skills=3`` the report adds the K = 3 table and how each method scales with K
+(``scaling.png``; per-example files in ``eval-k3/``); with ``--set format_robust=true`` the
+format-robustness table (``formats.png``; ``eval-formats/<method>/<frame>.jsonl``). See ``tables.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasoup.demo.study import TASKS, DemoSettings, MethodResult, StageHook, aggregate, run_seed
+from lorasoup.demo.tables import extra_results, extra_sections
 
 __all__ = ["DemoSettings", "DemoSummary", "run_demo"]
 
@@ -74,9 +79,10 @@ def run_demo(
             "table": table,
             "per_seed": [[vars(row) for row in rows] for rows in per_seed],
             "settings": settings_record(settings),
+            **extra_results(table, facts, settings),  # K = 3 and format rows, when they ran
         }
         write_json_atomic(staging / "results.json", results)
-        _write_report(staging, table, chosen, settings, facts, seconds)
+        _write_report(staging, table, chosen, settings, facts, seconds, results=results)
         record = run_record(
             command="demo",
             config=settings_record(settings),
@@ -104,8 +110,11 @@ def _write_report(
     settings: DemoSettings,
     facts: list[dict[str, Any]],
     seconds: float,
+    results: dict[str, Any] | None = None,
 ) -> None:
     from lorasoup.report import markdown_table, markdown_to_html, methods_bar_chart, weights_heatmap
+
+    extra, extra_images = extra_sections(folder, results or {}, len(seeds))
 
     bars = methods_bar_chart(
         table, TASKS, folder / "methods.png", title=f"accuracy per method ({len(seeds)} seed(s))"
@@ -145,10 +154,13 @@ def _write_report(
             "",
             "![CAT weights](cat_weights.png)",
             "",
+            *extra,
         ]
     )
     (folder / "report.md").write_text(text, encoding="utf-8")
     page = markdown_to_html(
-        text, title="lorasoup demo", images={"methods.png": bars, "cat_weights.png": heatmap}
+        text,
+        title="lorasoup demo",
+        images={"methods.png": bars, "cat_weights.png": heatmap, **extra_images},
     )
     (folder / "report.html").write_text(page, encoding="utf-8")

@@ -62,10 +62,14 @@ def pretrain_base(
     size: BaseModelSize,
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
+    template: str = "plain",
 ) -> dict[str, float]:
-    """Train a fresh model on ``records`` (loss on the responses) and save it with its tokenizer."""
+    """Train a fresh model on ``records`` (loss on the responses) and save it with its tokenizer.
+
+    ``template``: how records become prompts (``verbatim`` for records already rendered in a format).
+    """
     model = build_model(size, tokenizer, seed)
-    dataset = build_dataset(records, tokenizer, template="plain", cutoff_len=64, name="demo base")
+    dataset = build_dataset(records, tokenizer, template=template, cutoff_len=64, name="demo base")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=size.batch_size,

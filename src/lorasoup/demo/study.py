@@ -6,6 +6,11 @@ compose by CAT (``run_cat``, weights trained on the skills' own data as the pape
 every model on the composite task and on each skill's own task (``evaluate_model``; programs run in
 the sandbox). CAT also appears untrained, at its random initialisation and with uniform weights, to
 show what learning the weights buys.
+
+Behind settings: ``skills=3`` adds the extra skill and runs every method again over the three
+LoRAs on the 3-way composite (``compose.py``; the K-scaling table); ``format_robust=true`` pre-trains
+the base in many prompt frames and adds format-robust CAT, scored with plain CAT, DATA-MIX and the
+oracle in held-out frames (``robustness.py``). The default run is exactly the two-skill study.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ StageHook = Callable[[str, int, int], None]
 """``(what is running, stages done, stages in all)``."""
 
 TASKS = ("composite", "math", "code")
+TASKS_K3 = ("composite3", "math", "code", "extra")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -49,6 +55,17 @@ class DemoSettings:
     search_population: int = 16
     search_iterations: int = 15
     eval_batch_size: int = 100
+    skills: int = 2  # 3: the extra skill joins, and the study runs again at K = 3 (benchmark.py)
+    format_robust: bool = False  # the format-robustness rows (robustness.py)
+    train_formats: list[str] = field(default_factory=lambda: ["plain", "fmt1", "fmt2", "fmt4"])
+    held_out_formats: list[str] = field(default_factory=lambda: ["fmt7", "fmt8", "fmt10"])
+
+    def validate(self) -> None:
+        from lorasoup.config import require
+        from lorasoup.demo.robustness import check_frames
+
+        require(self.skills in (2, 3), f"skills: the demo has 2 or 3 skills, not {self.skills}")
+        check_frames(self.train_formats, self.held_out_formats)
 
 
 @dataclass
@@ -62,13 +79,14 @@ class MethodResult:
     detail: str = ""
 
 
-def _task_specs() -> dict[str, TaskSpec]:
+def _task_specs(template: str = "plain") -> dict[str, TaskSpec]:
+    """Every demo task, prompts in ``template`` (``plain``; a frame of the format-robustness rows)."""
     from lorasoup.evaluation.generate import GenerationOptions
 
     def spec(name: str, description: str, **scoring: str) -> TaskSpec:
         generation = GenerationOptions(max_new_tokens=16, stop=[])
         return TaskSpec(
-            name=name, description=description, template="plain", generation=generation, **scoring
+            name=name, description=description, template=template, generation=generation, **scoring
         )
 
     program = {"reference": "value", "scorer": "program_solution", "metric": "numeric"}
@@ -88,16 +106,52 @@ def _task_specs() -> dict[str, TaskSpec]:
             "addition/subtraction story → PAL program (the code skill on its own ground)",
             **program,
         ),
+        "composite3": spec(
+            "demo-composite3", "multiplication story + 'then ... c more' → PAL program, a * b + c", **program
+        ),
+        "extra": spec(
+            "demo-extra",
+            "addition/subtraction story + 'then ... c more' → 'answer : a + b + c'",
+            reference="output",
+            extractor="strip",
+            metric="exact_text",
+        ),
     }
 
 
-class Scorer:
-    """Scores models on the three test sets and keeps every per-example record."""
+def task_specs(names: tuple[str, ...] = TASKS) -> dict[str, TaskSpec]:
+    """The tasks ``names`` (``TASKS``; ``TASKS_K3`` for the three-skill study), in the plain frame."""
+    every = _task_specs()
+    return {name: every[name] for name in names}
 
-    def __init__(self, benchmark: Benchmark, tokenizer: Any, settings: DemoSettings, out_dir: Path) -> None:
+
+def format_specs(formats: list[str], task: str = "composite") -> dict[str, TaskSpec]:
+    """``task`` once per prompt frame, keyed by the frame's name (the format-robustness rows)."""
+    return {name: _task_specs(name)[task] for name in formats}
+
+
+class Scorer:
+    """Scores models on test sets (by default the three of ``TASKS``) and keeps every per-example record.
+
+    ``specs``: the tasks by name; ``splits``: the test split each one reads (default: its own name;
+    the format rows read ``composite`` under every frame's name).
+    """
+
+    def __init__(
+        self,
+        benchmark: Benchmark,
+        tokenizer: Any,
+        settings: DemoSettings,
+        out_dir: Path,
+        specs: dict[str, TaskSpec] | None = None,
+        splits: dict[str, str] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
-        self.tasks = {name: Task(spec, num_fewshot=0) for name, spec in _task_specs().items()}
-        self.examples = {name: self.tasks[name].examples(benchmark.test[name]) for name in TASKS}
+        self.tasks = {name: Task(spec, num_fewshot=0) for name, spec in (specs or task_specs()).items()}
+        splits = splits or {}
+        self.examples = {
+            name: task.examples(benchmark.test[splits.get(name, name)]) for name, task in self.tasks.items()
+        }
         self.settings = GenerationSettings(max_new_tokens=16, batch_size=settings.eval_batch_size)
         self.out_dir = out_dir
 
@@ -107,7 +161,7 @@ class Scorer:
         accuracy = {}
         folder = self.out_dir / slug(method)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in TASKS:
+        for name in self.tasks:
             outcome = evaluate_model(
                 model,
                 self.tokenizer,
@@ -193,15 +247,24 @@ def _merge(
 
 
 def _cat(
-    base_dir: Path, adapters: dict[str, Path], data: list[str], out: Path, settings: DemoSettings, seed: int
+    base_dir: Path,
+    adapters: dict[str, Path],
+    data: list[str],
+    out: Path,
+    settings: DemoSettings,
+    seed: int,
+    *,
+    formats: list[str] | None = None,
 ) -> Any:
+    """CAT through ``run_cat``; ``formats``: format-robust CAT, each example in a frame dealt from them."""
     from lorasoup.cat.config import AdapterRef, CatRunConfig, DataConfig, TrainOptions
     from lorasoup.cat.run import run_cat
+    from lorasoup.training.formats import as_format_specs
 
     config = CatRunConfig(
         base_model=str(base_dir),
         adapters=[AdapterRef(str(path), name=name) for name, path in adapters.items()],
-        data=DataConfig(train=data, template="plain", cutoff_len=64),
+        data=DataConfig(train=data, template="plain", cutoff_len=64, formats=as_format_specs(formats or [])),
         output=str(out),
         train=TrainOptions(
             learning_rate=settings.cat_learning_rate,
@@ -307,158 +370,108 @@ def _untrained_cat(base_dir: Path, adapters: dict[str, Path], seed: int, *, unif
 
 
 STAGES = 23
+"""Progress steps of the default (two-skill) study."""
+
+
+def stage_count(settings: DemoSettings) -> int:
+    """Progress steps of one seed: the two-skill study, plus the K = 3 study and the format rows if on."""
+    from lorasoup.demo import compose, robustness
+
+    k3 = 1 + 2 + 2 + compose.STEPS  # base and two skills rescored, the third skill trained and scored
+    return STAGES + (k3 if settings.skills == 3 else 0) + (robustness.STEPS if settings.format_robust else 0)
 
 
 def run_seed(
     out: Path, seed: int, settings: DemoSettings, stage: StageHook | None = None
 ) -> tuple[list[MethodResult], dict[str, Any]]:
-    """The whole study for one seed, in ``out`` (which must exist); returns the rows and timings."""
+    """The whole study for one seed, in ``out`` (which must exist); returns the rows and facts.
+
+    The rows are the two-skill table; with ``skills=3`` the facts hold the K = 3 table under ``"k3"``,
+    with ``format_robust`` the format rows under ``"formats"`` (lists of :class:`MethodResult`).
+    """
+    from lorasoup.demo.compose import SeedStudy, compose_methods, three_skills
+
     clock: dict[str, float] = {}
-    done = 0
+    done, total = 0, stage_count(settings)
 
     def step(name: str) -> None:
         nonlocal done
         if stage is not None:
-            stage(name, done, STAGES)
+            stage(name, done, total)
         done += 1
 
     started = time.perf_counter()
-    benchmark = build_benchmark(seed, settings.sizes)
-    tokenizer = build_tokenizer()
-    data = out / "data"
+    benchmark, tokenizer = demo_benchmark(seed, settings), demo_tokenizer(settings)
     files = {
-        name: _write_records(data / f"{name}.json", records) for name, records in benchmark.train.items()
+        name: _write_records(out / "data" / f"{name}.json", records)
+        for name, records in benchmark.train.items()
     }
     step("pre-training the base model")
     base_dir = out / "base"
-    base_facts = pretrain_base(benchmark.base, tokenizer, base_dir, size=settings.base, seed=seed)
+    base_facts = _pretrain(benchmark, tokenizer, base_dir, settings, seed)
     clock["base_s"] = time.perf_counter() - started
 
+    study = SeedStudy(out, seed, settings, base_dir, tokenizer, benchmark, files, step)
     scorer = Scorer(benchmark, tokenizer, settings, out / "eval")
     rows: list[MethodResult] = []
-
-    def add(method: str, kind: str, model: torch.nn.Module, artifact: Path | None, detail: str = "") -> None:
-        step(f"scoring {method}")
-        rows.append(
-            MethodResult(
-                method, kind, scorer.score(method, model), str(artifact) if artifact else None, detail
-            )
-        )
-
-    add("base model", "reference", _load(base_dir), base_dir)
+    study.add(rows, scorer, "base model", "reference", _load(base_dir), base_dir)
     adapters: dict[str, Path] = {}
-    for name, title in (("math", "math skill LoRA"), ("code", "code skill LoRA")):
-        step(f"training the {name} skill LoRA")
-        adapters[name] = _train_lora(
-            base_dir, [(name, files[name], None)], out / "adapters" / name, settings, seed
-        ).output
-        add(title, "skill", _load(base_dir, adapters[name]), adapters[name])
+    for name in ("math", "code"):
+        adapters[name] = study.train_skill(name)
+        study.add(
+            rows, scorer, f"{name} skill LoRA", "skill", _load(base_dir, adapters[name]), adapters[name]
+        )
     clock["skills_s"] = time.perf_counter() - started - clock["base_s"]
-
-    step("training DATA-MIX and the oracle")
-    mix = _train_lora(
-        base_dir,
-        [("math", files["math"], settings.sizes.skill), ("code", files["code"], settings.sizes.skill)],
-        out / "adapters" / "datamix",
-        settings,
-        seed,
-    ).output
-    add("DATA-MIX", "baseline", _load(base_dir, mix), mix, "one LoRA on the skills' mixed data")
-
-    pair = [adapters["math"], adapters["code"]]
-    merges = {
-        "linear": ("linear", [0.5, 0.5], {}, "task arithmetic, weights 1/K (the paper's code)"),
-        "TIES": (
-            "ties",
-            [1.0, 1.0],
-            {"density": settings.density},
-            f"ΔW space, density {settings.density}, weights 1",
-        ),
-        "DARE": (
-            "dare_ties",
-            [1.0, 1.0],
-            {"density": settings.density},
-            f"ΔW space, density {settings.density}, weights 1",
-        ),
-        "SVD": ("svd", [0.5, 0.5], {}, f"task arithmetic recompressed to rank {settings.lora_rank}"),
-    }
-    for title, (method, weights, params, detail) in merges.items():
-        path = _merge(method, pair, weights, params, out / "merges" / method, seed)
-        add(title, "merge", _load(base_dir, path), path, detail)
-
-    add(
-        "CAT, weights at init",
-        "CAT",
-        _untrained_cat(base_dir, adapters, seed, uniform=False),
-        None,
-        "θ ~ N(0,1), softmax",
-    )
-    add(
-        "CAT, uniform weights",
-        "CAT",
-        _untrained_cat(base_dir, adapters, seed, uniform=True),
-        None,
-        "1/K on every module",
-    )
-    step("training CAT weights")
-    cat = _cat(base_dir, adapters, [files["math"], files["code"]], out / "cat", settings, seed)
-    add(
-        "CAT (trained)",
-        "CAT",
-        _load(base_dir, cat.output),
-        cat.output,
-        f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter",
-    )
-    step("searching weights on a few composite examples")
-    searched, found = _search(
-        base_dir,
-        adapters,
-        benchmark.train["composite"][: settings.search_examples],
-        tokenizer,
-        settings,
-        seed,
-    )
-    add(
-        "LoraHub search",
-        "search",
-        searched,
-        None,
-        f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)",
-    )
-    step("training the MoE routers")
-    moe = _moe(base_dir, adapters, [files["math"], files["code"]], settings, seed)
-    add(
-        "MoE (per-token router)", "baseline", moe.model, None, "soft gates per token and module, skills' data"
-    )
-    distilled = _distil(moe, [*benchmark.train["math"], *benchmark.train["code"]])
-    add(
-        "MoE → CAT (mean gates)",
-        "baseline",
-        distilled.model,
-        None,
-        "router gates averaged into static weights",
-    )
-    step("training the oracle")
-    oracle = _train_lora(
-        base_dir, [("composite", files["composite"], None)], out / "adapters" / "oracle", settings, seed
-    )
-    add("oracle (composite data)", "ceiling", _load(base_dir, oracle.output), oracle.output, "the ceiling")
-    clock["total_s"] = time.perf_counter() - started
-    facts = {
+    mark = time.perf_counter()
+    composed, artifacts = compose_methods(study, scorer, adapters, target="composite")
+    rows += composed
+    clock["methods_s"] = time.perf_counter() - mark
+    facts: dict[str, Any] = {
         "seed": seed,
         "timings_s": clock,
         "base_model": base_facts,
-        "cat_weights": str(cat.output / "cat_weights.json"),
+        "cat_weights": str(artifacts["cat"] / "cat_weights.json"),
     }
+    if settings.skills == 3:
+        mark = time.perf_counter()
+        facts["k3"] = three_skills(study, dict(adapters))
+        clock["k3_s"] = time.perf_counter() - mark
+    if settings.format_robust:
+        from lorasoup.demo.robustness import format_rows
+
+        mark = time.perf_counter()
+        facts["formats"] = format_rows(study, adapters, artifacts)
+        clock["formats_s"] = time.perf_counter() - mark
+    clock["total_s"] = time.perf_counter() - started
     return rows, facts
 
 
-def aggregate(per_seed: list[list[MethodResult]]) -> list[dict[str, Any]]:
+def demo_benchmark(seed: int, settings: DemoSettings) -> Benchmark:
+    """The benchmark of a run with ``settings`` (its sizes and number of skills)."""
+    return build_benchmark(seed, settings.sizes, skills=settings.skills)
+
+
+def demo_tokenizer(settings: DemoSettings) -> Any:
+    """The tokenizer of a run with ``settings`` (its skills' words; the frames' with ``format_robust``)."""
+    return build_tokenizer(skills=settings.skills, frames=settings.format_robust)
+
+
+def _pretrain(benchmark: Benchmark, tokenizer: Any, base_dir: Path, settings: DemoSettings, seed: int) -> Any:
+    """The base model; with ``format_robust`` it learns its language in every frame (robustness.py)."""
+    if not settings.format_robust:
+        return pretrain_base(benchmark.base, tokenizer, base_dir, size=settings.base, seed=seed)
+    from lorasoup.demo.robustness import BASE_FORMATS, render_in_formats
+
+    records = render_in_formats(benchmark.base, BASE_FORMATS, seed)  # already framed: train verbatim
+    return pretrain_base(records, tokenizer, base_dir, size=settings.base, seed=seed, template="verbatim")
+
+
+def aggregate(per_seed: list[list[MethodResult]], tasks: tuple[str, ...] = TASKS) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds of every method's accuracy on every task."""
     table = []
     for index, first in enumerate(per_seed[0]):
         row: dict[str, Any] = {"method": first.method, "kind": first.kind, "detail": first.detail}
-        for name in TASKS:
+        for name in tasks:
             values = [rows[index].accuracy[name] for rows in per_seed]
             mean = sum(values) / len(values)
             spread = (

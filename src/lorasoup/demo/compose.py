@@ -1,0 +1,176 @@
+"""Every composition method over one set of skill LoRAs: the rows of one table of the demo study.
+
+:func:`compose_methods` runs, for the skills given (K = 2: math + code; K = 3: + extra), DATA-MIX,
+the four merges, CAT untrained / uniform / trained, LoraHub search, the MoE and its distilled CAT,
+and the oracle trained on that K's composite data, all through lorasoup's public API and scored by
+one :class:`~lorasoup.demo.study.Scorer`. Artifacts of K = 2 keep the paths they always had
+(``adapters/datamix``, ``merges/ties``, ``cat`` ...); other K add a suffix (``-k3``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasoup.demo.benchmark import Benchmark
+from lorasoup.demo.study import (
+    TASKS_K3,
+    DemoSettings,
+    MethodResult,
+    Scorer,
+    _cat,
+    _distil,
+    _load,
+    _merge,
+    _moe,
+    _search,
+    _train_lora,
+    _untrained_cat,
+    task_specs,
+)
+
+
+@dataclass
+class SeedStudy:
+    """What every method of one seed shares: its folder, settings, base model, data and progress hook."""
+
+    out: Path
+    seed: int
+    settings: DemoSettings
+    base_dir: Path
+    tokenizer: Any
+    benchmark: Benchmark
+    files: dict[str, str]  # training split name → records file
+    step: Callable[[str], None]
+
+    def add(
+        self,
+        rows: list[MethodResult],
+        scorer: Scorer,
+        method: str,
+        kind: str,
+        model: torch.nn.Module,
+        artifact: Path | None,
+        detail: str = "",
+    ) -> None:
+        """Score ``model`` and append its row."""
+        self.step(f"scoring {method}")
+        accuracy = scorer.score(method, model)
+        rows.append(MethodResult(method, kind, accuracy, str(artifact) if artifact else None, detail))
+
+    def train_skill(self, name: str) -> Path:
+        """The skill LoRA of training split ``name`` (``adapters/<name>``)."""
+        self.step(f"training the {name} skill LoRA")
+        out = self.out / "adapters" / name
+        return _train_lora(
+            self.base_dir, [(name, self.files[name], None)], out, self.settings, self.seed
+        ).output
+
+
+def compose_methods(
+    study: SeedStudy, scorer: Scorer, adapters: dict[str, Path], *, target: str, tag: str = ""
+) -> tuple[list[MethodResult], dict[str, Path]]:
+    """The rows of every method composing ``adapters`` (skill name → LoRA), and the artifacts the
+    format rows reuse (``datamix``, ``cat``, ``oracle``). ``target``: the composite's training
+    split (the search's few examples, the oracle's data); ``tag``: the artifact folders' suffix."""
+    s, settings = study, study.settings
+    rows: list[MethodResult] = []
+    s.step("training DATA-MIX")
+    sources = [(name, s.files[name], settings.sizes.skill) for name in adapters]
+    mix = _train_lora(s.base_dir, sources, s.out / "adapters" / f"datamix{tag}", settings, s.seed).output
+    s.add(
+        rows,
+        scorer,
+        "DATA-MIX",
+        "baseline",
+        _load(s.base_dir, mix),
+        mix,
+        "one LoRA on the skills' mixed data",
+    )
+    _merge_rows(s, scorer, list(adapters.values()), tag, rows)
+    cat = _cat_rows(s, scorer, adapters, tag, rows)
+    _search_and_moe_rows(s, scorer, adapters, target, rows)
+    s.step("training the oracle")
+    oracle = _train_lora(
+        s.base_dir, [(target, s.files[target], None)], s.out / "adapters" / f"oracle{tag}", settings, s.seed
+    ).output
+    s.add(
+        rows, scorer, "oracle (composite data)", "ceiling", _load(s.base_dir, oracle), oracle, "the ceiling"
+    )
+    return rows, {"datamix": mix, "cat": cat, "oracle": oracle}
+
+
+def _merge_rows(s: SeedStudy, scorer: Scorer, paths: list[Path], tag: str, rows: list[MethodResult]) -> None:
+    """Linear and SVD with weights 1/K, TIES and DARE with weights 1 (the paper's code)."""
+    k, density = len(paths), s.settings.density
+    sparse = f"ΔW space, density {density}, weights 1"
+    merges = {
+        "linear": ("linear", 1 / k, {}, "task arithmetic, weights 1/K (the paper's code)"),
+        "TIES": ("ties", 1.0, {"density": density}, sparse),
+        "DARE": ("dare_ties", 1.0, {"density": density}, sparse),
+        "SVD": ("svd", 1 / k, {}, f"task arithmetic recompressed to rank {s.settings.lora_rank}"),
+    }
+    for title, (method, weight, params, detail) in merges.items():
+        path = _merge(method, paths, [weight] * k, params, s.out / "merges" / f"{method}{tag}", s.seed)
+        s.add(rows, scorer, title, "merge", _load(s.base_dir, path), path, detail)
+
+
+def _cat_rows(
+    s: SeedStudy, scorer: Scorer, adapters: dict[str, Path], tag: str, rows: list[MethodResult]
+) -> Path:
+    """CAT at its random initialisation, with uniform weights, and trained on the skills' own data."""
+    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=False)
+    s.add(rows, scorer, "CAT, weights at init", "CAT", model, None, "θ ~ N(0,1), softmax")
+    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=True)
+    s.add(rows, scorer, "CAT, uniform weights", "CAT", model, None, "1/K on every module")
+    s.step("training CAT weights")
+    data = [s.files[name] for name in adapters]
+    cat = _cat(s.base_dir, adapters, data, s.out / f"cat{tag}", s.settings, s.seed)
+    detail = f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter"
+    s.add(rows, scorer, "CAT (trained)", "CAT", _load(s.base_dir, cat.output), cat.output, detail)
+    return Path(cat.output)
+
+
+def _search_and_moe_rows(
+    s: SeedStudy, scorer: Scorer, adapters: dict[str, Path], target: str, rows: list[MethodResult]
+) -> None:
+    """LoraHub search on a few target examples; the per-token MoE and its mean-gate CAT."""
+    settings = s.settings
+    s.step("searching weights on a few composite examples")
+    examples = s.benchmark.train[target][: settings.search_examples]
+    searched, found = _search(s.base_dir, adapters, examples, s.tokenizer, settings, s.seed)
+    detail = f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)"
+    s.add(rows, scorer, "LoraHub search", "search", searched, None, detail)
+    s.step("training the MoE routers")
+    moe = _moe(s.base_dir, adapters, [s.files[name] for name in adapters], settings, s.seed)
+    detail = "soft gates per token and module, skills' data"
+    s.add(rows, scorer, "MoE (per-token router)", "baseline", moe.model, None, detail)
+    distilled = _distil(moe, [record for name in adapters for record in s.benchmark.train[name]])
+    detail = "router gates averaged into static weights"
+    s.add(rows, scorer, "MoE → CAT (mean gates)", "baseline", distilled.model, None, detail)
+
+
+def three_skills(study: SeedStudy, adapters: dict[str, Path]) -> list[MethodResult]:
+    """The K = 3 table: base and skills on the 3-way composite and the skills' tasks, then every method."""
+    scorer = Scorer(
+        study.benchmark, study.tokenizer, study.settings, study.out / "eval-k3", specs=task_specs(TASKS_K3)
+    )
+    rows: list[MethodResult] = []
+    study.add(rows, scorer, "base model", "reference", _load(study.base_dir), study.base_dir)
+    for name in ("math", "code"):
+        study.add(
+            rows, scorer, f"{name} skill LoRA", "skill", _load(study.base_dir, adapters[name]), adapters[name]
+        )
+    adapters["extra"] = study.train_skill("extra")
+    model = _load(study.base_dir, adapters["extra"])
+    study.add(rows, scorer, "extra skill LoRA", "skill", model, adapters["extra"])
+    composed, _ = compose_methods(study, scorer, adapters, target="composite3", tag="-k3")
+    return rows + composed
+
+
+STEPS = 17
+"""Progress steps of :func:`compose_methods`."""

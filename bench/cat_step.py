@@ -30,7 +30,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasoup.adapters import LoraAdapter, LoraFactors
 from lorasoup.cat.inject import compose_cat, remove_cat
-from lorasoup.cat.layer import CatLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FULL = dict(  # Llama-2-7B
@@ -44,7 +43,7 @@ FULL = dict(  # Llama-2-7B
 SHAPE_KEYS = tuple(FULL)
 TINY = dict(zip(SHAPE_KEYS, (64, 172, 2, 4, 4, 256), strict=True))
 CHECK_RTOL = 2e-2  # bf16: compiled kernels fuse and reorder reductions, so losses differ in the 3rd digit
-VARIANTS = ("floor", "peft_multi", "peft_single", "cat", "cat_plain")
+VARIANTS = ("floor", "peft_multi", "peft_single", "cat")
 MODES = ("eager", "compile", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
@@ -161,15 +160,10 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
     """Wrap the base model for one variant: (handle for detach, trainable params, note)."""
     if kind == "floor":
         return None, [], "frozen base; grad w.r.t. inputs_embeds"
-    if kind in ("cat", "cat_plain"):
+    if kind == "cat":
         adapters = random_adapters(model, k, args.rank, args.seed)
         comp = compose_cat(model, adapters, granularity="module", parameterisation="softmax", seed=args.seed)
-        layers = [m for m in model.modules() if isinstance(m, CatLinear)]
-        for layer in layers:  # cat_plain: the reference composition of plain ops instead of the fused path
-            layer.fused = layer.fused and kind == "cat"
-        path = "fused autograd function" if all(m.fused for m in layers) else "plain ops"
-        note = f"lorasoup compose_cat (module, softmax, {path}); trains theta (AdamW)"
-        return comp, [comp.weights.theta], note
+        return comp, [comp.weights.theta], "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
     rank = args.rank if kind == "peft_multi" else args.rank * k
     names = [f"a{i}" for i in range(k if kind == "peft_multi" else 1)]
     # init_lora_weights=False: non-zero B (zeros can hide work); alpha = 2r: scale 2 as CAT's adapters
@@ -189,7 +183,7 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
 
 def detach(kind: str, model, handle) -> None:
     """Give the plain frozen base back for the next variant."""
-    if kind in ("cat", "cat_plain"):
+    if kind == "cat":
         remove_cat(handle)
     elif kind.startswith("peft"):
         handle.unload()
@@ -309,16 +303,15 @@ def run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss
 def run_variant(kind: str, k: int, model, batches, modes: list[str], args, device) -> list[dict]:
     """Attach once, measure every mode (fresh optimizer and theta per mode), detach."""
     name = {"floor": "floor", "peft_single": f"peft_single_{args.rank * k}"}.get(kind, f"{kind}_{k}")
-    is_cat = kind.startswith("cat")
     handle, params, note = attach(kind, model, k, args)
     rows = []
     try:
         ref_loss = None
-        if is_cat:  # eager loss of the fresh composition on batch 0: the reference for every mode
+        if kind == "cat":  # eager loss of the fresh composition on batch 0: the reference for every mode
             with torch.no_grad():
                 ref_loss = float(model(input_ids=batches[0], labels=batches[0], use_cache=False).loss)
         cat_modes = args.cat_modes or modes
-        for mode in cat_modes if is_cat else [m for m in modes if m in ("eager", "compile")]:
+        for mode in cat_modes if kind == "cat" else [m for m in modes if m in ("eager", "compile")]:
             rows.append(
                 run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss, args, device)
             )

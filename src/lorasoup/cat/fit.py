@@ -124,7 +124,9 @@ def fit_cat_weights(
     optimizer = torch.optim.AdamW(
         [composition.weights.theta], lr=options.learning_rate, weight_decay=options.weight_decay
     )
-    model, optimizer, loader = accelerator.prepare(composition.model, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(
+        _compiled(composition.model, options.compile), optimizer, loader
+    )
     # After prepare: under DDP each process sees its shard, so an epoch is fewer steps per process.
     steps_per_epoch = max(1, math.ceil(len(loader) / options.grad_accum))
     total = options.max_steps or steps_per_epoch * options.epochs
@@ -196,4 +198,19 @@ def fit_cat_weights(
     accelerator.wait_for_everyone()
     result.steps = step
     result.seconds = time.perf_counter() - start
+    result.throughput, result.device = clock.rates(), str(accelerator.device)
     return result
+
+
+def _compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``model`` itself, or a view of it whose repeated blocks (decoder layers) are compiled one by one.
+
+    Regional compilation (accelerate's ``compile_regions``) shares the parameters, buffers and CAT
+    weights with ``model``; every layer reuses one graph, because CAT layers index their weights
+    through buffers rather than Python ints.
+    """
+    if mode == "none":
+        return model
+    from accelerate.utils import compile_regions
+
+    return compile_regions(model, mode=None if mode == "default" else mode)

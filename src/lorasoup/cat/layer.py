@@ -15,13 +15,6 @@ which is two GEMMs for any K. A and B are buffers: frozen, no gradient, no optim
 gradient of ``w_i`` is the block sum of ``∂L/∂c`` over adapter i's rank rows, which autograd derives
 from the gather below.
 
-**Fused path.** For a plain ``nn.Linear`` (or GPT-2 ``Conv1D``) base the update runs in one autograd
-function (:class:`FusedCatLinear`) with fewer passes over activations than autograd's composition of
-ops: the LoRA product accumulates into the base output (``addmm_``), the input gradient is
-``g W0 + (c ⊙ g B) A`` accumulated the same way, only the small ``z = A x (…, R)`` is saved, and
-``∂L/∂c = Σ_rows (g B) ⊙ z``. The unfused composition of plain ops stays as the reference
-(``CatLinear.fused = False``); the tests hold them equal.
-
 Each module reads its coefficients from the whole weight table through a fixed index buffer
 (``coeff_index``), not a Python int, so every decoder layer traces to the same graph and
 ``torch.compile`` of one layer serves all of them.
@@ -44,18 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Parameterisation = Literal["softmax", "free"]
-
-
-def _fusable_bases() -> tuple[type, ...]:
-    """Module types whose forward is exactly ``x W0ᵀ + b`` (GPT-2's ``Conv1D`` stores ``W0ᵀ``)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency; this only keeps the layer importable alone
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
-
-
-_FUSABLE_BASES = _fusable_bases()
 
 
 class CatWeights(nn.Module):
@@ -123,44 +104,6 @@ def store_fused_factors(module: nn.Module, A: Tensor, B: Tensor, rank_owner: Ten
     module.register_buffer("scales", scales.float(), persistent=False)
 
 
-class FusedCatLinear(torch.autograd.Function):
-    """``y = x W0ᵀ + b + (c ⊙ (x Aᵀ)) Bᵀ`` with frozen ``W0 (out, in)``, ``A (R, in)``, ``B (out, R)``.
-
-    Gradients flow to ``x`` and ``c (R,)`` only; saves ``z = x Aᵀ (N, R)`` (not ``x``).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        A: Tensor,
-        B: Tensor,
-        c: Tensor,
-    ):
-        rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        z = rows @ A.t()  # (N, R)
-        y = F.linear(rows, weight, bias)  # (N, out)
-        y.addmm_(z * c, B.t())  # the update accumulates in the GEMM: no separate add over (N, out)
-        ctx.save_for_backward(z, weight, A, B, c)
-        ctx.in_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        z, weight, A, B, c = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        gz = g @ B  # (N, R)
-        grad_c = None
-        if ctx.needs_input_grad[5]:  # a sum over every row: accumulated in at least float32
-            grad_c = (gz * z).sum(0, dtype=torch.promote_types(c.dtype, torch.float32)).to(c.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(gz * c, A).view(ctx.in_shape)  # g W0 + (c ⊙ g B) A
-        return grad_x, None, None, None, None, grad_c
-
-
 class CatLinear(nn.Module):
     """A frozen linear module plus the fused CAT update (see the module docstring).
 
@@ -194,9 +137,6 @@ class CatLinear(nn.Module):
         self.register_buffer("coeff_index", group * adapters + rank_owner.long(), persistent=False)
         self.register_buffer("rank_scales", scales.float()[rank_owner.long()], persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # The fused autograd function needs the base's weight and a dropout-free input; anything else
-        # (quantised or custom bases, dropout) takes the composition of plain ops.
-        self.fused = dropout == 0 and type(base) in _FUSABLE_BASES
 
     def rank_coefficients(self) -> Tensor:
         """``c (R,) = repeat(w_i · s_i, r_i)`` in float32."""
@@ -207,9 +147,6 @@ class CatLinear(nn.Module):
         if population is not None:  # a guard for torch.compile, not a graph break
             return self.population_forward(x, population)
         c = self.rank_coefficients().to(x.dtype)  # (R,)
-        if self.fused and not self.base.weight.requires_grad:
-            weight = self.base.weight if type(self.base) is nn.Linear else self.base.weight.t()  # (out, in)
-            return FusedCatLinear.apply(x, weight, self.base.bias, self.A, self.B, c)
         z = F.linear(self.dropout(x), self.A) * c  # (..., R)
         return self.base(x) + F.linear(z, self.B)  # (..., out)
 

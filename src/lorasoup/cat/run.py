@@ -184,7 +184,9 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     fit = fit_cat_weights(
         composition,
         dataset,
-        functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        functools.partial(
+            collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=config.data.pad_to_multiple_of
+        ),
         config.train,
         checkpoint_dir=output.with_name(output.name + ".checkpoints"),
         resume_from=config.resume_from,

@@ -284,12 +284,15 @@ def build_dataset(
     return SupervisedDataset(examples, dropped)
 
 
-def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+def collate(
+    batch: Sequence[Mapping[str, list[int]]], pad_token_id: int | None, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest example: ids with ``pad_token_id``, labels with -100, mask with 0.
 
     Right padding keeps positions 0..n-1 identical to the unpadded sequence, which is what training
     (not batched generation) wants. Use ``functools.partial(collate, pad_token_id=...)`` as
-    ``collate_fn``. Returns long tensors of shape ``(batch, longest)``.
+    ``collate_fn``. Returns long tensors of shape ``(batch, width)``: the longest example rounded up
+    to ``pad_to_multiple_of`` (a few fixed widths let compiled and CUDA-graph steps be reused).
     """
     if pad_token_id is None:
         raise DataError(
@@ -298,7 +301,8 @@ def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int | None) 
         )
     if not batch:
         raise DataError("collate got an empty batch; check the DataLoader and dataset size")
-    width = max(len(example["input_ids"]) for example in batch)
+    longest = max(len(example["input_ids"]) for example in batch)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
 
     def pad(key: str, value: int) -> torch.Tensor:
         rows = [list(example[key]) + [value] * (width - len(example[key])) for example in batch]

@@ -6,10 +6,12 @@
         --output /tmp/mgpu/two --set train.batch_size=4
     PYTHONPATH=src python bench/multi_gpu_cat.py compare /tmp/mgpu/one /tmp/mgpu/two --out RESULT.json
 
-``prepare`` writes a random-weight Llama of the chosen shape (bf16) with the demo's word-level
-tokenizer, two random PEFT adapters (r = 32 on q, k, v, up, down) and training data (the demo's
-skill records). ``compare`` reads both runs' ``cat_weights.json`` and ``run.json``: the largest weight
-difference and the training throughput of each. Both runs go through the unchanged ``lorasoup cat``.
+``prepare`` writes a random-weight Llama of the chosen shape (bf16; ``--layers`` keeps the width and
+changes the depth) with the demo's word-level tokenizer, two random PEFT adapters (r = 32 on q, k, v,
+up, down) and training data (the demo's skill records). ``compare`` reads both runs' ``cat_weights.json``
+and ``run.json``: the largest weight difference, and each run's throughput and peak GPU memory. Both
+runs go through the unchanged ``lorasoup cat``. ``bench/multi_gpu_train.py`` reuses ``prepare`` and the
+readers below for ``lorasoup train``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,7 +46,8 @@ def prepare(args: argparse.Namespace) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     tokenizer = build_tokenizer()
-    config = LlamaConfig(**SHAPES[args.shape], vocab_size=32000, max_position_embeddings=256)
+    shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    config = LlamaConfig(**shape, vocab_size=32000, max_position_embeddings=256)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     previous = torch.get_default_dtype()
@@ -82,34 +86,47 @@ def prepare(args: argparse.Namespace) -> None:
     )
 
 
-def compare(args: argparse.Namespace) -> None:
-    runs = {}
-    for label, path in (("one_gpu", Path(args.one)), ("two_gpus", Path(args.two))):
-        weights = json.loads((path / "cat_weights.json").read_text())["weights"]
-        record = json.loads((path / "run.json").read_text())
-        steps = record["training"]["steps"]
-        runs[label] = {
-            "weights": weights,
-            "steps": steps,
-            "train_s": record["timings_s"]["train"],
-            "steps_per_s": steps / record["timings_s"]["train"],
-            "batch_size_per_device": record["config"]["train"]["batch_size"],
-            "last_loss": record["training"]["last_loss"],
-        }
-    one, two = runs["one_gpu"]["weights"], runs["two_gpus"]["weights"]
-    diff = max(abs(one[g][a] - two[g][a]) for g in one for a in one[g])
-    moved = max(abs(v) for g in one for v in one[g].values())
-    report = {
-        "benchmark": "multi_gpu_cat",
+def run_summary(path: Path) -> dict:
+    """Throughput, processes and peak GPU memory of one ``lorasoup cat`` or ``lorasoup train`` run.
+
+    ``steps_per_s`` is over the whole ``train`` timing (set-up included: the Accelerator or Trainer,
+    moving the model to the GPU, DDP's first broadcast); ``steady_steps_per_s`` leaves out the first
+    fifth of the steps (``lorasoup.resources.StepClock``), None for runs recorded before it existed.
+    """
+    record = json.loads((path / "run.json").read_text())
+    steps, train_s = record["training"]["steps"], record["timings_s"]["train"]
+    resources = record.get("resources", {})
+    return {
+        "steps": steps,
+        "train_s": train_s,
+        "steps_per_s": steps / train_s,
+        "steady_steps_per_s": (record["training"].get("throughput") or {}).get("steady_steps_per_s"),
+        "num_processes": resources.get("num_processes"),
+        "batch_size_per_device": record["config"]["train"]["batch_size"],
+        "grad_accum": record["config"]["train"].get("grad_accum", 1),
+        "peak_gpu_memory_gib": resources.get("peak_gpu_memory_gib"),
+        "peak_gpu_memory_gib_per_process": resources.get("peak_gpu_memory_gib_per_process"),
+        "last_loss": record["training"]["last_loss"],
+        "timings_s": record["timings_s"],
+    }
+
+
+def rate(run: dict) -> float:
+    """The steady steps/s where recorded, else steps/s over the whole train timing."""
+    return run["steady_steps_per_s"] or run["steps_per_s"]
+
+
+def environment(benchmark: str) -> dict:
+    return {
+        "benchmark": benchmark,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus": torch.cuda.device_count(),
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-        "max_abs_weight_difference": diff,
-        "largest_weight": moved,
-        "speedup_two_over_one": runs["two_gpus"]["steps_per_s"] / runs["one_gpu"]["steps_per_s"],
-        "runs": {k: {key: v for key, v in r.items() if key != "weights"} for k, r in runs.items()},
     }
-    out = Path(args.out)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """``out`` (and a copy in ``$OUT``, which the device machine sends back), then one line per part."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if os.environ.get("OUT"):
@@ -117,21 +134,39 @@ def compare(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), json.dumps(report["runs"]))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare(args: argparse.Namespace) -> None:
+    paths = {"one_gpu": Path(args.one), "two_gpus": Path(args.two)}
+    runs = {label: run_summary(path) for label, path in paths.items()}
+    one, two = (json.loads((paths[k] / "cat_weights.json").read_text())["weights"] for k in paths)
+    diff = max(abs(one[g][a] - two[g][a]) for g in one for a in one[g])
+    moved = max(abs(v) for g in one for v in one[g].values())
+    report = {
+        **environment("multi_gpu_cat"),
+        "max_abs_weight_difference": diff,
+        "largest_weight": moved,
+        "speedup_two_over_one": rate(runs["two_gpus"]) / rate(runs["one_gpu"]),
+        "runs": runs,
+    }
+    write_report(report, Path(args.out))
+
+
+def command_line(doc: str, prepare: Callable, compare: Callable, runs: list[str], out: str) -> None:
+    """``prepare`` or ``compare RUN... --out FILE`` (the run directories named by ``runs``)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare")
     prep.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    prep.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     prep.add_argument("--work", default="/tmp/mgpu")
     prep.add_argument("--steps", type=int, default=30)
     prep.add_argument("--examples", type=int, default=256, help="a multiple of the global batch")
     comp = sub.add_parser("compare")
-    comp.add_argument("one")
-    comp.add_argument("two")
-    comp.add_argument("--out", default="bench/results/multi_gpu_cat.json")
+    for run in runs:
+        comp.add_argument(run)
+    comp.add_argument("--out", default=out)
     args = p.parse_args()
     prepare(args) if args.command == "prepare" else compare(args)
 
 
 if __name__ == "__main__":
-    main()
+    command_line(__doc__, prepare, compare, ["one", "two"], "bench/results/multi_gpu_cat.json")

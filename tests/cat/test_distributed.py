@@ -64,7 +64,8 @@ def test_two_processes_learn_the_weights_of_one(make_lora, llama_dir: Path, tmp_
     moved = max(abs(one[g][a] - initial[g][a]) for g in one for a in one[g])
     assert moved > 1e-3  # the weights did train
     assert max(abs(one[g][a] - two[g][a]) for g in one for a in one[g]) == pytest.approx(0.0, abs=1e-5)
-    runs = [
-        json.loads((tmp_path / name / "run.json").read_text())["training"]["steps"] for name in ("one", "two")
-    ]
-    assert runs == [8, 8]
+    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("one", "two")]
+    assert [run["training"]["steps"] for run in runs] == [8, 8]
+    assert [run["resources"]["num_processes"] for run in runs] == [1, 2]
+    assert all(run["resources"]["peak_gpu_memory_gib"] is None for run in runs)  # CPU: nothing measured
+    assert all(run["training"]["throughput"]["steady_steps_per_s"] > 0 for run in runs)

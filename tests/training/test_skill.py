@@ -163,6 +163,11 @@ def test_output_is_a_plain_peft_adapter_with_run_json(trained, base_dir):
     assert record["training"]["last_loss"] == pytest.approx(result.last_loss)
     assert record["data"]["sources"]["pairs"]["train_examples"] == 8
     assert set(record["timings_s"]) >= {"load", "train", "save"}
+    assert record["training"]["throughput"]["steady_from_step"] == 16  # the first fifth of 80 steps
+    assert record["training"]["throughput"]["steady_steps_per_s"] > 0
+    assert record["resources"]["num_processes"] == 1
+    if not torch.cuda.is_available():
+        assert record["resources"]["peak_gpu_memory_gib"] is None
 
 
 class RecordingTrainer(skill.Trainer):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lorasoup.cat.config import TrainOptions
 from lorasoup.cat.inject import CatComposition
 from lorasoup.errors import LorasoupError
+from lorasoup.resources import StepClock, synchronizer
 
 CHECKPOINT_FILE = "cat_state.pt"
 ProgressHook = Callable[[int, int, float], None]
@@ -49,6 +50,8 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_step: int = 0
+    throughput: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
 
     @property
     def first_loss(self) -> float | None:
@@ -151,6 +154,8 @@ def fit_cat_weights(
 
     model.train()
     start = time.perf_counter()
+    clock = StepClock(total, first_step=step, synchronize=synchronizer(accelerator.device))
+    clock.start()
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         loader.set_epoch(epoch)
@@ -175,6 +180,7 @@ def fit_cat_weights(
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            clock.tick(step)
             result.losses.append(running / micro)
             running, micro = 0.0, 0
             if progress is not None:

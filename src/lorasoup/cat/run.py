@@ -32,6 +32,7 @@ from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat, start_f
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import LorasoupError
 from lorasoup.lowrank import recompress_modules
+from lorasoup.resources import resource_record
 from lorasoup.training.formats import FormatReport
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,6 +194,7 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
         progress=progress,
     )
     timings["train"] = time.perf_counter() - clock
+    resources = resource_record(torch.device(fit.device))  # every process takes part
 
     clock = time.perf_counter()
     exported = export_factors(composition, config.export)
@@ -236,8 +238,10 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
                 "first_loss": fit.first_loss,
                 "last_loss": fit.last_loss,
                 "losses": fit.losses,
+                "throughput": fit.throughput,
                 **({"formats": formats} if formats is not None else {}),
             },
+            resources=resources,
             weight_movement=weight_movement(composition),
             export={
                 "rank": rank,

@@ -41,6 +41,7 @@ from lorasoup.artifacts import (
     write_json_atomic,
 )
 from lorasoup.errors import DataError, LorasoupError
+from lorasoup.resources import StepClock, resource_record, synchronizer
 from lorasoup.training.config import DataSource, LoraOptions, TrainRunConfig
 from lorasoup.training.data import (
     MixSpec,
@@ -227,6 +228,23 @@ def seed_lora_init(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(draw)
 
 
+class _ClockCallback(TrainerCallback):
+    """Times the optimizer steps (``StepClock``) of this process, from the start of ``Trainer.train``."""
+
+    def __init__(self) -> None:
+        self.clock: StepClock | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.clock = StepClock(
+            state.max_steps, first_step=state.global_step, synchronize=synchronizer(args.device)
+        )
+        self.clock.start()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self.clock is not None:
+            self.clock.tick(state.global_step)
+
+
 class _ProgressCallback(TrainerCallback):
     """Feeds ``(step, total, loss)`` to a progress hook on the main process."""
 
@@ -340,6 +358,8 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
 
     checkpoints_existed = config.checkpoint_dir.exists()
     trainer = _build_trainer(config, model, data, tokenizer.pad_token_id, progress)
+    step_clock = _ClockCallback()
+    trainer.add_callback(step_clock)
     clock = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train"] = time.perf_counter() - clock
@@ -349,6 +369,7 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
         eval_loss = float(trainer.evaluate()["eval_loss"])
         timings["eval"] = time.perf_counter() - clock
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    resources = resource_record(trainer.args.device)  # before the adapter is gathered; every process
     main = trainer.is_world_process_zero()
     if main and not checkpoints_existed:
         _remove_if_empty(config.checkpoint_dir)  # the Trainer makes it even when it saves nothing
@@ -363,8 +384,9 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
         "eval_loss": eval_loss,
         "losses": losses,
         "best_checkpoint": trainer.state.best_model_checkpoint,
+        "throughput": step_clock.clock.rates() if step_clock.clock is not None else None,
     }
-    record = functools.partial(_run_json, config, model, data, fingerprint, training, timings)
+    record = functools.partial(_run_json, config, model, data, fingerprint, training, timings, resources)
     _save_artifact(trainer, output, overwrite=config.overwrite, record=record, timings=timings)
     model.eval()
     return TrainResult(
@@ -406,8 +428,9 @@ def _run_json(
     fingerprint: dict[str, Any],
     training: dict[str, Any],
     timings: dict[str, float],
+    resources: dict[str, Any],
 ) -> dict[str, Any]:
-    """The content of ``run.json``: config, versions, seed, timings, data counts per source, losses."""
+    """``run.json``: config, versions, seed, timings, data counts per source, losses, GPU memory."""
     return run_record(
         command="train",
         config=config,
@@ -426,6 +449,7 @@ def _run_json(
             "packing": config.data.packing,
         },
         training=training,
+        resources=resources,
         inputs_sha256=inputs_fingerprint([Path(source.path) for source in config.data.sources]),
     )
 
@@ -438,14 +462,10 @@ def _save_artifact(
     record: Callable[[], dict[str, Any]],
     timings: dict[str, float],
 ) -> None:
-    """Write the adapter and ``run.json`` atomically from the main process; every process joins the gather.
-
-    ``accelerator.get_state_dict`` is a collective under FSDP and DeepSpeed ZeRO-3 (full weights land on
-    the main process) and a plain ``state_dict()`` otherwise, so all processes call it.
-    """
+    """Write the adapter and ``run.json`` atomically from the main process; every process joins the gather."""
     accelerator = trainer.accelerator
     start = time.perf_counter()
-    state_dict = accelerator.get_state_dict(trainer.model)
+    state_dict = gathered_state_dict(accelerator, trainer.model)
     if trainer.is_world_process_zero():
         peft_model = accelerator.unwrap_model(trainer.model)
         with atomic_output_dir(output, overwrite=overwrite) as staging:
@@ -453,6 +473,22 @@ def _save_artifact(
             timings["save"] = time.perf_counter() - start
             write_json_atomic(staging / "run.json", record())
     accelerator.wait_for_everyone()
+
+
+def gathered_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the adapter is read from, whole, on the main process; every process must call this.
+
+    Under FSDP2 only the trainable parameters (the LoRA factors) are gathered: gathering the frozen base
+    too, as ``accelerator.get_state_dict`` does, would copy all of a 7B model (13 GB) to the CPU to keep
+    a few megabytes. Otherwise ``accelerator.get_state_dict``: a collective under FSDP1 and DeepSpeed
+    ZeRO-3, a plain ``state_dict()`` under DDP or on one device.
+    """
+    if getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(model, options=options)
+    return accelerator.get_state_dict(model)
 
 
 def adapter_weights(state_dict: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, torch.Tensor]:

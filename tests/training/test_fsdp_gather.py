@@ -1,0 +1,56 @@
+"""Under FSDP2 the adapter is gathered from the trainable parameters alone, and equals the unsharded one.
+
+Two processes (torchrun, gloo, CPU) shard a tiny PEFT Llama per decoder layer with ``fully_shard``, as
+accelerate does, and call ``gathered_state_dict`` with an accelerator that reports FSDP2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = """
+import json, sys, types
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from lorasoup.training.skill import adapter_weights, gathered_state_dict
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=64)
+model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+reference = {k: v.clone() for k, v in adapter_weights(model.state_dict()).items()}
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+state = gathered_state_dict(types.SimpleNamespace(is_fsdp2=True), model)
+if dist.get_rank() == 0:
+    ours = adapter_weights(state)
+    result = {
+        "keys": len(state),
+        "same_names": sorted(ours) == sorted(reference),
+        "equal": all(torch.equal(ours[k], reference[k]) for k in reference),
+    }
+    open(sys.argv[1], "w").write(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_gathers_only_the_lora_factors(tmp_path: Path) -> None:
+    script, out = tmp_path / "worker.py", tmp_path / "result.json"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # 2 layers x (q, v) x (A, B): the trainable parameters only, none of the frozen base's.
+    assert json.loads(out.read_text()) == {"keys": 8, "same_names": True, "equal": True}

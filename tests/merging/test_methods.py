@@ -201,3 +201,17 @@ def test_streaming_merge_equals_the_stacked_definition(recipe_name, sign_method,
     )
     assert torch.allclose(streamed, stacked, atol=1e-5, rtol=1e-5)
     assert torch.equal(streamed_gen.get_state(), stacked_gen.get_state())  # the same draws, no more
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=30), st.floats(0.01, 0.99))
+def test_magnitude_trim_keeps_exactly_k_of_the_largest_even_with_ties(values, density) -> None:
+    """Small integers make many ties at the threshold: still exactly the k largest magnitudes survive
+    (at most k non-zeros), each unchanged."""
+    t = torch.tensor(values, dtype=torch.float32)
+    k = max(1, int(density * t.numel()))
+    kept = keep_top_magnitude(t, density)
+    assert torch.all((kept == 0) | (kept == t))
+    assert int((kept != 0).sum()) <= k
+    largest = torch.sort(t.abs(), descending=True).values[:k]
+    assert torch.equal(torch.sort(kept.abs(), descending=True).values[:k], largest)

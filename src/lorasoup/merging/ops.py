@@ -39,8 +39,18 @@ def keep_top_magnitude(tensor: Tensor, density: float) -> Tensor:
         return tensor.clone()
     flat = tensor.reshape(-1)
     k = max(1, int(density * flat.numel()))
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.abs().topk(k, sorted=False).indices] = True
+    # A threshold instead of topk: topk's int64 indices alone are twice an fp32 tensor's size, and
+    # these tensors are whole ΔW matrices (11008 × 4096 for a 7B MLP).
+    magnitude = flat.abs()
+    threshold = magnitude.kthvalue(flat.numel() - k + 1).values
+    mask = magnitude > threshold
+    ties = magnitude == threshold
+    del magnitude
+    missing = k - int(mask.sum())
+    if int(ties.sum()) == missing:
+        mask |= ties
+    else:  # more entries equal the threshold than places left: keep the first ones, by position
+        mask |= ties & (ties.cumsum(0) <= missing)
     return (flat * mask).reshape(tensor.shape)
 
 

@@ -63,7 +63,9 @@ if [ "$failed" -ne 0 ]; then
     exit 1
 fi
 
-step train-one "$PYTHON" -m lorasoup train "$WORK/train.yaml" --output "$WORK/train-one"
+# One GPU means one visible GPU: with two visible, the Trainer of a single process would use
+# DataParallel and double the batch (the first 7B run did; lorasoup train now says so).
+step train-one env CUDA_VISIBLE_DEVICES=0 "$PYTHON" -m lorasoup train "$WORK/train.yaml" --output "$WORK/train-one"
 step train-ddp "${LAUNCH[@]}" --config_file configs/accelerate/ddp-2gpu.yaml -m lorasoup train \
     "$WORK/train.yaml" --output "$WORK/train-ddp" --set train.batch_size=8
 step train-fsdp "${LAUNCH[@]}" --config_file configs/accelerate/fsdp-2gpu.yaml -m lorasoup train \
@@ -71,7 +73,7 @@ step train-fsdp "${LAUNCH[@]}" --config_file configs/accelerate/fsdp-2gpu.yaml -
 step compare-train "$PYTHON" bench/multi_gpu_train.py compare "$WORK/train-one" "$WORK/train-ddp" \
     "$WORK/train-fsdp" --out "bench/results/multi_gpu_train_${NAME}_${TAG}.json"
 
-step cat-one "$PYTHON" -m lorasoup cat "$WORK/cat.yaml" --output "$WORK/cat-one" --set train.batch_size=8
+step cat-one env CUDA_VISIBLE_DEVICES=0 "$PYTHON" -m lorasoup cat "$WORK/cat.yaml" --output "$WORK/cat-one" --set train.batch_size=8
 step cat-two "${LAUNCH[@]}" --num_processes 2 -m lorasoup cat "$WORK/cat.yaml" --output "$WORK/cat-two" \
     --set train.batch_size=4
 step compare-cat "$PYTHON" bench/multi_gpu_cat.py compare "$WORK/cat-one" "$WORK/cat-two" \

@@ -473,6 +473,9 @@ def train(
 
 
 def _print_train_result(result: Any) -> None:
+    for notice in result.notices:
+        console.print(f"[yellow]notice:[/] {notice}", highlight=False)
+
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 

@@ -417,3 +417,17 @@ def test_hub_dataset_columns_are_renamed_before_checking(monkeypatch, base_dir, 
     monkeypatch.setattr(Rows, "column_names", ["question", "answer"])
     with pytest.raises(DataError, match="has no column 'query'"):
         load_source(config.data.sources[0])
+
+
+def test_data_parallel_is_announced_with_the_real_batch() -> None:
+    """One process seeing several GPUs makes the Trainer use DataParallel: the step's batch is
+    batch_size × GPUs, and the run says so instead of recording batch_size alone."""
+    from types import SimpleNamespace
+
+    from lorasoup.training.skill import data_parallel_notice, global_batch
+
+    one = SimpleNamespace(n_gpu=1, train_batch_size=16, gradient_accumulation_steps=2, world_size=1)
+    assert global_batch(one) == 32 and data_parallel_notice(one) == []
+    two = SimpleNamespace(n_gpu=2, train_batch_size=32, gradient_accumulation_steps=1, world_size=1)
+    (notice,) = data_parallel_notice(two)
+    assert global_batch(two) == 32 and "DataParallel" in notice and "32 rows" in notice

@@ -97,6 +97,7 @@ class TrainResult:
     resumed_from: str | None = None
     is_main_process: bool = True
     model: Any = field(default=None, repr=False)
+    notices: list[str] = field(default_factory=list)
 
     @property
     def first_loss(self) -> float | None:
@@ -378,6 +379,8 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "world_size": trainer.args.world_size,
+        "n_gpu": trainer.args.n_gpu,  # > 1 in one process: transformers' DataParallel
+        "global_batch": global_batch(trainer.args),
         "resumed_from": resume,
         "first_loss": losses[0][1] if losses else None,
         "last_loss": losses[-1][1] if losses else None,
@@ -401,7 +404,25 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
         resumed_from=resume,
         is_main_process=main,
         model=trainer.model,
+        notices=data_parallel_notice(trainer.args),
     )
+
+
+def global_batch(args: TrainingArguments) -> int:
+    """Rows per optimizer step over every GPU and process (per-device batch × GPUs × accumulation)."""
+    return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def data_parallel_notice(args: TrainingArguments) -> list[str]:
+    """One process that sees several GPUs trains with ``nn.DataParallel`` (transformers' default): the
+    batch per step grows with the GPU count, which is easy to miss; say so."""
+    if args.n_gpu <= 1:
+        return []
+    return [
+        f"{args.n_gpu} GPUs visible to one process: transformers used DataParallel, so each step took "
+        f"{global_batch(args)} rows (train.batch_size × {args.n_gpu}); for one GPU set "
+        "CUDA_VISIBLE_DEVICES=0, for several use accelerate launch (DDP, configs/accelerate/)"
+    ]
 
 
 def _build_trainer(

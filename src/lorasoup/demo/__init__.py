@@ -17,21 +17,29 @@ format-robustness table (``formats.png``; ``eval-formats/<method>/<frame>.jsonl`
 ``model="smollm2"`` (``lorasoup demo --model smollm2``) runs the same study on the real
 SmolLM2-135M-Instruct with reasoning-gym data (``real.py``, ``real_study.py``); its converted base
 checkpoint is ``base/``, shared by the seeds.
+
+The settings' ``device`` picks where everything runs (``device.py``: a CUDA GPU when there is one);
+``jobs`` runs seeds side by side in worker processes (``seeds.py``). ``scale.py`` runs the whole
+study over a ladder of base model sizes (``lorasoup study``, docs/study.md).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lorasoup.demo.real_study import STAGES as REAL_STAGES
 from lorasoup.demo.real_study import RealDemoSettings, SeedRunner, report_header, seed_runner
 from lorasoup.demo.study import TASKS, DemoSettings, MethodResult, StageHook, aggregate, run_seed
 from lorasoup.demo.tables import extra_results, extra_sections
 from lorasoup.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorasoup.demo.seeds import Unit
 
 __all__ = ["MODES", "DemoSettings", "DemoSummary", "RealDemoSettings", "run_demo"]
 
@@ -48,71 +56,124 @@ def run_demo(
     output: str | Path,
     *,
     seed: int = 0,
-    seeds: int = 1,
+    seeds: int | Sequence[int] = 1,
     settings: DemoSettings | RealDemoSettings | None = None,
     overwrite: bool = False,
     stage: StageHook | None = None,
     model: str = "tiny",
+    jobs: int = 1,
 ) -> DemoSummary:
-    """Run the study for ``seeds`` seeds (``seed``, ``seed + 1``, ...) and write the report.
+    """Run the study for ``seeds`` seeds (``seed``, ``seed + 1``, ...; or a list of seeds) and write
+    the report.
 
     ``model`` picks the mode (``MODES``): ``tiny`` (a base pre-trained from a seed) or ``smollm2``.
+    ``jobs``: how many seeds run at once, each in a worker process (``seeds.py``; 1: one after
+    another in this process). The settings' ``device`` says where everything runs (``device.py``).
     """
-    from lorasoup.artifacts import atomic_output_dir, require_free_output, run_record, write_json_atomic
-    from lorasoup.demo.study import settings_record
+    from lorasoup.artifacts import atomic_output_dir, require_free_output
+    from lorasoup.demo.device import resolve_device
+    from lorasoup.demo.seeds import run_units
 
-    if model not in MODES:
-        raise ConfigError(f"unknown demo model {model!r}; choose one of: {', '.join(MODES)}")
-    mode = MODES[model]
+    mode = demo_mode(model)
     settings = settings or mode.settings()
+    chosen = seed_list(seed, seeds)
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    resolve_device(settings.device)  # before any work: a GPU asked for and missing is a one-line error
     output = Path(output)
     require_free_output(output, overwrite=overwrite)
     started = time.perf_counter()
-    chosen = [seed + i for i in range(seeds)]
     with atomic_output_dir(output, overwrite=overwrite) as staging:
-        run_one = mode.runner(staging, settings, stage)
-        per_seed: list[list[MethodResult]] = []
-        facts: list[dict[str, Any]] = []
-        for index, current in enumerate(chosen):
-
-            def seed_stage(
-                what: str, done: int, total: int, index: int = index, current: int = current
-            ) -> None:
-                if stage is not None:
-                    stage(f"seed {current}: {what}", index * total + done, len(chosen) * total)
-
-            folder = staging / f"seed-{current}"
-            folder.mkdir()
-            rows, seed_facts = run_one(folder, current, settings, seed_stage)
-            per_seed.append(rows)
-            facts.append(seed_facts)
-        table = aggregate(per_seed)
+        units = seed_units(staging, chosen, settings, model, stage)
+        outcomes = run_units(units, jobs=jobs, stage=stage)
         seconds = time.perf_counter() - started
-        results = {
-            "model": model,
-            "tasks": list(TASKS),
-            "seeds": chosen,
-            "table": table,
-            "per_seed": [[vars(row) for row in rows] for rows in per_seed],
-            "settings": settings_record(settings),
-            **extra_results(table, facts, settings),  # K = 3 and format rows, when they ran
-        }
-        write_json_atomic(staging / "results.json", results)
-        _write_report(staging, table, chosen, settings, facts, seconds, header=mode.header, results=results)
-        record = run_record(
-            command="demo",
-            config=settings_record(settings),
-            seed=seed,
-            timings={
-                "total": seconds,
-                **{f"seed_{f['seed']}_{k}": v for f in facts for k, v in f["timings_s"].items()},
-            },
-            seeds=chosen,
-            model=model,
-            base_models=[f["base_model"] for f in facts],
-        )
-        write_json_atomic(staging / "run.json", record)
+        table = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
     return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)
+
+
+def demo_mode(model: str) -> DemoMode:
+    """The mode of ``--model`` (``MODES``), or a one-line error listing them."""
+    if model not in MODES:
+        raise ConfigError(f"unknown demo model {model!r}; choose one of: {', '.join(MODES)}")
+    return MODES[model]
+
+
+def seed_list(seed: int, seeds: int | Sequence[int]) -> list[int]:
+    """``seeds`` seeds from ``seed`` on, or the list given; at least one, none twice."""
+    chosen = [seed + i for i in range(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ConfigError(f"seeds: give at least one seed and no seed twice, got {chosen}")
+    return chosen
+
+
+def seed_units(
+    folder: Path, seeds: list[int], settings: Any, model: str, stage: StageHook | None = None, label: str = ""
+) -> list[Unit]:
+    """One unit per seed (``folder/seed-N``), after the work the seeds share (``DemoMode.runner``).
+
+    ``label`` prefixes the units' progress lines (the scaling study's size name).
+    """
+    from lorasoup.demo.device import resolve_device
+    from lorasoup.demo.seeds import Unit
+    from lorasoup.demo.study import stage_count
+
+    resolve_device(settings.device)
+    mode = demo_mode(model)
+    run_one = mode.runner(folder, settings, stage)
+    stages = stage_count(settings) if model == "tiny" else REAL_STAGES
+    prefix = f"{label} " if label else ""
+    return [Unit(run_one, folder / f"seed-{s}", s, settings, stages, f"{prefix}seed {s}") for s in seeds]
+
+
+def write_demo(
+    folder: Path,
+    outcomes: Sequence[tuple[list[MethodResult], dict[str, Any]]],
+    seeds: list[int],
+    settings: Any,
+    model: str,
+    seconds: float,
+    *,
+    jobs: int = 1,
+) -> list[dict[str, Any]]:
+    """Aggregate the seeds' outcomes and write ``results.json``, the report and ``run.json`` into
+    ``folder``; returns the table (mean ± std over seeds)."""
+    from lorasoup.artifacts import run_record, write_json_atomic
+    from lorasoup.demo.device import device_facts
+    from lorasoup.demo.study import settings_record
+
+    hardware = device_facts(settings.device)
+    per_seed: list[list[MethodResult]] = [rows for rows, _ in outcomes]
+    facts: list[dict[str, Any]] = [seed_facts for _, seed_facts in outcomes]
+    table = aggregate(per_seed)
+    results = {
+        "model": model,
+        "tasks": list(TASKS),
+        "seeds": seeds,
+        "table": table,
+        "per_seed": [[vars(row) for row in rows] for rows in per_seed],
+        "settings": settings_record(settings),
+        **hardware,
+        **extra_results(table, facts, settings),  # K = 3 and format rows, when they ran
+    }
+    write_json_atomic(folder / "results.json", results)
+    header = demo_mode(model).header
+    _write_report(folder, table, seeds, settings, facts, seconds, header=header, results=results)
+    record = run_record(
+        command="demo",
+        config=settings_record(settings),
+        seed=seeds[0],
+        timings={
+            "total": seconds,
+            **{f"seed_{f['seed']}_{k}": v for f in facts for k, v in f["timings_s"].items()},
+        },
+        seeds=seeds,
+        jobs=jobs,
+        model=model,
+        base_models=[f["base_model"] for f in facts],
+        **hardware,
+    )
+    write_json_atomic(folder / "run.json", record)
+    return table
 
 
 def _cell(value: dict[str, Any], seeds: int) -> str:

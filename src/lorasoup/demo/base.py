@@ -4,10 +4,15 @@ benchmark's base language, saved as an ordinary transformers checkpoint director
 Pre-training a base is not a lorasoup feature (lorasoup composes adapters of existing models), so
 this is a plain AdamW loop over lorasoup's own data pipeline. Its randomness is local: model
 initialisation runs under ``torch.random.fork_rng`` and batches come from a private generator.
+
+On a GPU (``device="cuda"``) the model is built on the CPU from the same seed, then moved; with
+``BaseModelSize.cuda_bf16`` the forward passes run under bf16 autocast (weights, gradients, AdamW
+state and the saved checkpoint stay fp32). The CPU loop is unchanged by either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -31,6 +36,18 @@ class BaseModelSize:
     steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 2e-3
+    cuda_bf16: bool = False  # on CUDA only: forward under bf16 autocast, fp32 weights (the CPU ignores it)
+
+    def validate(self) -> None:
+        from lorasoup.config import require
+
+        for name in ("layers", "hidden", "intermediate", "heads", "steps", "batch_size"):
+            require(getattr(self, name) >= 1, f"base.{name} must be at least 1, got {getattr(self, name)}")
+        require(
+            self.hidden % self.heads == 0,
+            f"base.hidden ({self.hidden}) must be a multiple of base.heads ({self.heads})",
+        )
+        require(self.learning_rate > 0, f"base.learning_rate must be positive, got {self.learning_rate}")
 
 
 def build_model(size: BaseModelSize, tokenizer: Any, seed: int) -> torch.nn.Module:
@@ -63,12 +80,14 @@ def pretrain_base(
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
     template: str = "plain",
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Train a fresh model on ``records`` (loss on the responses) and save it with its tokenizer.
 
-    ``template``: how records become prompts (``verbatim`` for records already rendered in a format).
+    ``template``: how records become prompts (``verbatim`` for records already rendered in a format);
+    ``device``: where it trains (``cpu`` or ``cuda``).
     """
-    model = build_model(size, tokenizer, seed)
+    model = build_model(size, tokenizer, seed).to(device)
     dataset = build_dataset(records, tokenizer, template=template, cutoff_len=64, name="demo base")
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -78,7 +97,9 @@ def pretrain_base(
         collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(seed),
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=size.learning_rate, weight_decay=0.0)
+    on_gpu = device != "cpu"
+    fused = {"fused": True} if on_gpu else {}  # one kernel per step on the GPU; the CPU keeps its default
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.learning_rate, weight_decay=0.0, **fused)
     warmup = max(1, size.steps // 30)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -86,22 +107,27 @@ def pretrain_base(
             min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, size.steps) / size.steps))
         ),
     )
+    bf16 = on_gpu and size.cuda_bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     model.train()
-    step, first, last = 0, math.nan, math.nan
+    step, first, loss = 0, math.nan, torch.tensor(math.nan)
     while step < size.steps:
         for batch in loader:
-            loss = model(**batch).loss
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with autocast:
+                loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last = float(loss.detach())
-            first = last if step == 1 else first
-            if progress is not None:
-                progress(step, size.steps, last)
+            if step == 1:
+                first = float(loss.detach())
+            if progress is not None:  # reading the loss waits for the GPU: only when someone looks
+                progress(step, size.steps, float(loss.detach()))
             if step >= size.steps:
                 break
+    last = float(loss.detach())
     model.eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

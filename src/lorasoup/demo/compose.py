@@ -115,7 +115,8 @@ def _merge_rows(s: SeedStudy, scorer: Scorer, paths: list[Path], tag: str, rows:
         "SVD": ("svd", 1 / k, {}, f"task arithmetic recompressed to rank {s.settings.lora_rank}"),
     }
     for title, (method, weight, params, detail) in merges.items():
-        path = _merge(method, paths, [weight] * k, params, s.out / "merges" / f"{method}{tag}", s.seed)
+        out = s.out / "merges" / f"{method}{tag}"
+        path = _merge(method, paths, [weight] * k, params, out, s.seed, s.settings.device)
         s.add(rows, scorer, title, "merge", _load(s.base_dir, path), path, detail)
 
 
@@ -123,9 +124,10 @@ def _cat_rows(
     s: SeedStudy, scorer: Scorer, adapters: dict[str, Path], tag: str, rows: list[MethodResult]
 ) -> Path:
     """CAT at its random initialisation, with uniform weights, and trained on the skills' own data."""
-    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=False)
+    device = s.settings.device
+    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=False, device=device)
     s.add(rows, scorer, "CAT, weights at init", "CAT", model, None, "θ ~ N(0,1), softmax")
-    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=True)
+    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=True, device=device)
     s.add(rows, scorer, "CAT, uniform weights", "CAT", model, None, "1/K on every module")
     s.step("training CAT weights")
     data = [s.files[name] for name in adapters]

@@ -14,6 +14,7 @@ learn an answer format, not a new prompt format.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,8 +69,12 @@ class RealDemoSettings:
     program_tokens: int = 64  # composite: PAL programs of up to sizes.max_steps assignments (≤ 56 tokens)
     math_tokens: int = 144  # worked answers (95 % are under 135 tokens)
     code_tokens: int = 192  # CodeI/O programs (records fit cutoff_len, prompt included)
+    device: str = "auto"  # auto (CUDA if torch sees a GPU, else the CPU) | cpu | cuda; device.py
 
     def validate(self) -> None:
+        from lorasoup.demo.device import check_device
+
+        check_device(self.device)
         for name in ("cutoff_len", "lora_rank", "lora_steps", "batch_size", "cat_steps", "eval_batch_size"):
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("program_tokens", "math_tokens", "code_tokens"):
@@ -129,19 +134,25 @@ SeedRunner = Callable[[Path, int, Any, "StageHook | None"], tuple[list[MethodRes
 
 
 def seed_runner(folder: Path, settings: RealDemoSettings, stage: StageHook | None = None) -> SeedRunner:
-    """Convert the base model into ``folder/base`` and return ``run(out, seed, settings, stage)``."""
+    """Convert the base model into ``folder/base`` and return ``run(out, seed, settings, stage)``
+    (picklable, so seeds may run in worker processes)."""
     if stage is not None:
         stage(f"converting {settings.model} into a checkpoint", 0, STAGES)
     started = time.perf_counter()
     base_dir = folder / "base"
     facts = prepare_base(settings.model, base_dir) | {"convert_s": time.perf_counter() - started}
+    return functools.partial(_run_on_base, base_dir, facts)
 
-    def run(
-        out: Path, seed: int, chosen: RealDemoSettings, hook: StageHook | None
-    ) -> tuple[list[MethodResult], dict[str, Any]]:
-        return run_real_seed(out, seed, chosen, base_dir, facts, hook)
 
-    return run
+def _run_on_base(
+    base_dir: Path,
+    base_facts: dict[str, Any],
+    out: Path,
+    seed: int,
+    settings: RealDemoSettings,
+    stage: StageHook | None = None,
+) -> tuple[list[MethodResult], dict[str, Any]]:
+    return run_real_seed(out, seed, settings, base_dir, base_facts, stage)
 
 
 def run_real_seed(
@@ -200,12 +211,14 @@ def run_real_seed(
     mix = train("datamix", [("math", files["math"], skill), ("code", files["code"], skill)]).output
     add("DATA-MIX", "baseline", _load(base_dir, mix), mix, "one LoRA on the skills' mixed data")
     for title, method, weights, params, detail in _merges(settings):
-        path = _merge(method, list(adapters.values()), weights, params, out / "merges" / method, seed)
+        where = out / "merges" / method
+        path = _merge(method, list(adapters.values()), weights, params, where, seed, settings.device)
         add(title, "merge", _load(base_dir, path), path, detail)
     untrained = {"CAT, weights at init": "θ ~ N(0,1), softmax", "CAT, uniform weights": "1/K on every module"}
     for title, detail in untrained.items():
         uniform = title.endswith("uniform weights")
-        add(title, "CAT", _untrained_cat(base_dir, adapters, seed, uniform=uniform), None, detail)
+        model = _untrained_cat(base_dir, adapters, seed, uniform=uniform, device=settings.device)
+        add(title, "CAT", model, None, detail)
     step("training CAT weights")
     cat = _cat(base_dir, adapters, [files["math"], files["code"]], out / "cat", settings, seed, **fmt)
     detail = f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter"

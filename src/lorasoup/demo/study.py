@@ -27,6 +27,7 @@ import torch
 
 from lorasoup.demo.base import BaseModelSize, pretrain_base
 from lorasoup.demo.benchmark import Benchmark, BenchmarkSizes, build_benchmark, build_tokenizer
+from lorasoup.demo.device import check_device, resolve_device
 from lorasoup.evaluation.generate import GenerationSettings
 from lorasoup.evaluation.tasks import SandboxOptions, Task, TaskSpec
 
@@ -59,6 +60,7 @@ class DemoSettings:
     format_robust: bool = False  # the format-robustness rows (robustness.py)
     train_formats: list[str] = field(default_factory=lambda: ["plain", "fmt1", "fmt2", "fmt4"])
     held_out_formats: list[str] = field(default_factory=lambda: ["fmt7", "fmt8", "fmt10"])
+    device: str = "auto"  # auto (CUDA if torch sees a GPU, else the CPU) | cpu | cuda; device.py
 
     def validate(self) -> None:
         from lorasoup.config import require
@@ -66,6 +68,7 @@ class DemoSettings:
 
         require(self.skills in (2, 3), f"skills: the demo has 2 or 3 skills, not {self.skills}")
         check_frames(self.train_formats, self.held_out_formats)
+        check_device(self.device)
 
 
 @dataclass
@@ -134,7 +137,8 @@ class Scorer:
     """Scores models on test sets (by default the three of ``TASKS``) and keeps every per-example record.
 
     ``specs``: the tasks by name; ``splits``: the test split each one reads (default: its own name;
-    the format rows read ``composite`` under every frame's name).
+    the format rows read ``composite`` under every frame's name). Models are moved to the settings'
+    device before they generate.
     """
 
     def __init__(
@@ -154,10 +158,12 @@ class Scorer:
         }
         self.settings = GenerationSettings(max_new_tokens=16, batch_size=settings.eval_batch_size)
         self.out_dir = out_dir
+        self.device = resolve_device(settings.device)
 
     def score(self, method: str, model: torch.nn.Module) -> dict[str, float]:
         from lorasoup.evaluation.runner import evaluate_model
 
+        model = model.to(self.device)
         accuracy = {}
         folder = self.out_dir / slug(method)
         folder.mkdir(parents=True, exist_ok=True)
@@ -228,7 +234,7 @@ def _train_lora(
             "warmup": 0.05,
             "seed": seed,
             "logging_steps": 50,
-            "use_cpu": not torch.cuda.is_available(),
+            "use_cpu": resolve_device(settings.device) == "cpu",
         },
     }
     # A progress hook keeps the Trainer's own bars and log lines out of the demo's output.
@@ -236,7 +242,13 @@ def _train_lora(
 
 
 def _merge(
-    method: str, adapters: list[Path], weights: list[float], params: dict[str, Any], out: Path, seed: int
+    method: str,
+    adapters: list[Path],
+    weights: list[float],
+    params: dict[str, Any],
+    out: Path,
+    seed: int,
+    device: str,
 ) -> Path:
     from lorasoup.config import load_config
     from lorasoup.merging.config import MergeRunConfig
@@ -248,7 +260,7 @@ def _merge(
         "parameters": params,
         "output": str(out),
         "seed": seed,
-        "device": "cpu",
+        "device": resolve_device(device),
     }
     return run_merge(load_config(MergeRunConfig, base=raw)).output
 
@@ -284,6 +296,7 @@ def _cat(
             batch_size=settings.batch_size,
             seed=seed,
             log_every=50,
+            device=resolve_device(settings.device),
         ),
     )
     return run_cat(config)
@@ -308,7 +321,7 @@ def _search(
     from lorasoup.training.data import build_dataset
 
     composition = compose_cat(
-        _load(base_dir),
+        _load(base_dir, device=resolve_device(settings.device)),
         [load_adapter(p, name=n) for n, p in adapters.items()],
         granularity="global",
         parameterisation="free",
@@ -345,6 +358,7 @@ def _moe(
         batch_size=settings.batch_size,
         seed=seed,
         log_every=50,
+        device=resolve_device(settings.device),
     )
     return train_moe(base_dir, adapters, data, train=options, template=template, cutoff_len=cutoff_len)
 
@@ -363,23 +377,29 @@ def _distil(moe: Any, records: list[dict[str, Any]], *, template: str = "plain",
     return distill_to_cat(moe.composition, gates)
 
 
-def _load(base_dir: Path, adapter: Path | None = None) -> torch.nn.Module:
+def _load(base_dir: Path, adapter: Path | None = None, *, device: str | None = None) -> torch.nn.Module:
+    """The base (with ``adapter``) in eval mode, on ``device`` (None: the CPU, where the scorer moves
+    it to the run's device)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if device is not None:
+        model = model.to(device)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
 
 
-def _untrained_cat(base_dir: Path, adapters: dict[str, Path], seed: int, *, uniform: bool) -> torch.nn.Module:
+def _untrained_cat(
+    base_dir: Path, adapters: dict[str, Path], seed: int, *, uniform: bool, device: str
+) -> torch.nn.Module:
     """CAT with weights never trained: at the paper's random initialisation, or uniform (1/K each)."""
     from lorasoup.adapters import load_adapter
     from lorasoup.cat.inject import compose_cat
 
     composition = compose_cat(
-        _load(base_dir),
+        _load(base_dir, device=resolve_device(device)),
         [load_adapter(p, name=n) for n, p in adapters.items()],
         granularity="module",
         seed=seed,
@@ -479,12 +499,13 @@ def demo_tokenizer(settings: DemoSettings) -> Any:
 
 def _pretrain(benchmark: Benchmark, tokenizer: Any, base_dir: Path, settings: DemoSettings, seed: int) -> Any:
     """The base model; with ``format_robust`` it learns its language in every frame (robustness.py)."""
+    where = {"size": settings.base, "seed": seed, "device": resolve_device(settings.device)}
     if not settings.format_robust:
-        return pretrain_base(benchmark.base, tokenizer, base_dir, size=settings.base, seed=seed)
+        return pretrain_base(benchmark.base, tokenizer, base_dir, **where)
     from lorasoup.demo.robustness import BASE_FORMATS, render_in_formats
 
     records = render_in_formats(benchmark.base, BASE_FORMATS, seed)  # already framed: train verbatim
-    return pretrain_base(records, tokenizer, base_dir, size=settings.base, seed=seed, template="verbatim")
+    return pretrain_base(records, tokenizer, base_dir, template="verbatim", **where)
 
 
 def aggregate(per_seed: list[list[MethodResult]], tasks: tuple[str, ...] = TASKS) -> list[dict[str, Any]]:

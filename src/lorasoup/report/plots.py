@@ -184,3 +184,35 @@ def accuracy_rank_plot(points: Sequence[Mapping[str, Any]], path: Path, *, title
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def accuracy_vs_size(
+    panels: Sequence[Mapping[str, Sequence[tuple[float, float, float]]]],
+    path: Path,
+    *,
+    titles: Sequence[str],
+    ceiling: str | None = None,
+) -> Path:
+    """Accuracy against model size: one panel per mapping of ``panels``, one line per method.
+
+    Each method maps to ``(parameters, mean %, std %)`` points (std as error bars); the x axis is
+    logarithmic. ``ceiling``: the method drawn as a dashed black line (the oracle).
+    """
+    fig = _figure(6.0 * len(panels), 4.4, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, series, title in zip(axes, panels, titles, strict=True):
+        for method, points in series.items():
+            if not points:
+                continue
+            xs, means, stds = zip(*points, strict=True)
+            style = {"color": "black", "ls": "--"} if method == ceiling else {"marker": "o"}
+            ax.errorbar(xs, means, yerr=stds, capsize=2, label=method, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("base model parameters")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-3, 105)
+        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return path

@@ -35,7 +35,7 @@ def demo_sweep_inputs(demo: Run, cat_run: Run) -> SweepInputs:
     from lorasoup.models import load_base_model, parse_model_spec
 
     results = demo.json("results.json")
-    settings = load_config(DemoSettings, base=results["settings"])
+    settings = load_config(DemoSettings, base={**results["settings"], "device": "cpu"})  # as the model below
     seed_dir = cat_run.path.parent
     seed = int(seed_dir.name.removeprefix("seed-"))
     tokenizer = build_tokenizer()

@@ -186,11 +186,13 @@ def fit_cat_weights(
             if progress is not None:
                 progress(step, total, result.losses[-1])
             due = checkpoint_dir is not None and options.save_every and step % options.save_every == 0
+            # Under FSDP2 θ is sharded: every process takes part in gathering it, one saves it.
+            theta = _whole(composition.weights.theta) if due else None
             if due and accelerator.is_main_process:
                 save_checkpoint(
                     checkpoint_dir / f"step-{step}",
                     {
-                        "theta": composition.weights.theta.detach().cpu(),
+                        "theta": theta,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(),
@@ -202,10 +204,17 @@ def fit_cat_weights(
                 break
     model.eval()
     accelerator.wait_for_everyone()
+    composition.weights.gather_()  # export and run.json read θ on the main process only
     result.steps = step
     result.seconds = time.perf_counter() - start
     result.throughput, result.device = clock.rates(), str(accelerator.device)
     return result
+
+
+def _whole(theta: torch.Tensor) -> torch.Tensor:
+    """θ on the host as one tensor (FSDP2 keeps a DTensor shard per process: a collective then)."""
+    whole = theta.full_tensor() if hasattr(theta, "full_tensor") else theta
+    return whole.detach().cpu()
 
 
 def _compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:

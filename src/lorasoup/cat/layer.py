@@ -64,6 +64,12 @@ class CatWeights(nn.Module):
         """Effective weights ``w (G, K)``."""
         return self.activate(self.theta)
 
+    def gather_(self) -> None:
+        """Make θ one whole plain tensor again after FSDP2 sharded it (``fully_shard`` turns it into a
+        DTensor shard outside forward). A collective: every process calls it. No-op otherwise."""
+        if hasattr(self.theta, "full_tensor"):
+            self.theta = nn.Parameter(self.theta.full_tensor().detach().clone())
+
     def set_population(self, weights: Tensor) -> None:
         """Route every ``CatLinear`` through P candidates: ``weights (P, G, K)``, effective (not θ).
 

@@ -151,3 +151,20 @@ def test_shape_mismatch_with_base_model(make_lora, gpt2_dir, tmp_path, data_file
 def test_help_explains():
     result = runner.invoke(app, ["cat", "--help"])
     assert result.exit_code == 0 and "--set" in result.output and "PEFT adapter" in result.output
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    """An error naming an extra (lorasoup[search]) must print it, not swallow it as rich markup."""
+    import typer
+    from typer.testing import CliRunner
+
+    from lorasoup.cli import _fail
+
+    probe = typer.Typer()
+
+    @probe.command()
+    def run() -> None:
+        _fail("install it: pip install 'lorasoup[search]'")
+
+    result = CliRunner().invoke(probe, [])
+    assert result.exit_code == 2 and "lorasoup[search]" in result.output

@@ -119,3 +119,35 @@ def make_lora(llama_dir: Path, tmp_path: Path) -> Callable[..., Path]:
         return make_peft_lora(base_dir or llama_dir, tmp_path / name, **kwargs)
 
     return make
+
+
+# `lorasoup demo --set` overrides that make the demo study run in seconds (plumbing, not science);
+# shared by the demo, study and report tests.
+TINY_DEMO = [
+    "base.steps=20",
+    "base.layers=1",
+    "base.hidden=32",
+    "base.intermediate=64",
+    "sizes.base=240",
+    "sizes.skill=48",
+    "sizes.test=12",
+    "lora_steps=4",
+    "cat_steps=3",
+    "batch_size=8",
+    "eval_batch_size=12",
+    "search_population=4",
+    "search_iterations=2",
+]
+
+
+def torchrun(*args: str, processes: int = 2, timeout: int = 300) -> None:
+    """``python -m torch.distributed.run --nproc_per_node N ARGS`` on the CPU (gloo), one thread per
+    process and this checkout's ``src`` on the path; fails the test with the end of stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -4,9 +4,6 @@ process with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lorasoup.cli import app
+from tests.conftest import torchrun
 
 # Rows of one token length: a per-process mean over tokens, averaged over processes, is then exactly
 # the mean over the whole batch (the quantity one process minimises).
@@ -43,20 +41,9 @@ def test_two_processes_learn_the_weights_of_one(make_lora, llama_dir: Path, tmp_
     path.write_text(yaml.safe_dump(config))
     assert CliRunner().invoke(app, ["cat", str(path)]).exit_code == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "lorasoup",
-        "cat",
-    ]
-    command += [str(path), "--output", str(tmp_path / "two"), "--set", "train.batch_size=4"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun(
+        "-m", "lorasoup", "cat", str(path), "--output", str(tmp_path / "two"), "--set", "train.batch_size=4"
+    )
 
     one = json.loads((tmp_path / "one" / "cat_weights.json").read_text())["weights"]
     two = json.loads((tmp_path / "two" / "cat_weights.json").read_text())["weights"]

@@ -8,10 +8,9 @@ Two processes (torchrun, gloo, CPU) shard a tiny CAT Llama per decoder layer and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.conftest import torchrun
 
 WORKER = """
 import json, sys
@@ -63,10 +62,7 @@ dist.destroy_process_group()
 def test_fsdp2_sharded_cat_weights_gather_and_export_exactly(tmp_path: Path) -> None:
     script, out = tmp_path / "worker.py", tmp_path / "result"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(str(script), str(out))
     expected = {"sharded": True, "whole": True, "theta_equal": True, "factors_equal": True}
     for rank in (0, 1):
         assert json.loads(Path(f"{out}{rank}").read_text()) == expected

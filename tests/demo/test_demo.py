@@ -15,6 +15,7 @@ from lorasoup.demo.benchmark import MUL_STORIES, BenchmarkSizes, build_benchmark
 from lorasoup.demo.robustness import BASE_FORMATS, STATS, held_out_stats
 from lorasoup.demo.study import TASKS, TASKS_K3, slug
 from lorasoup.training.templates import TEMPLATES
+from tests.conftest import TINY_DEMO
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,21 +66,7 @@ def test_tokenizer_knows_every_word_and_round_trips() -> None:
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-TINY = [
-    "base.steps=20",
-    "base.layers=1",
-    "base.hidden=32",
-    "base.intermediate=64",
-    "sizes.base=240",
-    "sizes.skill=48",
-    "sizes.test=12",
-    "lora_steps=4",
-    "cat_steps=3",
-    "batch_size=8",
-    "eval_batch_size=12",
-    "search_population=4",
-    "search_iterations=2",
-]
+TINY = TINY_DEMO
 
 
 @pytest.fixture(scope="module")

@@ -20,25 +20,12 @@ from lorasoup.demo.base import BaseModelSize
 from lorasoup.demo.scale import StudyConfig
 from lorasoup.demo.scale_report import overtaking
 from lorasoup.demo.study import TASKS
+from tests.conftest import TINY_DEMO
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "study"
 SMOKE = CONFIGS / "scale-cpu-smoke.yaml"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
-TINY = [
-    "base.steps=20",
-    "base.layers=1",
-    "base.hidden=32",
-    "base.intermediate=64",
-    "sizes.base=240",
-    "sizes.skill=48",
-    "sizes.test=12",
-    "lora_steps=4",
-    "cat_steps=3",
-    "batch_size=8",
-    "eval_batch_size=12",
-    "search_population=4",
-    "search_iterations=2",
-]
+TINY = TINY_DEMO
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,21 +14,10 @@ from typer.testing import CliRunner
 
 from lorasoup.cli import app
 from lorasoup.report.page import SECTIONS
+from tests.conftest import TINY_DEMO
 
 runner = CliRunner()
-TINY = [
-    "base.steps=20",
-    "base.layers=1",
-    "base.hidden=32",
-    "base.intermediate=64",
-    "sizes.base=240",
-    "sizes.skill=48",
-    "sizes.test=12",
-    "lora_steps=4",
-    "cat_steps=3",
-    "batch_size=8",
-    "eval_batch_size=12",
-]
+TINY = TINY_DEMO
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,10 +7,9 @@ accelerate does, and call ``gathered_state_dict`` with an accelerator that repor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.conftest import torchrun
 
 WORKER = """
 import json, sys, types
@@ -48,9 +47,6 @@ dist.destroy_process_group()
 def test_fsdp2_gathers_only_the_lora_factors(tmp_path: Path) -> None:
     script, out = tmp_path / "worker.py", tmp_path / "result.json"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun(str(script), str(out))
     # 2 layers x (q, v) x (A, B): the trainable parameters only, none of the frozen base's.
     assert json.loads(out.read_text()) == {"keys": 8, "same_names": True, "equal": True}

@@ -101,19 +101,21 @@ def merge_streaming(
 ) -> Tensor:
     """:func:`merge_tasks` (signs elected on the weighted tasks) without stacking the K tasks.
 
-    ``tasks[i]()`` builds task i (e.g. ``s_i B_i A_i`` of one module); only one task exists at a
-    time, so memory stays at a few task-sized tensors whatever K is. Sign consensus needs two passes:
+    ``tasks[i]()`` builds task i (e.g. ``s_i B_i A_i`` of one module) as a fresh tensor, which is
+    then modified in place; only one task exists at a time, so memory stays at a few task-sized tensors whatever K is. Sign consensus needs two passes:
     the first elects the signs, the second rebuilds each task (replaying DARE's random draws from the
     saved generator state) and averages the agreeing entries.
     """
 
     def sparse(i: int) -> Tensor:
+        # Each builder returns a fresh tensor that nothing else holds, so it is edited in place:
+        # every full-size temporary saved here is one module-sized ΔW less at the peak.
         task = tasks[i]()
         if recipe.sparsify == "magnitude":
             task = keep_top_magnitude(task, density)
         elif recipe.sparsify == "random":
             task = drop_random(task, density, generator)
-        return task * weights[i].to(task.dtype)
+        return task.mul_(weights[i].to(task.dtype))
 
     if recipe.consensus == "none":
         total = sparse(0)
@@ -125,19 +127,22 @@ def merge_streaming(
     start = generator.get_state()
     score = None
     for i in range(len(tasks)):
-        vote = sparse(i) if sign_method == "total" else sparse(i).sign()
+        vote = sparse(i) if sign_method == "total" else sparse(i).sign_()
         score = vote if score is None else score.add_(vote)
-    sign = torch.where(score >= 0, 1.0, -1.0).to(score.dtype)
+    positive = score >= 0  # the elected sign as a bool mask (ties go to +1), a quarter of a float ΔW
     del score
     generator.set_state(start)
-    total = torch.zeros_like(sign)
-    count = torch.zeros_like(sign)
+    total = None
+    small = torch.uint8 if len(tasks) < 256 else torch.int32  # a count of agreeing tasks, at most K
+    count = torch.zeros(positive.shape, dtype=small, device=positive.device)
     for i in range(len(tasks)):
         task = sparse(i)
-        agrees = (task.sign() == sign) & (task != 0)
-        total += task * agrees
+        agrees = torch.where(positive, task > 0, task < 0)  # carries the elected sign (zeros never agree)
         count += agrees
-    return total / count.clamp(min=1)
+        task.masked_fill_(~agrees, 0)
+        total = task if total is None else total.add_(task)
+        del agrees
+    return total.div_(count.clamp_(min=1))
 
 
 def _delta_merge(name: str) -> object:

@@ -65,7 +65,7 @@ class LoraFactors:
 
     def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense ``ΔW (out, in)``; for tests and small models only."""
-        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+        return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
 
 
 @dataclass

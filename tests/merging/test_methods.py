@@ -215,3 +215,11 @@ def test_magnitude_trim_keeps_exactly_k_of_the_largest_even_with_ties(values, de
     assert int((kept != 0).sum()) <= k
     largest = torch.sort(t.abs(), descending=True).values[:k]
     assert torch.equal(torch.sort(kept.abs(), descending=True).values[:k], largest)
+
+
+def test_magnitude_trim_in_place_equals_the_pure_one() -> None:
+    t = torch.randn(6, 5, generator=torch.Generator().manual_seed(2)).T  # not contiguous
+    expected = keep_top_magnitude(t, 0.3)
+    work = t.clone().T.contiguous().T  # the same values and layout, ours to modify
+    assert keep_top_magnitude(work, 0.3, inplace=True) is work
+    assert torch.equal(work, expected)

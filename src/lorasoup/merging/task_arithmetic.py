@@ -102,9 +102,10 @@ def merge_streaming(
     """:func:`merge_tasks` (signs elected on the weighted tasks) without stacking the K tasks.
 
     ``tasks[i]()`` builds task i (e.g. ``s_i B_i A_i`` of one module) as a fresh tensor, which is
-    then modified in place; only one task exists at a time, so memory stays at a few task-sized tensors whatever K is. Sign consensus needs two passes:
-    the first elects the signs, the second rebuilds each task (replaying DARE's random draws from the
-    saved generator state) and averages the agreeing entries.
+    then modified in place; only one task exists at a time, so memory stays at a few task-sized
+    tensors whatever K is. Sign consensus needs two passes: the first elects the signs, the second
+    rebuilds each task (replaying DARE's random draws from the saved generator state) and averages
+    the agreeing entries.
     """
 
     def sparse(i: int) -> Tensor:
@@ -112,7 +113,7 @@ def merge_streaming(
         # every full-size temporary saved here is one module-sized ΔW less at the peak.
         task = tasks[i]()
         if recipe.sparsify == "magnitude":
-            task = keep_top_magnitude(task, density)
+            task = keep_top_magnitude(task, density, inplace=True)
         elif recipe.sparsify == "random":
             task = drop_random(task, density, generator)
         return task.mul_(weights[i].to(task.dtype))

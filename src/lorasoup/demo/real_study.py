@@ -55,7 +55,7 @@ class RealDemoSettings:
     cutoff_len: int = 256
     sizes: RealSizes = field(default_factory=RealSizes)
     lora_rank: int = 8
-    lora_steps: int = 50
+    lora_steps: int = 40
     lora_learning_rate: float = 1e-3
     batch_size: int = 4
     cat_steps: int = 30

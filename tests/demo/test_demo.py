@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lorasoup.cli import app
@@ -17,14 +15,7 @@ from lorasoup.demo.study import TASKS, TASKS_K3, slug
 from lorasoup.training.templates import TEMPLATES
 from tests.conftest import TINY_DEMO
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny models gain nothing from threads, and a loaded 2-core machine loses a lot to them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/demo/conftest.py
 
 
 def _value(expression: str) -> int:

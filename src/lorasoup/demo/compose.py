@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from lorasoup.demo.study import (
     task_specs,
 )
 
+if TYPE_CHECKING:
+    from lorasoup.demo.real_study import RealDemoSettings
+
 
 @dataclass
 class SeedStudy:
@@ -40,12 +43,19 @@ class SeedStudy:
 
     out: Path
     seed: int
-    settings: DemoSettings
+    settings: DemoSettings | RealDemoSettings
     base_dir: Path
     tokenizer: Any
     benchmark: Benchmark
     files: dict[str, str]  # training split name → records file
     step: Callable[[str], None]
+    template: str = "plain"  # how records become prompts, for every LoRA, CAT, search and MoE
+    cutoff_len: int = 64
+    gate_examples: int | None = None  # records per skill the MoE's mean gates average over (None: all)
+
+    @property
+    def fmt(self) -> dict[str, Any]:
+        return {"template": self.template, "cutoff_len": self.cutoff_len}
 
     def add(
         self,
@@ -67,7 +77,7 @@ class SeedStudy:
         self.step(f"training the {name} skill LoRA")
         out = self.out / "adapters" / name
         return _train_lora(
-            self.base_dir, [(name, self.files[name], None)], out, self.settings, self.seed
+            self.base_dir, [(name, self.files[name], None)], out, self.settings, self.seed, **self.fmt
         ).output
 
 
@@ -81,7 +91,9 @@ def compose_methods(
     rows: list[MethodResult] = []
     s.step("training DATA-MIX")
     sources = [(name, s.files[name], settings.sizes.skill) for name in adapters]
-    mix = _train_lora(s.base_dir, sources, s.out / "adapters" / f"datamix{tag}", settings, s.seed).output
+    mix = _train_lora(
+        s.base_dir, sources, s.out / "adapters" / f"datamix{tag}", settings, s.seed, **s.fmt
+    ).output
     s.add(
         rows,
         scorer,
@@ -96,7 +108,12 @@ def compose_methods(
     _search_and_moe_rows(s, scorer, adapters, target, rows)
     s.step("training the oracle")
     oracle = _train_lora(
-        s.base_dir, [(target, s.files[target], None)], s.out / "adapters" / f"oracle{tag}", settings, s.seed
+        s.base_dir,
+        [(target, s.files[target], None)],
+        s.out / "adapters" / f"oracle{tag}",
+        settings,
+        s.seed,
+        **s.fmt,
     ).output
     s.add(
         rows, scorer, "oracle (composite data)", "ceiling", _load(s.base_dir, oracle), oracle, "the ceiling"
@@ -131,7 +148,7 @@ def _cat_rows(
     s.add(rows, scorer, "CAT, uniform weights", "CAT", model, None, "1/K on every module")
     s.step("training CAT weights")
     data = [s.files[name] for name in adapters]
-    cat = _cat(s.base_dir, adapters, data, s.out / f"cat{tag}", s.settings, s.seed)
+    cat = _cat(s.base_dir, adapters, data, s.out / f"cat{tag}", s.settings, s.seed, **s.fmt)
     detail = f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter"
     s.add(rows, scorer, "CAT (trained)", "CAT", _load(s.base_dir, cat.output), cat.output, detail)
     return Path(cat.output)
@@ -144,14 +161,15 @@ def _search_and_moe_rows(
     settings = s.settings
     s.step("searching weights on a few composite examples")
     examples = s.benchmark.train[target][: settings.search_examples]
-    searched, found = _search(s.base_dir, adapters, examples, s.tokenizer, settings, s.seed)
+    searched, found = _search(s.base_dir, adapters, examples, s.tokenizer, settings, s.seed, **s.fmt)
     detail = f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)"
     s.add(rows, scorer, "LoraHub search", "search", searched, None, detail)
     s.step("training the MoE routers")
-    moe = _moe(s.base_dir, adapters, [s.files[name] for name in adapters], settings, s.seed)
+    moe = _moe(s.base_dir, adapters, [s.files[name] for name in adapters], settings, s.seed, **s.fmt)
     detail = "soft gates per token and module, skills' data"
     s.add(rows, scorer, "MoE (per-token router)", "baseline", moe.model, None, detail)
-    distilled = _distil(moe, [record for name in adapters for record in s.benchmark.train[name]])
+    gate_data = [r for name in adapters for r in s.benchmark.train[name][: s.gate_examples]]
+    distilled = _distil(moe, gate_data, **s.fmt)
     detail = "router gates averaged into static weights"
     s.add(rows, scorer, "MoE → CAT (mean gates)", "baseline", distilled.model, None, detail)
 

@@ -21,28 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorasoup.config import require
+from lorasoup.demo.compose import STEPS as COMPOSE_STEPS
+from lorasoup.demo.compose import SeedStudy, compose_methods
 from lorasoup.demo.real import PROGRAM_REQUEST, RealSizes, build_real_benchmark
-from lorasoup.demo.study import (
-    MethodResult,
-    Scorer,
-    StageHook,
-    _cat,
-    _distil,
-    _load,
-    _merge,
-    _moe,
-    _search,
-    _train_lora,
-    _untrained_cat,
-    _write_records,
-)
+from lorasoup.demo.study import MethodResult, Scorer, StageHook, _load, _write_records
 from lorasoup.evaluation.generate import GenerationOptions
 from lorasoup.evaluation.tasks import TaskSpec
 
-STAGES = 24
+STAGES = 1 + 6 + COMPOSE_STEPS  # conversion; data, base, two skills trained and scored; the methods
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -187,94 +174,38 @@ def run_real_seed(
         _write_records(out / "data" / f"test-{name}.json", records)
     clock["data_s"] = time.perf_counter() - started
     scorer = Scorer(benchmark, tokenizer, settings, out / "eval", specs=task_specs(settings))
-    fmt = {"template": settings.template, "cutoff_len": settings.cutoff_len}
-    rows: list[MethodResult] = []
-
-    def add(method: str, kind: str, model: torch.nn.Module, artifact: Path | None, detail: str = "") -> None:
-        step(f"scoring {method}")
-        accuracy = scorer.score(method, model)
-        rows.append(MethodResult(method, kind, accuracy, str(artifact) if artifact else None, detail))
-
-    def train(name: str, sources: list[tuple[str, str, int | None]]) -> Any:
-        return _train_lora(base_dir, sources, out / "adapters" / name, settings, seed, **fmt)
-
-    add("base model", "reference", _load(base_dir), base_dir, f"{MODEL_NAME}, no adapter")
-    adapters: dict[str, Path] = {}
-    for name, title in (("math", "math skill LoRA"), ("code", "code skill LoRA")):
-        step(f"training the {name} skill LoRA")
-        adapters[name] = train(name, [(name, files[name], None)]).output
-        add(title, "skill", _load(base_dir, adapters[name]), adapters[name])
-    clock["skills_s"] = time.perf_counter() - started - clock["data_s"]
-
-    step("training DATA-MIX")
-    skill = settings.sizes.skill
-    mix = train("datamix", [("math", files["math"], skill), ("code", files["code"], skill)]).output
-    add("DATA-MIX", "baseline", _load(base_dir, mix), mix, "one LoRA on the skills' mixed data")
-    for title, method, weights, params, detail in _merges(settings):
-        where = out / "merges" / method
-        path = _merge(method, list(adapters.values()), weights, params, where, seed, settings.device)
-        add(title, "merge", _load(base_dir, path), path, detail)
-    untrained = {"CAT, weights at init": "θ ~ N(0,1), softmax", "CAT, uniform weights": "1/K on every module"}
-    for title, detail in untrained.items():
-        uniform = title.endswith("uniform weights")
-        model = _untrained_cat(base_dir, adapters, seed, uniform=uniform, device=settings.device)
-        add(title, "CAT", model, None, detail)
-    step("training CAT weights")
-    cat = _cat(base_dir, adapters, [files["math"], files["code"]], out / "cat", settings, seed, **fmt)
-    detail = f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter"
-    add("CAT (trained)", "CAT", _load(base_dir, cat.output), cat.output, detail)
-    _add_search_and_moe(add, step, base_dir, adapters, files, benchmark.train, tokenizer, settings, seed)
-    step("training the oracle")
-    oracle = train("oracle", [("composite", files["composite"], None)]).output
-    add(
-        "oracle (composite data)",
-        "ceiling",
-        _load(base_dir, oracle),
-        oracle,
-        "PAL programs from worked answers",
+    study = SeedStudy(
+        out,
+        seed,
+        settings,
+        base_dir,
+        tokenizer,
+        benchmark,
+        files,
+        step,
+        template=settings.template,
+        cutoff_len=settings.cutoff_len,
+        gate_examples=settings.gate_examples,
     )
+    rows: list[MethodResult] = []
+    study.add(rows, scorer, "base model", "reference", _load(base_dir), base_dir, f"{MODEL_NAME}, no adapter")
+    adapters: dict[str, Path] = {}
+    for name in ("math", "code"):
+        adapters[name] = study.train_skill(name)
+        study.add(
+            rows, scorer, f"{name} skill LoRA", "skill", _load(base_dir, adapters[name]), adapters[name]
+        )
+    clock["skills_s"] = time.perf_counter() - started - clock["data_s"]
+    composed, artifacts = compose_methods(study, scorer, adapters, target="composite")
+    rows += composed
     clock["total_s"] = time.perf_counter() - started
     facts = {
         "seed": seed,
         "timings_s": clock,
         "base_model": base_facts,
-        "cat_weights": str(cat.output / "cat_weights.json"),
+        "cat_weights": str(artifacts["cat"] / "cat_weights.json"),
     }
     return rows, facts
-
-
-def _add_search_and_moe(
-    add: Callable[..., None],
-    step: Callable[[str], None],
-    base_dir: Path,
-    adapters: dict[str, Path],
-    files: dict[str, str],
-    train: dict[str, list[dict[str, Any]]],
-    tokenizer: Any,
-    settings: RealDemoSettings,
-    seed: int,
-) -> None:
-    """The LoraHub search row and the MoE rows, as the tiny study adds them."""
-    fmt = {"template": settings.template, "cutoff_len": settings.cutoff_len}
-    step("searching weights on a few composite examples")
-    target = train["composite"][: settings.search_examples]
-    searched, found = _search(base_dir, adapters, target, tokenizer, settings, seed, **fmt)
-    detail = f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)"
-    add("LoraHub search", "search", searched, None, detail)
-    step("training the MoE routers")
-    moe = _moe(base_dir, adapters, [files["math"], files["code"]], settings, seed, **fmt)
-    add(
-        "MoE (per-token router)", "baseline", moe.model, None, "soft gates per token and module, skills' data"
-    )
-    gate_data = [*train["math"][: settings.gate_examples], *train["code"][: settings.gate_examples]]
-    distilled = _distil(moe, gate_data, **fmt)
-    add(
-        "MoE → CAT (mean gates)",
-        "baseline",
-        distilled.model,
-        None,
-        "router gates averaged into static weights",
-    )
 
 
 def _token_budget(tokenizer: Any, settings: RealDemoSettings) -> Callable[[dict[str, Any]], bool]:
@@ -286,17 +217,6 @@ def _token_budget(tokenizer: Any, settings: RealDemoSettings) -> Callable[[dict[
         return len(whole["input_ids"]) <= settings.cutoff_len
 
     return fits
-
-
-def _merges(settings: RealDemoSettings) -> list[tuple[str, str, list[float], dict[str, Any], str]]:
-    """The static merges, with the paper code's weights and densities (as the tiny study)."""
-    density = {"density": settings.density}
-    return [
-        ("linear", "linear", [0.5, 0.5], {}, "task arithmetic, weights 1/K (the paper's code)"),
-        ("TIES", "ties", [1.0, 1.0], density, f"ΔW space, density {settings.density}, weights 1"),
-        ("DARE", "dare_ties", [1.0, 1.0], density, f"ΔW space, density {settings.density}, weights 1"),
-        ("SVD", "svd", [0.5, 0.5], {}, f"task arithmetic recompressed to rank {settings.lora_rank}"),
-    ]
 
 
 def report_header(

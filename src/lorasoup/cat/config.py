@@ -112,7 +112,7 @@ class TrainOptions:
     dtype: Dtype = "float32"
     device: str | None = None
     # torch.compile of each decoder layer (regional: one graph serves every layer, seconds to build).
-    # reduce-overhead adds CUDA graphs: on an H100 the 7B step is 1.15-1.2x the frozen base's floor
+    # reduce-overhead adds CUDA graphs: on an H100 the 7B step is 1.14-1.18x the frozen base's floor
     # (docs/benchmarks.md); give it fixed shapes (data.pad_to_multiple_of = data.cutoff_len).
     compile: CompileMode = "none"
 

@@ -187,7 +187,7 @@ def fit_cat_weights(
                 progress(step, total, result.losses[-1])
             due = checkpoint_dir is not None and options.save_every and step % options.save_every == 0
             # Under FSDP2 θ is sharded: every process takes part in gathering it, one saves it.
-            theta = _whole(composition.weights.theta) if due else None
+            theta = composition.weights.full_theta().detach().cpu() if due else None
             if due and accelerator.is_main_process:
                 save_checkpoint(
                     checkpoint_dir / f"step-{step}",
@@ -209,12 +209,6 @@ def fit_cat_weights(
     result.seconds = time.perf_counter() - start
     result.throughput, result.device = clock.rates(), str(accelerator.device)
     return result
-
-
-def _whole(theta: torch.Tensor) -> torch.Tensor:
-    """θ on the host as one tensor (FSDP2 keeps a DTensor shard per process: a collective then)."""
-    whole = theta.full_tensor() if hasattr(theta, "full_tensor") else theta
-    return whole.detach().cpu()
 
 
 def _compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:

@@ -64,11 +64,16 @@ class CatWeights(nn.Module):
         """Effective weights ``w (G, K)``."""
         return self.activate(self.theta)
 
+    def full_theta(self) -> Tensor:
+        """θ whole: FSDP2's ``fully_shard`` leaves a DTensor shard per process outside forward, and
+        gathering it is a collective (every process calls this then); otherwise θ itself."""
+        return self.theta.full_tensor() if hasattr(self.theta, "full_tensor") else self.theta
+
     def gather_(self) -> None:
-        """Make θ one whole plain tensor again after FSDP2 sharded it (``fully_shard`` turns it into a
-        DTensor shard outside forward). A collective: every process calls it. No-op otherwise."""
+        """Make θ one whole plain parameter again after FSDP2 sharded it (a collective, see
+        :meth:`full_theta`). No-op otherwise, so an optimizer holding θ keeps holding it."""
         if hasattr(self.theta, "full_tensor"):
-            self.theta = nn.Parameter(self.theta.full_tensor().detach().clone())
+            self.theta = nn.Parameter(self.full_theta().detach().clone())
 
     def set_population(self, weights: Tensor) -> None:
         """Route every ``CatLinear`` through P candidates: ``weights (P, G, K)``, effective (not θ).

@@ -148,6 +148,8 @@ def torchrun(*args: str, processes: int = 2, timeout: int = 300) -> None:
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *args]
+    # --standalone: a free port for each run, so back-to-back runs never meet a port still in TIME_WAIT
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*launcher, "--nproc_per_node", str(processes), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -67,6 +67,14 @@ class LoraFactors:
         """Dense ``ΔW (out, in)``; for tests and small models only."""
         return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
 
+    def delta_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows ``start:stop`` of ``ΔW``: a fresh ``(stop − start, in)`` tensor, the rest never built."""
+        return (self.B[start:stop].to(dtype) @ self.A.to(dtype)).mul_(self.scale)
+
+    def delta_entries(self, rows: Tensor, cols: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Scattered entries ``ΔW[rows[m], cols[m]]``: ``rows, cols (M,)`` → ``(M,)``, in ``O(M·r)``."""
+        return (self.B[rows].to(dtype) * self.A[:, cols].T.to(dtype)).sum(dim=1).mul_(self.scale)
+
 
 @dataclass
 class LoraAdapter:

@@ -172,37 +172,6 @@ def test_delta_methods_run_on_cuda_like_on_cpu(name: str) -> None:
     assert torch.allclose((on_gpu.B @ on_gpu.A).cpu(), on_cpu.B @ on_cpu.A, atol=1e-4)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    st.sampled_from(sorted(RECIPES)),
-    st.sampled_from(["total", "frequency"]),
-    st.integers(1, 4),
-    st.floats(0.1, 1.0),
-    st.integers(0, 2**16),
-)
-def test_streaming_merge_equals_the_stacked_definition(recipe_name, sign_method, k, density, seed) -> None:
-    from lorasoup.merging.task_arithmetic import merge_streaming
-
-    g = torch.Generator().manual_seed(seed)
-    tasks = torch.randn(k, 7, 9, generator=g)
-    weights = torch.randn(k, generator=g)
-    recipe = RECIPES[recipe_name]
-    stacked_gen, streamed_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    stacked = merge_tasks(
-        tasks, weights, recipe, density=density, sign_method=sign_method, generator=stacked_gen
-    )
-    streamed = merge_streaming(
-        [lambda t=t: t.clone() for t in tasks],
-        weights,
-        recipe,
-        density=density,
-        sign_method=sign_method,
-        generator=streamed_gen,
-    )
-    assert torch.allclose(streamed, stacked, atol=1e-5, rtol=1e-5)
-    assert torch.equal(streamed_gen.get_state(), stacked_gen.get_state())  # the same draws, no more
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=30), st.floats(0.01, 0.99))
 def test_magnitude_trim_keeps_exactly_k_of_the_largest_even_with_ties(values, density) -> None:

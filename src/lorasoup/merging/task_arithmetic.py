@@ -15,12 +15,13 @@ magnitude_prune    magnitude     none
 These act elementwise on each task vector ``τ_i = s_i B_i A_i``, so the merged update is dense and
 usually of full rank. It is factorised back into a LoRA at ``rank`` (default: the sum of the input
 ranks) or at the smallest rank keeping ``energy`` of ``‖ΔW‖²``; the discarded energy is reported per
-module. Only one module is densified at a time.
+module. Only the merged ``ΔW`` of one module is ever dense: the tasks are built, trimmed and combined
+a block of rows at a time (``lorasoup.merging.rowwise``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,7 @@ from lorasoup.merging.ops import (
     weight_tasks,
     weighted_sum,
 )
+from lorasoup.merging.rowwise import merge_rowwise
 
 TIES = "TIES-Merging, Yadav et al. 2023, https://arxiv.org/abs/2306.01708"
 DARE = "DARE, Yu et al. 2024, https://arxiv.org/abs/2311.03099"
@@ -90,62 +92,6 @@ def merge_tasks(
     return disjoint_mean(weighted, sign_agreement(voters, sign))
 
 
-def merge_streaming(
-    tasks: Sequence[Callable[[], Tensor]],
-    weights: Tensor,
-    recipe: Recipe,
-    *,
-    density: float,
-    sign_method: SignMethod,
-    generator: torch.Generator,
-) -> Tensor:
-    """:func:`merge_tasks` (signs elected on the weighted tasks) without stacking the K tasks.
-
-    ``tasks[i]()`` builds task i (e.g. ``s_i B_i A_i`` of one module) as a fresh tensor, which is
-    then modified in place; only one task exists at a time, so memory stays at a few task-sized
-    tensors whatever K is. Sign consensus needs two passes: the first elects the signs, the second
-    rebuilds each task (replaying DARE's random draws from the saved generator state) and averages
-    the agreeing entries.
-    """
-
-    def sparse(i: int) -> Tensor:
-        # Each builder returns a fresh tensor that nothing else holds, so it is edited in place:
-        # every full-size temporary saved here is one module-sized ΔW less at the peak.
-        task = tasks[i]()
-        if recipe.sparsify == "magnitude":
-            task = keep_top_magnitude(task, density, inplace=True)
-        elif recipe.sparsify == "random":
-            task = drop_random(task, density, generator)
-        return task.mul_(weights[i].to(task.dtype))
-
-    if recipe.consensus == "none":
-        total = sparse(0)
-        for i in range(1, len(tasks)):
-            total += sparse(i)
-        return total
-    if sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority sign method must be 'total' or 'frequency', got {sign_method!r}")
-    start = generator.get_state()
-    score = None
-    for i in range(len(tasks)):
-        vote = sparse(i) if sign_method == "total" else sparse(i).sign_()
-        score = vote if score is None else score.add_(vote)
-    positive = score >= 0  # the elected sign as a bool mask (ties go to +1), a quarter of a float ΔW
-    del score
-    generator.set_state(start)
-    total = None
-    small = torch.uint8 if len(tasks) < 256 else torch.int32  # a count of agreeing tasks, at most K
-    count = torch.zeros(positive.shape, dtype=small, device=positive.device)
-    for i in range(len(tasks)):
-        task = sparse(i)
-        agrees = torch.where(positive, task > 0, task < 0)  # carries the elected sign (zeros never agree)
-        count += agrees
-        task.masked_fill_(~agrees, 0)
-        total = task if total is None else total.add_(task)
-        del agrees
-    return total.div_(count.clamp_(min=1))
-
-
 def _delta_merge(name: str) -> object:
     recipe = RECIPES[name]
 
@@ -156,9 +102,14 @@ def _delta_merge(name: str) -> object:
         generator: torch.Generator,
     ) -> ModuleMerge:
         kept, w = present(factors, weights)
-        builders = [f.delta for f in kept]  # each (out, in), built when needed, one at a time
-        merged = merge_streaming(
-            builders, w, recipe, density=params.density, sign_method=params.majority_sign, generator=generator
+        merged = merge_rowwise(
+            kept,
+            w,
+            sparsify=recipe.sparsify,
+            consensus=recipe.consensus,
+            density=params.density,
+            sign_method=params.majority_sign,
+            generator=generator,
         )
         rank = params.rank if params.rank is not None else sum(f.rank for f in kept)
         low = dense_lowrank(merged, rank=rank, energy=params.energy, mode=params.svd, generator=generator)

@@ -1,0 +1,150 @@
+"""Row-block ΔW merges: equal to the whole-tensor definitions, with exact magnitude cuts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorasoup.adapters import LoraFactors
+from lorasoup.merging import rowwise
+from lorasoup.merging.ops import keep_top_magnitude
+from lorasoup.merging.rowwise import magnitude_cut, merge_rowwise, row_blocks
+from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
+
+
+def _tasks(k: int, out: int, inn: int, seed: int, *, integer: bool = False) -> list[LoraFactors]:
+    """Random factors; ``integer`` ones make ΔW of small integers, full of ties at any threshold."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:
+        draw = lambda *shape: torch.randint(-2, 3, shape, generator=g).float()  # noqa: E731
+    else:
+        draw = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return [LoraFactors(A=draw(3, inn), B=draw(out, 3), scale=1.0 + i) for i in range(k)]
+
+
+def _dense(task: LoraFactors, blocks) -> torch.Tensor:
+    """The task as the row blocks build it (so both sides see the same floating-point values)."""
+    return torch.cat([task.delta_rows(start, stop) for start, stop in blocks])
+
+
+def test_row_blocks_cover_every_row_once() -> None:
+    assert row_blocks(10, 3, block_elements=7) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert row_blocks(4, 100, block_elements=7) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # at least a row
+    assert row_blocks(5, 2) == [(0, 5)]
+
+
+def test_delta_rows_and_entries_agree_with_the_dense_update() -> None:
+    task = _tasks(1, 9, 7, seed=1)[0]
+    dense = task.delta()
+    assert torch.allclose(task.delta_rows(2, 6), dense[2:6], atol=1e-6)
+    rows, cols = torch.tensor([0, 8, 3, 3]), torch.tensor([6, 0, 2, 2])
+    assert torch.allclose(task.delta_entries(rows, cols), dense[rows, cols], atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["ties", "magnitude_prune", "linear"]),
+    st.sampled_from(["total", "frequency"]),
+    st.integers(1, 4),
+    st.floats(0.05, 1.0),
+    st.integers(1, 40),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_rowwise_merge_equals_the_whole_tensor_definition(
+    recipe_name, sign_method, k, density, block_elements, integer, seed
+) -> None:
+    tasks = _tasks(k, 11, 6, seed, integer=integer)
+    weights = torch.randn(k, generator=torch.Generator().manual_seed(seed))
+    recipe = RECIPES[recipe_name]
+    blocks = row_blocks(11, 6, block_elements)
+    stacked = merge_tasks(
+        torch.stack([_dense(t, blocks) for t in tasks]),
+        weights,
+        recipe,
+        density=density,
+        sign_method=sign_method,
+        generator=torch.Generator().manual_seed(0),
+    )
+    merged = merge_rowwise(
+        tasks,
+        weights,
+        sparsify=recipe.sparsify,
+        consensus=recipe.consensus,
+        density=density,
+        sign_method=sign_method,
+        generator=torch.Generator().manual_seed(0),
+        block_elements=block_elements,
+    )
+    assert torch.allclose(merged, stacked, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.01, 0.99), st.integers(1, 400), st.booleans(), st.integers(0, 2**16))
+def test_sampled_magnitude_cut_trims_exactly_as_the_whole_tensor_trim(density, block, integer, seed) -> None:
+    """With a sample small enough that the bracket path runs (and misses now and then on the ties of
+    integer tasks), trimming row blocks keeps exactly the entries the whole-tensor trim keeps."""
+    task = _tasks(1, 40, 30, seed, integer=integer)[0]
+    blocks = row_blocks(40, 30, block)
+    dense = _dense(task, blocks)
+    k = max(1, int(density * dense.numel()))
+    cut = magnitude_cut(task, k, blocks, sample_size=64)
+    trim = rowwise._Trim(cut)
+    trimmed = torch.cat([trim(task.delta_rows(start, stop)) for start, stop in blocks])
+    assert torch.equal(trimmed, keep_top_magnitude(dense, density))
+
+
+def test_a_missed_bracket_falls_back_to_the_exact_cut(monkeypatch) -> None:
+    task = _tasks(1, 50, 40, seed=3)[0]
+    blocks = row_blocks(50, 40, 300)
+    expected = magnitude_cut(task, 500, blocks)
+    calls = []
+
+    def wrong(task, k, sample_size):  # a bracket far below the true cut: too many entries above it
+        calls.append(sample_size)
+        zero = torch.zeros(())
+        return zero, zero
+
+    monkeypatch.setattr(rowwise, "_bracket", wrong)
+    cut = magnitude_cut(task, 500, blocks, sample_size=8)
+    assert calls == [8]  # sampled once, then the exact pass (no sample) gave the answer
+    assert torch.equal(cut.threshold, expected.threshold)
+    assert (cut.keep_equal, cut.equal) == (expected.keep_equal, expected.equal)
+
+
+@pytest.mark.parametrize("consensus", ["none", "sign"])
+def test_dare_blocks_are_seeded_rescaled_and_keep_about_density(consensus) -> None:
+    tasks = _tasks(1, 200, 100, seed=4)
+    run = lambda seed, density: merge_rowwise(  # noqa: E731
+        tasks,
+        torch.tensor([0.7]),
+        sparsify="random",
+        consensus=consensus,
+        density=density,
+        sign_method="total",
+        generator=torch.Generator().manual_seed(seed),
+        block_elements=1000,
+    )
+    dense = 0.7 * tasks[0].delta()
+    merged = run(5, 0.3)
+    assert torch.equal(merged, run(5, 0.3))
+    assert not torch.equal(merged, run(6, 0.3))
+    kept = merged != 0
+    assert torch.allclose(merged[kept], dense[kept] / 0.3, atol=1e-5)  # survivors rescaled by 1/density
+    assert abs(kept.float().mean().item() - 0.3) < 0.02
+    assert torch.allclose(run(5, 1.0), dense, atol=1e-5)  # density 1: nothing dropped, no rescale
+
+
+def test_rowwise_merge_rejects_an_unknown_sign_method() -> None:
+    with pytest.raises(ValueError, match="majority sign"):
+        merge_rowwise(
+            _tasks(2, 4, 4, seed=0),
+            torch.ones(2),
+            sparsify="magnitude",
+            consensus="sign",
+            density=0.5,
+            sign_method="mode",  # type: ignore[arg-type]
+            generator=torch.Generator(),
+        )

@@ -31,7 +31,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasoup.adapters import LoraAdapter, LoraFactors
-from lorasoup.merging import MERGE_METHODS, MergeParams
+from lorasoup.merging import MERGE_METHODS, MergeParams, rowwise
 from lorasoup.merging.run import merge_adapters
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -54,6 +54,7 @@ PAIRS = [
     ("magnitude_prune_factor", "magnitude_prune"),
 ]
 WEIGHTS = [0.6, 0.4]
+DEFAULT_BLOCK = rowwise.BLOCK_ELEMENTS
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +66,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-peft", action="store_true", help="time lorasoup only (no base model needed)")
     p.add_argument("--peft-svd-layers", type=int, default=1, help="layers PEFT's svd is timed on")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method (the minimum is kept)")
+    p.add_argument(
+        "--block-elements",
+        type=int,
+        nargs="+",
+        default=None,
+        help="row-block sizes to time the ΔW-space methods at (default: lorasoup's own)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="write a torch.profiler table of each lorasoup method's extra run to this file",
+    )
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/merge.json", help="also copied to $OUT if set")
@@ -193,23 +206,50 @@ def main() -> None:
     for method, combination in PAIRS:
         if method not in args.methods:
             continue
-        row: dict = {"method": method, "peft_combination": combination}
-        try:
-            row["lorasoup_s"], row["lorasoup_peak_gib"] = timed(
-                ours(method, adapters, args, device), device, args.repeats
-            )
-        except Exception as err:  # record and go on: one failing method must not hide the others
-            row["lorasoup_error"] = f"{type(err).__name__}: {err}"
-        if model is not None:
-            if combination not in peft_cache:
-                peft_cache[combination] = time_peft(combination, model, shape, args, device, layers)
-            seconds, peak, extrapolated = peft_cache[combination]
-            row.update(peft_s=seconds, peft_peak_gib=peak, peft_extrapolated=extrapolated)
-            if "lorasoup_s" in row:
-                row["speedup_vs_peft"] = round(seconds / row["lorasoup_s"], 2)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rowwise_method = MERGE_METHODS.get(method).space == "delta" and method not in ("linear", "svd")
+        for block in (args.block_elements or [None]) if rowwise_method else [None]:
+            row: dict = {"method": method, "peft_combination": combination}
+            if block is not None:
+                row["block_elements"] = block
+                rowwise.BLOCK_ELEMENTS = block
+            try:
+                row["lorasoup_s"], row["lorasoup_peak_gib"] = timed(
+                    ours(method, adapters, args, device), device, args.repeats
+                )
+                if args.profile:
+                    profile(ours(method, adapters, args, device), device, args.profile, row)
+            except Exception as err:  # record and go on: one failing method must not hide the others
+                row["lorasoup_error"] = f"{type(err).__name__}: {err}"
+            finally:
+                rowwise.BLOCK_ELEMENTS = DEFAULT_BLOCK
+            if model is not None:
+                if combination not in peft_cache:
+                    peft_cache[combination] = time_peft(combination, model, shape, args, device, layers)
+                seconds, peak, extrapolated = peft_cache[combination]
+                row.update(peft_s=seconds, peft_peak_gib=peak, peft_extrapolated=extrapolated)
+                if "lorasoup_s" in row:
+                    row["speedup_vs_peft"] = round(seconds / row["lorasoup_s"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     write(args, device, rows)
+
+
+def profile(fn, device: torch.device, path: str, row: dict) -> None:
+    """One more run under torch.profiler; its top operators appended to ``path`` (not timed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    title = f"== {row['method']} block_elements={row.get('block_elements')}"
+    with open(path, "a") as handle:
+        for key in dict.fromkeys([sort, "self_cpu_time_total"]):
+            handle.write(f"{title} sorted by {key}\n")
+            handle.write(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
+            handle.write("\n")
 
 
 def time_peft(combination: str, model, shape: dict, args, device: torch.device, layers: int):

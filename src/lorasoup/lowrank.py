@@ -96,14 +96,15 @@ def recompress(
 
     ``A (R, in)``, ``B (out, R)`` → ``LowRank`` with ``A (k, in)``, ``B (out, k)``; ``k`` from
     :func:`choose_rank`, or ``pad_to`` (≥ k) with zero rows when a fixed export rank is needed.
-    Works in float64 internally (the cores are tiny) and returns the input dtype.
+    Works in float64 internally (the cores are tiny) and returns the input dtype. The ``R × R`` core's
+    SVD runs on the CPU whatever the factors' device (see :func:`_thin_qr`).
     """
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"rank mismatch: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
     dtype = A.dtype
-    Q_b, R_b = torch.linalg.qr(B.double())  # (out, m), (m, R) with m = min(out, R)
-    Q_a, R_a = torch.linalg.qr(A.double().T)  # (in, n), (n, R) with n = min(in, R)
-    U, S, Vh = torch.linalg.svd(R_b @ R_a.T, full_matrices=False)  # (m, p), (p,), (p, n)
+    Q_b, R_b = _thin_qr(B)  # (out, m), (m, R) with m = min(out, R)
+    Q_a, R_a = _thin_qr(A.T)  # (in, n), (n, R) with n = min(in, R)
+    U, S, Vh = (t.to(A.device) for t in torch.linalg.svd((R_b @ R_a.T).cpu(), full_matrices=False))
     keep = choose_rank(S, rank, energy)
     width = keep if pad_to is None else pad_to
     if width < keep:
@@ -190,22 +191,60 @@ def _randomized_svd(
     for _ in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
         Z = _orthonormal(matrix.T @ Q)
         Q = _orthonormal(matrix @ Z)
-    U_small, S, Vh = torch.linalg.svd(Q.T @ matrix, full_matrices=False)  # (w, w), (w,), (w, in)
-    return Q @ U_small, S, Vh
+    U_small, S, Vh = _svd_of_wide(Q.T @ matrix)  # (w, w), (w,), (w, in)
+    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype)
+
+
+def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of a wide ``Y (w, n)``, ``w ≤ n``, in float64: ``U (w, w)``, ``S (w,)``, ``Vh (w, n)``.
+
+    Through the Gram matrix: ``Y Yᵀ = U S² Uᵀ`` (a w×w eigenproblem, solved on the CPU) and
+    ``Vh = S⁻¹ Uᵀ Y`` (one GEMM where ``Y`` lives). In float64 the squared condition number costs
+    nothing that matters: values below ``cutoff · σ₁`` (at most 1e-12 of the energy) get zero rows
+    in ``Vh`` instead of amplified round-off.
+    """
+    wide = Y.double()
+    values, vectors = torch.linalg.eigh((wide @ wide.T).cpu())  # ascending
+    S = values.flip(0).clamp(min=0).sqrt()
+    U = vectors.flip(1)
+    live = cutoff * S[0] < S
+    inverse = torch.where(live, 1.0 / torch.where(live, S, 1.0), 0.0)
+    U = U.to(Y.device)
+    Vh = (U.T @ wide) * inverse.to(Y.device)[:, None]
+    return U, S.to(Y.device), Vh
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
-    """An orthonormal basis of the columns of a tall ``Y (m, w)``: ``Q (m, w)``.
+    """An orthonormal basis of the columns of a tall ``Y (m, w)``: ``Q (m, w)`` in ``Y``'s dtype."""
+    return _thin_qr(Y)[0].to(Y.dtype)
 
-    CholeskyQR2 (Fukaya et al. 2014): ``Q = Y R⁻¹`` with ``RᵀR = YᵀY``, done twice. It is a few GEMMs
-    and a w×w factorisation, where Householder QR of a tall matrix is a long sequential kernel on a
-    GPU. Falls back to Householder QR when ``Y`` is too ill-conditioned for the Cholesky step.
+
+def _thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Thin QR of ``X (m, n)`` in float64: orthonormal ``Q (m, p)``, ``R (p, n)``, ``p = min(m, n)``.
+
+    For a tall ``X``: CholeskyQR2 (Fukaya et al. 2014), ``Q = X R⁻¹`` with ``RᵀR = XᵀX``, done twice.
+    That is a few GEMMs plus an n×n Cholesky, which runs on the CPU: on a GPU, Householder QR of a
+    tall matrix is a long sequential kernel and cuSOLVER takes about a millisecond (and a sync) for
+    even an 80×80 factorisation, more than a module's whole GEMM work. When ``X`` is too
+    ill-conditioned for the Cholesky step (the Gram fails to factor, or ``Q`` comes out
+    non-orthonormal) it falls back to Householder QR where ``X`` lives. ``cholesky``: force or skip
+    CholeskyQR2 (default: on a GPU only; a CPU does Householder QR faster than the extra GEMMs).
     """
-    Q = Y.double()  # tall and skinny: float64 is cheap here and keeps the Gram matrix accurate
-    for _ in range(2):
-        gram = Q.T @ Q  # (w, w)
-        factor, info = torch.linalg.cholesky_ex(gram, upper=True)
-        if int(info) != 0:
-            return torch.linalg.qr(Y)[0]
-        Q = torch.linalg.solve_triangular(factor, Q, upper=True, left=False)
-    return Q.to(Y.dtype)
+    work = X.double()
+    rows, cols = work.shape
+    if cholesky is None:
+        cholesky = X.is_cuda
+    if cholesky and rows >= cols:
+        Q, R = work, None
+        for _ in range(2):
+            factor, info = torch.linalg.cholesky_ex((Q.T @ Q).cpu(), upper=True)
+            if int(info) != 0:
+                break
+            factor = factor.to(X.device)
+            Q = torch.linalg.solve_triangular(factor, Q, upper=True, left=False)
+            R = factor if R is None else factor @ R
+        else:
+            drift = (Q.T @ Q).cpu() - torch.eye(cols, dtype=torch.float64)
+            if float(drift.abs().max()) < 1e-10:
+                return Q, R  # type: ignore[return-value]
+    return torch.linalg.qr(work)

@@ -121,3 +121,36 @@ def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
     Q = _orthonormal(Y)
     assert torch.isfinite(Q).all()
     assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 3), st.booleans(), st.integers(0, 2**16))
+def test_thin_qr_factors_tall_wide_and_rank_deficient_matrices(rows, cols, deficit, cholesky, seed) -> None:
+    """Q has orthonormal columns and Q R reproduces X, whichever path (CholeskyQR2 or the Householder
+    fallback for rank-deficient or wide X) produced them."""
+    from lorasoup.lowrank import _thin_qr
+
+    g = torch.Generator().manual_seed(seed)
+    inner = max(1, min(rows, cols) - deficit)
+    X = torch.randn(rows, inner, generator=g) @ torch.randn(inner, cols, generator=g)
+    Q, R = _thin_qr(X, cholesky=cholesky)  # CholeskyQR2 is what a GPU runs
+    p = min(rows, cols)
+    assert Q.shape == (rows, p) and R.shape == (p, cols) and Q.dtype == torch.float64
+    assert torch.allclose(Q.T @ Q, torch.eye(p, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(Q @ R, X.double(), atol=1e-5 * max(1.0, float(X.abs().max())))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 10), st.integers(10, 50), st.integers(0, 3), st.integers(0, 2**16))
+def test_svd_of_a_wide_matrix_through_its_gram_matches_the_dense_svd(width, n, deficit, seed) -> None:
+    from lorasoup.lowrank import _svd_of_wide
+
+    g = torch.Generator().manual_seed(seed)
+    inner = max(1, width - deficit)
+    Y = torch.randn(width, inner, generator=g) @ torch.randn(inner, n, generator=g)
+    U, S, Vh = _svd_of_wide(Y)
+    expected = torch.linalg.svdvals(Y.double())
+    assert torch.allclose(S, expected, atol=1e-6 * float(expected[0]))
+    assert torch.allclose(U @ torch.diag(S) @ Vh, Y.double(), atol=1e-5 * float(expected[0]))
+    live = 1e-6 * S[0] < S
+    assert torch.allclose(Vh[live] @ Vh[live].T, torch.eye(int(live.sum()), dtype=torch.float64), atol=1e-6)

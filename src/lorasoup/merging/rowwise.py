@@ -153,7 +153,7 @@ def merge_rowwise(
     density: float,
     sign_method: SignMethod,
     generator: torch.Generator,
-    block_elements: int = BLOCK_ELEMENTS,
+    block_elements: int | None = None,
 ) -> Tensor:
     """One module's merged ``ΔW (out, in)`` (fp32) from K tasks given as factors; ``weights (K,)``.
 
@@ -161,12 +161,14 @@ def merge_rowwise(
     ``consensus``: "none" (weighted sum) | "sign" (TIES' elected sign, signs elected on ``w_i τ̂_i``,
     disjoint mean). Equals :func:`lorasoup.merging.task_arithmetic.merge_tasks` on the dense tasks;
     DARE draws its masks block by block (task order within a block), so a seed gives one result.
+    ``block_elements``: entries per row block (default :data:`BLOCK_ELEMENTS`, read at call time so a
+    benchmark can vary it); DARE's draws depend on it, nothing else does.
     """
     check_density(density)
     if sign_method not in ("total", "frequency"):
         raise ValueError(f"majority sign method must be 'total' or 'frequency', got {sign_method!r}")
     out_features, in_features = tasks[0].out_features, tasks[0].in_features
-    blocks = row_blocks(out_features, in_features, block_elements)
+    blocks = row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
     trims = None
     if sparsify == "magnitude" and density < 1.0:
         k = max(1, int(density * out_features * in_features))

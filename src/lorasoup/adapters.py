@@ -67,9 +67,12 @@ class LoraFactors:
         """Dense ``ΔW (out, in)``; for tests and small models only."""
         return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
 
-    def delta_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Rows ``start:stop`` of ``ΔW``: a fresh ``(stop − start, in)`` tensor, the rest never built."""
-        return (self.B[start:stop].to(dtype) @ self.A.to(dtype)).mul_(self.scale)
+    def delta_rows(
+        self, start: int, stop: int, dtype: torch.dtype = torch.float32, *, times: float = 1.0
+    ) -> Tensor:
+        """Rows ``start:stop`` of ``times · ΔW``: a fresh ``(stop − start, in)`` tensor, the rest never
+        built. The scalars go into the small ``B`` rows, so the block costs one GEMM and no extra pass."""
+        return (self.B[start:stop].to(dtype) * (self.scale * times)) @ self.A.to(dtype)
 
     def delta_entries(self, rows: Tensor, cols: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Scattered entries ``ΔW[rows[m], cols[m]]``: ``rows, cols (M,)`` → ``(M,)``, in ``O(M·r)``."""

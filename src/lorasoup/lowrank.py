@@ -165,10 +165,11 @@ def dense_lowrank(
             singular_values=S,
             discarded_energy=_discarded(S, keep),
         )
+    norm = torch.linalg.vector_norm(work)  # queued now, read after the SVD's own sync
     U, S, Vh = _randomized_svd(work, rank + oversample, power_iterations, generator)
     keep = choose_rank(S, rank, energy)
     A_k, B_k = _split_singular_values(U, S, Vh, keep, keep)
-    total = float(torch.linalg.vector_norm(work)) ** 2  # no float64 copy of a module-sized matrix
+    total = float(norm) ** 2  # no float64 copy of a module-sized matrix
     kept = float(S[:keep].double().square().sum())
     discarded = max(0.0, 1.0 - kept / total) if total > 0 else 0.0
     return LowRank(
@@ -177,22 +178,53 @@ def dense_lowrank(
 
 
 def _randomized_svd(
-    matrix: Tensor, width: int, power_iterations: int, generator: torch.Generator | None
+    matrix: Tensor,
+    width: int,
+    power_iterations: int,
+    generator: torch.Generator | None,
+    *,
+    cholesky: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Approximate top singular triplets of ``matrix (out, in)``: ``U (out, w)``, ``S (w,)``, ``Vh (w, in)``.
 
-    The probe is drawn with ``generator`` on its own device (CPU when none is given).
+    The probe is drawn with ``generator`` on its own device (CPU when none is given). Bases are
+    orthonormalised by :func:`_cholesky_qr2` (``cholesky``; default on a GPU), whose health is read
+    once, with the final small SVD; an unhealthy pass is redone with the same probe by Householder QR.
     """
     out_features, in_features = matrix.shape
     width = min(width, out_features, in_features)
     where = generator.device if generator is not None else torch.device("cpu")
     probe = torch.randn(in_features, width, generator=generator, device=where, dtype=matrix.dtype)
-    Q = _orthonormal(matrix @ probe.to(matrix.device))  # (out, w)
+    probe = probe.to(matrix.device)
+    if cholesky is None:
+        cholesky = matrix.is_cuda
+    if cholesky:
+        U, S, Vh, healthy = _range_svd(matrix, probe, power_iterations, cholesky=True)
+        if bool(healthy):
+            return U, S, Vh
+    return _range_svd(matrix, probe, power_iterations, cholesky=False)[:3]
+
+
+def _range_svd(
+    matrix: Tensor, probe: Tensor, power_iterations: int, *, cholesky: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One pass of the range finder from ``probe (in, w)``: ``U, S, Vh`` and a 0-dim bool, healthy."""
+    healthy = torch.ones((), dtype=torch.bool, device=matrix.device)
+
+    def orthonormal(Y: Tensor) -> Tensor:
+        nonlocal healthy
+        if not cholesky:
+            return torch.linalg.qr(Y.double())[0].to(Y.dtype)
+        Q, _, ok = _cholesky_qr2(Y)
+        healthy = healthy & ok
+        return Q.to(Y.dtype)
+
+    Q = orthonormal(matrix @ probe)  # (out, w)
     for _ in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
-        Z = _orthonormal(matrix.T @ Q)
-        Q = _orthonormal(matrix @ Z)
+        Z = orthonormal(matrix.T @ Q)
+        Q = orthonormal(matrix @ Z)
     U_small, S, Vh = _svd_of_wide(Q.T @ matrix)  # (w, w), (w,), (w, in)
-    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype)
+    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
 
 
 def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,37 +246,41 @@ def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tenso
     return U, S.to(Y.device), Vh
 
 
-def _orthonormal(Y: Tensor) -> Tensor:
-    """An orthonormal basis of the columns of a tall ``Y (m, w)``: ``Q (m, w)`` in ``Y``'s dtype."""
-    return _thin_qr(Y)[0].to(Y.dtype)
-
-
 def _thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]:
     """Thin QR of ``X (m, n)`` in float64: orthonormal ``Q (m, p)``, ``R (p, n)``, ``p = min(m, n)``.
 
-    For a tall ``X``: CholeskyQR2 (Fukaya et al. 2014), ``Q = X R⁻¹`` with ``RᵀR = XᵀX``, done twice.
-    That is a few GEMMs plus an n×n Cholesky, which runs on the CPU: on a GPU, Householder QR of a
-    tall matrix is a long sequential kernel and cuSOLVER takes about a millisecond (and a sync) for
-    even an 80×80 factorisation, more than a module's whole GEMM work. When ``X`` is too
-    ill-conditioned for the Cholesky step (the Gram fails to factor, or ``Q`` comes out
-    non-orthonormal) it falls back to Householder QR where ``X`` lives. ``cholesky``: force or skip
-    CholeskyQR2 (default: on a GPU only; a CPU does Householder QR faster than the extra GEMMs).
+    ``cholesky``: try :func:`_cholesky_qr2` first (default: on a GPU only, where Householder QR of a
+    tall matrix is a long sequential kernel; a CPU does Householder QR faster than the extra GEMMs).
+    Householder QR where ``X`` lives is the fallback when ``X`` is too ill-conditioned for it.
     """
     work = X.double()
     rows, cols = work.shape
     if cholesky is None:
         cholesky = X.is_cuda
     if cholesky and rows >= cols:
-        Q, R = work, None
-        for _ in range(2):
-            factor, info = torch.linalg.cholesky_ex((Q.T @ Q).cpu(), upper=True)
-            if int(info) != 0:
-                break
-            factor = factor.to(X.device)
-            Q = torch.linalg.solve_triangular(factor, Q, upper=True, left=False)
-            R = factor if R is None else factor @ R
-        else:
-            drift = (Q.T @ Q).cpu() - torch.eye(cols, dtype=torch.float64)
-            if float(drift.abs().max()) < 1e-10:
-                return Q, R  # type: ignore[return-value]
+        Q, R, healthy = _cholesky_qr2(work)
+        if bool(healthy):
+            return Q, R
     return torch.linalg.qr(work)
+
+
+def _cholesky_qr2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CholeskyQR2 (Fukaya et al. 2014) of a tall ``X (m, n)``: ``Q (m, n)``, ``R (n, n)`` in float64,
+    and a 0-dim bool ``healthy``.
+
+    ``Q = X R⁻¹`` with ``RᵀR = XᵀX``, done twice: a few GEMMs and an n×n Cholesky, all where ``X``
+    lives and without reading anything back, so a GPU never waits on the host. ``healthy`` is False
+    when a Cholesky step failed or ``Q`` is not orthonormal to 1e-10 (``X`` too ill-conditioned);
+    the caller checks it once, when it syncs anyway, and redoes the work by Householder QR.
+    """
+    Q = X.double()
+    R = None
+    healthy = torch.ones((), dtype=torch.bool, device=X.device)
+    for _ in range(2):
+        factor, info = torch.linalg.cholesky_ex(Q.T @ Q, upper=True)
+        healthy &= info == 0
+        Q = torch.linalg.solve_triangular(factor, Q, upper=True, left=False)
+        R = factor if R is None else factor @ R
+    identity = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
+    healthy &= (Q.T @ Q - identity).abs().max() < 1e-10  # NaN from a failed step compares False
+    return Q, R, healthy  # type: ignore[return-value]

@@ -102,23 +102,23 @@ def test_randomized_reports_the_true_residual() -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.integers(20, 60), st.integers(1, 12), st.floats(0.0, 6.0), st.integers(0, 2**16))
 def test_orthonormal_basis_spans_the_columns(rows: int, width: int, decay: float, seed: int) -> None:
-    from lorasoup.lowrank import _orthonormal
+    from lorasoup.lowrank import _thin_qr
 
     g = torch.Generator().manual_seed(seed)
     scales = torch.logspace(0, -decay, width)  # up to 1e6 condition number
     Y = torch.randn(rows, width, generator=g) * scales
-    Q = _orthonormal(Y)
-    assert Q.shape == Y.shape and Q.dtype == Y.dtype
+    Q = _thin_qr(Y, cholesky=True)[0].float()
+    assert Q.shape == Y.shape
     assert torch.allclose(Q.T @ Q, torch.eye(width), atol=1e-4)
     assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4 * float(Y.abs().max()))
 
 
 def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
-    from lorasoup.lowrank import _orthonormal
+    from lorasoup.lowrank import _thin_qr
 
     g = torch.Generator().manual_seed(0)
     Y = torch.randn(30, 2, generator=g) @ torch.randn(2, 6, generator=g)  # rank 2, width 6
-    Q = _orthonormal(Y)
+    Q = _thin_qr(Y, cholesky=True)[0].float()
     assert torch.isfinite(Q).all()
     assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4)
 
@@ -154,3 +154,27 @@ def test_svd_of_a_wide_matrix_through_its_gram_matches_the_dense_svd(width, n, d
     assert torch.allclose(U @ torch.diag(S) @ Vh, Y.double(), atol=1e-5 * float(expected[0]))
     live = 1e-6 * S[0] < S
     assert torch.allclose(Vh[live] @ Vh[live].T, torch.eye(int(live.sum()), dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("deficient", [False, True])
+@pytest.mark.parametrize("unhealthy", [False, True])
+def test_randomized_svd_by_cholesky_qr_matches_householder(deficient, unhealthy, monkeypatch) -> None:
+    """What a GPU runs (CholeskyQR2, its health read once) gives the CPU's result, and so does the
+    Householder redo that an unhealthy CholeskyQR2 pass triggers."""
+    from lorasoup import lowrank
+    from lorasoup.lowrank import _randomized_svd
+
+    if unhealthy:
+        real = lowrank._cholesky_qr2
+        monkeypatch.setattr(lowrank, "_cholesky_qr2", lambda X: (*real(X)[:2], torch.tensor(False)))
+
+    g = torch.Generator().manual_seed(3)
+    inner = 5 if deficient else 60
+    M = torch.randn(70, inner, generator=g) @ torch.randn(inner, 50, generator=g)
+    run = lambda cholesky: _randomized_svd(M, 20, 2, torch.Generator().manual_seed(0), cholesky=cholesky)  # noqa: E731
+    U1, S1, Vh1 = run(True)
+    U2, S2, Vh2 = run(False)
+    assert torch.allclose(S1, S2, atol=1e-4 * float(S2[0]))
+    live = 1e-3 * S2[0] < S2
+    approx = lambda U, S, Vh: (U[:, live] * S[live]) @ Vh[live]  # noqa: E731
+    assert torch.allclose(approx(U1, S1, Vh1), approx(U2, S2, Vh2), atol=1e-3 * float(S2[0]))

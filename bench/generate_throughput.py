@@ -11,13 +11,26 @@ exactly ``--new-tokens`` tokens (EOS suppressed), so each variant does the same 
   for each ``--cache`` (``dynamic``; ``static``, which transformers compiles with CUDA graphs on a
   GPU) and each ``--batch``: one warm-up call with the same shapes (compilation happens there), then
   ``--repeats`` timed calls; the median is reported.
+* ``lorasoup_cudagraph``: ``lorasoup.evaluation.graph_decode.GraphGenerator`` (backend
+  ``cudagraph``: eager prefill, decoding step replayed as a CUDA graph) per ``--graph-attention``
+  (the decoding step's attention: ``sdpa`` = the model's SDPA with PyTorch's kernel choice,
+  ``sdpa-efficient`` / ``sdpa-cudnn`` / ``sdpa-math`` = SDPA limited to one kernel, ``eager`` =
+  transformers' matmul-softmax-matmul) and each ``--batch``: a warm-up call (captures the graphs),
+  then ``--repeats`` timed calls. Rows also give the prefill / decode split of the timed call and
+  ``same_as_hf``: the share of rows whose text equals the ``lorasoup_hf`` static-cache row of the
+  same batch (bf16 kernels differ, so a late divergence is not a bug; an early one would be).
+  Run before the HF rows, so transformers' compiled graphs do not hold memory meanwhile.
 * ``lorasoup_vllm``: the same through ``lorasoup.evaluation.vllm_backend`` when vLLM is importable
   (random weights via ``load_format="dummy"``); skipped otherwise.
 
 tokens/s = rows × new tokens ÷ wall seconds (CUDA synchronised). ``floor_tokens_per_s`` estimates the
 memory-bandwidth bound at each batch: every decoding step reads all weights plus the batch's KV cache.
+``floor_with_prefill_tokens_per_s`` adds the prefill, which the wall time includes: 2 × matmul
+parameters × prompt tokens FLOPs at ``--peak-tflops`` (dense BF16 spec; no kernel reaches it).
 
     PYTHONPATH=src python bench/generate_throughput.py --shape 7b --batch 32 64 --cache dynamic static
+    PYTHONPATH=src python bench/generate_throughput.py --shape 7b --batch 32 64 --cache static \
+        --backends hf cudagraph --graph-attention sdpa eager --repeats 2
     PYTHONPATH=src python bench/generate_throughput.py --shape tiny --out /tmp/generate_tiny.json  # CPU
 """
 
@@ -40,6 +53,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasoup.evaluation.generate import PAPER_SAMPLING, GenerationSettings, generate
+from lorasoup.evaluation.graph_decode import GraphGenerator
 
 SHAPES = {
     "7b": dict(  # Llama-2-7B
@@ -59,6 +73,13 @@ SHAPES = {
         vocab_size=256,
     ),
 }
+GRAPH_ATTENTION = {  # --graph-attention name -> GraphGenerator arguments
+    "sdpa": {"decode_attention": "sdpa"},
+    "sdpa-efficient": {"decode_attention": "sdpa", "sdpa_backend": "efficient"},
+    "sdpa-cudnn": {"decode_attention": "sdpa", "sdpa_backend": "cudnn"},
+    "sdpa-math": {"decode_attention": "sdpa", "sdpa_backend": "math"},
+    "eager": {"decode_attention": "eager"},
+}
 TINY_DEFAULTS = {"batch": [4], "prompt_len": 32, "new_tokens": 8, "reference_prompts": 2}
 FULL_DEFAULTS = {"batch": [32, 64], "prompt_len": 1024, "new_tokens": 128, "reference_prompts": 3}
 
@@ -72,9 +93,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])
     p.add_argument("--reference-prompts", type=int, help="prompts the reference loop runs (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per lorasoup variant (median)")
-    p.add_argument("--backends", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
+    p.add_argument(
+        "--backends", nargs="+", choices=["hf", "cudagraph", "vllm"], default=["hf", "cudagraph", "vllm"]
+    )
+    p.add_argument("--graph-attention", nargs="+", choices=sorted(GRAPH_ATTENTION), default=["sdpa"])
+    p.add_argument("--graph-window", type=int, default=64, help="cudagraph window_step (0: whole cache)")
+    p.add_argument("--graph-check-every", type=int, default=16, help="cudagraph steps between host checks")
+    p.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="per --graph-attention, kernel times of a few eager decoding steps at the largest batch",
+    )
     p.add_argument("--lorasoup-sampling", choices=["greedy", "paper"], default="greedy")
     p.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="HBM GB/s for the floor (H100 SXM)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 TFLOPS (H100 SXM spec)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/generate_throughput.json", help="also copied to $OUT")
     args = p.parse_args(argv)
@@ -164,8 +196,11 @@ def reference_loop(model, tokenizer, prompts, args, device) -> dict:
     }
 
 
-def lorasoup_variant(generate_fn, prompts, settings, args, device, name: str) -> dict:
-    """Warm-up call with the same shapes, then ``--repeats`` timed calls (median)."""
+def lorasoup_variant(generate_fn, prompts, settings, args, device, name: str, texts=None) -> dict:
+    """Warm-up call with the same shapes, then ``--repeats`` timed calls (median).
+
+    ``texts``: a list that receives the last call's generated texts.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     warm_began = time.perf_counter()
@@ -179,6 +214,8 @@ def lorasoup_variant(generate_fn, prompts, settings, args, device, name: str) ->
         sync(device)
         times.append(time.perf_counter() - began)
         tokens = sum(g.new_tokens for g in out)
+    if texts is not None:
+        texts[:] = [g.text for g in out]
     seconds = statistics.median(times)
     row = {
         "variant": name,
@@ -207,6 +244,16 @@ def settings_for(args, batch: int, cache: str) -> GenerationSettings:
         seed=args.seed,
         **sampling,
     )
+
+
+def floor_with_prefill_tokens_per_s(model, args, batch: int) -> float:
+    """The bound with the prefill counted: ``2 x matmul params x prompt tokens`` FLOPs at peak, then
+    ``new_tokens`` steps at the bandwidth floor (one too many: the first token comes from the prefill)."""
+    embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    matmul_params = sum(p.numel() for p in model.parameters()) - embeddings  # lm_head: last position only
+    prefill_s = 2 * matmul_params * batch * args.prompt_len / (args.peak_tflops * 1e12)
+    decode_s = args.new_tokens * batch / floor_tokens_per_s(model, args, batch)
+    return batch * args.new_tokens / (prefill_s + decode_s)
 
 
 def floor_tokens_per_s(model, args, batch: int) -> float:
@@ -272,17 +319,17 @@ def write_json(result: dict, out: str) -> None:
 
 
 def table(rows: list[dict], reference: float | None) -> str:
-    lines = [f"{'variant':<16}{'cache':>12}{'batch':>7}{'tokens/s':>11}{'x ref':>9}{'floor %':>9}"]
+    lines = [f"{'variant':<20}{'cache':>22}{'batch':>7}{'tokens/s':>11}{'x ref':>9}{'floor %':>9}"]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"{r['variant']:<16}  {r.get('skipped') or 'ERROR ' + r.get('error', '')}")
+            lines.append(f"{r['variant']:<20}  {r.get('skipped') or 'ERROR ' + r.get('error', '')}")
             continue
         ratio = f"{r['tokens_per_s'] / reference:.1f}" if reference else "-"
         floor = (
             f"{100 * r['tokens_per_s'] / r['floor_tokens_per_s']:.0f}" if r.get("floor_tokens_per_s") else "-"
         )
         lines.append(
-            f"{r['variant']:<16}{r['cache']:>12}{r['batch']:>7}{r['tokens_per_s']:>11.1f}{ratio:>9}{floor:>9}"
+            f"{r['variant']:<20}{r['cache']:>22}{r['batch']:>7}{r['tokens_per_s']:>11.1f}{ratio:>9}{floor:>9}"
         )
     return "\n".join(lines)
 
@@ -300,27 +347,154 @@ def header(args, model, on_gpu: bool) -> dict:
 
 
 def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result: dict) -> float | None:
-    """The reference loop, then lorasoup's HF generation per cache and batch; returns the reference."""
+    """The reference loop, the cudagraph backend, then lorasoup's HF generation; returns the reference."""
     plan = [("reference", 1, "dynamic")]
-    plan += [("hf", b, c) for c in args.cache for b in args.batch] if "hf" in args.backends else []
-    reference = None
-    for kind, batch, cache in plan:
+    if "cudagraph" in args.backends:
+        plan += [("cudagraph", b, a) for a in args.graph_attention for b in args.batch]
+        plan += [("profile", max(args.batch), a) for a in args.graph_attention if args.profile_decode]
+    if "hf" in args.backends:
+        plan += [("hf", b, c) for c in args.cache for b in args.batch]
+    reference, texts = None, {}
+    for kind, batch, option in plan:
         try:
             if kind == "reference":
                 chosen = prompts[args.reference_prompts][: args.reference_prompts]
                 row = reference_loop(model, tokenizer, chosen, args, device)
                 reference = row["tokens_per_s"]
+            elif kind == "profile":
+                profiles = result.setdefault("decode_profiles", {})
+                profiles[option] = profile_decode(model, tokenizer, prompts[batch], args, option)
+                write_json(result, args.out)
+                continue
+            elif kind == "cudagraph":
+                out = texts.setdefault((kind, batch, option), [])
+                row = graph_variant(model, tokenizer, prompts[batch], args, device, option, out)
             else:
                 fn = lambda p, s: generate(model, tokenizer, p, s)  # noqa: E731
-                settings = settings_for(args, batch, cache)
-                row = lorasoup_variant(fn, prompts[batch], settings, args, device, "lorasoup_hf")
-            row["floor_tokens_per_s"] = floor_tokens_per_s(model, args, row["batch"])
+                settings = settings_for(args, batch, option)
+                out = texts.setdefault((kind, batch, option), [])
+                row = lorasoup_variant(fn, prompts[batch], settings, args, device, "lorasoup_hf", out)
+            row["floor_tokens_per_s"] = floor_tokens_per_s(model, args, batch)
+            row["floor_with_prefill_tokens_per_s"] = floor_with_prefill_tokens_per_s(model, args, batch)
         except Exception as err:  # OOM at a large batch, say: record it and go on
             traceback.print_exc()
-            row = {"variant": kind, "batch": batch, "cache": cache, "error": repr(err)}
+            row = {"variant": kind, "batch": batch, "cache": option, "error": repr(err)}
         add_row(result, row, reference, args)
         free_memory(device)
+    compare_with_hf(result["rows"], texts)
     return reference
+
+
+def graph_variant(model, tokenizer, prompts, args, device, attention: str, texts: list) -> dict:
+    """The cudagraph backend: warm-up call (captures), timed calls; prefill/decode split of the last."""
+    generator = GraphGenerator(
+        model,
+        tokenizer,
+        window_step=args.graph_window,
+        check_every=args.graph_check_every,
+        **GRAPH_ATTENTION[attention],
+    )
+    calls = []
+
+    def run(batch_prompts, settings):
+        out = generator.generate(batch_prompts, settings)
+        calls.append(dict(generator.stats))
+        return out
+
+    try:
+        settings = settings_for(args, len(prompts), "static")  # the cache setting is not used
+        row = lorasoup_variant(run, prompts, settings, args, device, "lorasoup_cudagraph", texts)
+    finally:
+        generator.release()
+    last = calls[-1]
+    return row | {
+        "cache": f"graph/{attention}",
+        "attention": attention,
+        "window_step": args.graph_window,
+        "prefill_s": last["prefill_s"],
+        "decode_s": last["decode_s"],
+        "decode_ms_per_step": 1000 * last["decode_s"] / max(last["steps"], 1),
+        "captures": calls[0]["captures"],
+        "capture_s": calls[0]["capture_s"],
+    }
+
+
+class _ProfiledDecoding(GraphGenerator):
+    """The eager (uncaptured) step, profiled from the end of the prefill on."""
+
+    def __init__(self, *args, profiler, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.profiler = profiler
+
+    def _prefill(self, *args, **kwargs):
+        super()._prefill(*args, **kwargs)
+        torch.cuda.synchronize()
+        self.profiler.start()
+
+
+def profile_decode(model, tokenizer, prompts, args, attention: str, steps: int = 8) -> dict:
+    """Top CUDA kernels of ``steps`` eager decoding steps (same kernels as the graph, without its launch
+    savings): which attention kernel runs, and where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return {"skipped": "needs a GPU"}
+    profiler = profile(activities=[ProfilerActivity.CUDA])
+    generator = _ProfiledDecoding(
+        model,
+        tokenizer,
+        capture=False,
+        check_every=steps + 1,
+        profiler=profiler,
+        window_step=args.graph_window,
+        **GRAPH_ATTENTION[attention],
+    )
+    settings = settings_for(args, len(prompts), "static")
+    settings.max_new_tokens = steps + 1
+    try:
+        generator.generate(prompts, settings)
+        torch.cuda.synchronize()
+        profiler.stop()
+    except Exception as err:
+        traceback.print_exc()
+        return {"error": repr(err)}
+    finally:
+        generator.release()
+    kernels = []
+    for event in profiler.key_averages():
+        if not str(getattr(event, "device_type", "")).endswith("CUDA"):
+            continue  # CPU ops carry their kernels' time too: count the kernels only
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0)
+        if device_us > 0:
+            kernels.append(
+                {"name": event.key[:120], "calls": event.count, "ms_per_step": device_us / 1e3 / steps}
+            )
+    kernels.sort(key=lambda k: -k["ms_per_step"])
+    total = sum(k["ms_per_step"] for k in kernels)
+    print(f"decode profile ({attention}, batch {len(prompts)}): {total:.2f} ms of kernels per step")
+    for k in kernels[:6]:
+        print(f"  {k['ms_per_step']:8.3f} ms  x{k['calls'] // steps:<4} {k['name'][:90]}")
+    return {"batch": len(prompts), "steps": steps, "kernel_ms_per_step": total, "kernels": kernels[:25]}
+
+
+def compare_with_hf(rows: list[dict], texts: dict) -> None:
+    """``same_as_hf`` and ``common_prefix_tokens`` on each cudagraph row, against HF's row of its batch."""
+    for row in rows:
+        if row.get("variant") != "lorasoup_cudagraph" or "attention" not in row:
+            continue
+        ours = texts.get(("cudagraph", row["batch"], row["attention"]))
+        theirs = texts.get(("hf", row["batch"], "static")) or texts.get(("hf", row["batch"], "dynamic"))
+        if not ours or not theirs:
+            continue
+        row["same_as_hf"] = statistics.mean(a == b for a, b in zip(ours, theirs, strict=True))
+        prefix = [common_prefix(a.split(), b.split()) for a, b in zip(ours, theirs, strict=True)]
+        row["common_prefix_tokens"] = {"min": min(prefix), "mean": statistics.mean(prefix)}
+
+
+def common_prefix(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def add_row(result: dict, row: dict, reference: float | None, args) -> None:

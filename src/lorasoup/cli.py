@@ -597,7 +597,7 @@ def eval_(
         int | None, typer.Option(help="New tokens at most (default: the task's).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N examples of each data file.")] = None,
-    backend: Annotated[str | None, typer.Option(help="hf (default) or vllm.")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (default), cudagraph (greedy) or vllm.")] = None,
     sampling: Annotated[
         str | None, typer.Option(help="greedy (default) or paper (T=0.1, top-p 0.95).")
     ] = None,

@@ -4,6 +4,8 @@ Defaults and why:
 - ``generation``: empty, so the task's own settings apply (its ``max_new_tokens`` and stop strings),
   greedy (deterministic); ``generation.sampling: paper`` gives the reference's T=0.1, top-p 0.95.
 - ``dtype: float32``: the reference evaluated in fp32; bf16 changes greedy outputs a little.
+- ``backend: hf``: transformers' ``generate`` (greedy or sampling); ``cudagraph`` replays the decoding
+  step as a CUDA graph (greedy only, same decoding rules, faster on a GPU); ``vllm`` when installed.
 - ``resume: true``: an interrupted run continues from ``OUTPUT.partial/examples.jsonl``.
 - ``output``: ``runs/eval/<task name>``.
 """
@@ -30,7 +32,7 @@ class EvalRunConfig:
     num_fewshot: int | None = None
     output: str | None = None
     limit: int | None = None
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "cudagraph", "vllm"] = "hf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = None
     generation: GenerationOptions = field(default_factory=GenerationOptions)

@@ -190,6 +190,8 @@ def evaluate(config: EvalRunConfig, progress: ProgressHook | None = None) -> Eva
     inputs = resolve_inputs(spec, config.data, config.fewshot, config.num_fewshot)
     task = Task.from_inputs(spec, inputs, config.num_fewshot)
     settings = config.generation.apply(task_settings(task))
+    if config.backend == "cudagraph" and settings.do_sample:  # before minutes of model loading
+        raise ConfigError("backend 'cudagraph' decodes greedily; use backend 'hf' (--backend hf) to sample")
     examples = task.load(inputs.data, limit=config.limit)
     output = Path(config.output or f"runs/eval/{spec.name}")
     require_free_output(output, overwrite=config.overwrite)
@@ -279,7 +281,7 @@ def load_generator(config: EvalRunConfig) -> tuple[GenerateFn, PreTrainedTokeniz
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base_model(model_spec, dtype=dtypes[config.dtype], device=device)
-    facts = {"backend": "hf", "device": device, **model_fingerprint(model)}
+    facts = {"backend": config.backend, "device": device, **model_fingerprint(model)}
     if config.adapter:
         from peft import PeftModel
 
@@ -291,11 +293,27 @@ def load_generator(config: EvalRunConfig) -> tuple[GenerateFn, PreTrainedTokeniz
                 f"could not load adapter {config.adapter!r} onto {config.model!r}: {first}"
             ) from None
         model.eval()
+    return IN_PROCESS_BACKENDS[config.backend](model, tokenizer), tokenizer, facts
 
+
+def _hf_backend(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> GenerateFn:
     def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
         return generate(model, tokenizer, prompts, settings)
 
-    return run, tokenizer, facts
+    return run
+
+
+def _cudagraph_backend(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> GenerateFn:
+    from lorasoup.evaluation.graph_decode import GraphGenerator
+
+    return GraphGenerator(model, tokenizer).generate  # keeps its KV cache and graphs across chunks
+
+
+IN_PROCESS_BACKENDS: dict[str, Callable[[PreTrainedModel, PreTrainedTokenizerBase], GenerateFn]] = {
+    "hf": _hf_backend,
+    "cudagraph": _cudagraph_backend,
+}
+"""Backends that generate with the loaded transformers model (vLLM loads its own engine)."""
 
 
 def _adapter_dir(source: str) -> Path:

@@ -1,0 +1,546 @@
+"""Greedy generation with the decoding step captured once as a CUDA graph and replayed per token.
+
+``GraphGenerator(model, tokenizer).generate(prompts, settings)`` returns what
+:func:`lorasoup.evaluation.generate.generate` returns for greedy settings: the same prompt encoding,
+length-sorted batches, left padding, EOS / stop-string / ``max_new_tokens`` handling and order of
+results; on a CPU (fp32) the tokens are identical (tested). Sampling is refused (use backend ``hf``).
+
+What it removes from ``model.generate`` with a static cache: the Python around every step (logits
+processors, stopping criteria, a growing ``input_ids``) and the host sync that tests for the end, during
+which the GPU waits. Here one step is a fixed-shape call with every input in a preallocated tensor:
+
+* **KV cache.** One tensor pair per layer, ``(B, kv_heads, L, head_dim)``, allocated by the first
+  prefill and reused by every later batch (a ``transformers.Cache`` whose layers write at a shared
+  device-side slot, so no Python int changes between steps). ``L`` covers the longest prompt plus
+  ``max_new_tokens``; it is allocated outside the graphs' memory pool, so capture does not copy it.
+* **Prefill** runs eagerly once per batch with a 4D additive mask (causal, padding hidden; the
+  dtype's minimum rather than -inf, so an all-padding query row stays finite).
+* **Decode step** ``(B, 1)``: unmask the slot being written in a preallocated ``(B, 1, 1, L)``
+  additive mask, run the model (a 4D mask is used as is by transformers' ``masking_utils``, so no
+  mask is built and no value is read on the host), argmax on the device, then bump the token,
+  position, slot and step tensors in place. On CUDA it is captured with ``torch.cuda.CUDAGraph``
+  (after warm-up steps on a side stream, whose effects are undone) and replayed per token.
+* **Attention window.** Keys and values are read up to the next multiple of ``window_step`` past the
+  slot being written, not the whole ``L``: one graph per window (they share one memory pool), so a
+  short batch does not pay for the longest one and each step reads about what it needs.
+* **Host checks** (EOS, stop strings) copy the new tokens to the host every ``check_every`` steps
+  only; rows that finished keep decoding harmlessly and are cut afterwards exactly as the HF path
+  cuts them (its rows, padding included, are rebuilt and passed through the same ``_finish``).
+* **Last batch.** A batch with fewer prompts than the cache's rows is filled with copies of its first
+  prompt, so the captured graphs serve it; their outputs are dropped.
+
+On a CPU nothing is captured: the same step runs eagerly (the warm-up and undo run too), which is what
+the tests check. Limits: greedy only; full-attention decoder-only models (a sliding window shorter
+than ``L``, or linear/recurrent layers, are refused); attention ``sdpa`` or ``eager``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from lorasoup.errors import ConfigError
+from lorasoup.evaluation.generate import (
+    Generation,
+    GenerationSettings,
+    Progress,
+    _check_lengths,
+    _device_of,
+    _eos_ids,
+    _finish,
+    _pad_id,
+    encode_prompt,
+    left_pad,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DecodeAttention = Literal["model", "sdpa", "eager"]
+SdpaBackend = Literal["default", "efficient", "cudnn", "math", "flash"]
+WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes do
+
+
+@dataclass
+class _Slots:
+    """Shared by every cache layer: where the next key/value goes (device) and how far to read (host)."""
+
+    position: torch.Tensor  # (1,) int64: the cache column the current step writes
+    window: int = 0  # columns the attention reads; fixed per captured graph
+
+
+@functools.cache
+def _layer_class() -> type:
+    """A cache layer holding ``(B, kv_heads, L, head_dim)`` keys and values, written at the shared slot.
+
+    ``update`` writes the new columns at ``slots.position`` and returns views of the first
+    ``slots.window`` columns. Defined at first use so that importing this module does not import
+    transformers.
+    """
+    from transformers.cache_utils import CacheLayerMixin
+
+    class SlotLayer(CacheLayerMixin):
+        is_sliding = False
+
+        def __init__(self, slots: _Slots, length: int) -> None:
+            super().__init__()
+            self.slots, self.length = slots, length
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            batch, heads = key_states.shape[:2]
+            self.keys = key_states.new_zeros((batch, heads, self.length, key_states.shape[-1]))
+            self.values = value_states.new_zeros((batch, heads, self.length, value_states.shape[-1]))
+            self.device = key_states.device
+            self.is_initialized = True
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            count = key_states.shape[-2]
+            at = self.slots.position + torch.arange(count, device=key_states.device)  # (T,)
+            self.keys.index_copy_(2, at, key_states)
+            self.values.index_copy_(2, at, value_states)
+            window = self.slots.window
+            return self.keys[:, :, :window], self.values[:, :, :window]
+
+        def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+            return self.slots.window, 0
+
+        def get_seq_length(self) -> int:
+            return self.slots.window
+
+        def get_max_length(self) -> int:
+            return self.length
+
+        def get_max_cache_shape(self) -> int:
+            return self.length
+
+    return SlotLayer
+
+
+@dataclass(eq=False)
+class _DecodeState:
+    """Everything a captured step reads or writes: fixed addresses for the life of the state."""
+
+    batch: int
+    length: int
+    cache: Any
+    slots: _Slots
+    tokens: torch.Tensor  # (B, 1) int64: the token the next step feeds
+    positions: torch.Tensor  # (B, 1) int64: its position id (per row: left padding shifts them)
+    step: torch.Tensor  # (1,) int64: how many tokens each row has generated
+    out: torch.Tensor  # (B, L) int64: generated tokens, column = step
+    mask: torch.Tensor  # (B, 1, 1, L) model dtype: 0 where a row may attend, dtype min elsewhere
+    bias: torch.Tensor | None = None  # (V,) float32 added to the logits: -inf at EOS with ignore_eos
+    graphs: dict[int, Callable[[], None]] = field(default_factory=dict)
+    pool: Any = None
+
+    @property
+    def counters(self) -> tuple[torch.Tensor, ...]:
+        return (self.tokens, self.positions, self.slots.position, self.step)
+
+
+class _FinishTracker:
+    """When each row stops, decided step by step as generate.py's HF loop decides it.
+
+    At each step ``t`` (tokens generated so far) an unfinished row stops if the decoded text of its
+    last ``window`` tokens holds a stop string (``stopped_at = t``, as ``_StopStrings``) or its last
+    token is an EOS (unless ``ignore_eos``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: GenerationSettings,
+        eos_ids: list[int],
+        rows: int,
+    ) -> None:
+        self.tokenizer, self.settings, self.eos = tokenizer, settings, set(eos_ids)
+        self.window = max((len(s) for s in settings.stop), default=0) + 8
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.finished: list[int | None] = [None] * rows
+        self.stopped_at: list[int | None] = [None] * rows
+
+    @property
+    def all_done(self) -> bool:
+        return all(f is not None for f in self.finished)
+
+    def feed(self, chunk: list[list[int]]) -> None:
+        """Append each row's next tokens (a list per row, all of the same length) and test them."""
+        for row, new in enumerate(chunk):
+            tokens = self.tokens[row]
+            for token in new:
+                tokens.append(token)
+                if self.finished[row] is None:
+                    self._check(row, tokens)
+
+    def _check(self, row: int, tokens: list[int]) -> None:
+        if self.settings.stop:
+            tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
+            if any(s in tail for s in self.settings.stop):
+                self.stopped_at[row] = self.finished[row] = len(tokens)
+        if not self.settings.ignore_eos and tokens[-1] in self.eos:
+            self.finished[row] = len(tokens)
+
+    def generations(self, prompt_tokens: list[int], pad_id: int) -> list[Generation]:
+        """Each row as ``model.generate`` returns it (padding after the row stopped), then ``_finish``."""
+        limit = self.settings.max_new_tokens
+        ends = [f if f is not None else limit for f in self.finished]
+        longest = max(ends)
+        eos = sorted(self.eos)
+        return [
+            _finish(
+                self.tokenizer,
+                self.tokens[row][:end] + [pad_id] * (longest - end),
+                prompt_tokens[row],
+                eos,
+                self.settings,
+                self.stopped_at[row],
+            )
+            for row, end in enumerate(ends)
+        ]
+
+
+class GraphGenerator:
+    """Greedy generation for one model, keeping its KV cache and captured graphs between calls.
+
+    ``capture``: ``None`` captures on CUDA and runs eagerly elsewhere. ``check_every``: steps between
+    host checks for EOS / stop strings. ``window_step``: attention-window granularity in cache columns
+    (0: always read the whole cache, one graph). ``decode_attention``: the attention implementation of
+    the decoding step (``model``: the model's own, ``sdpa`` or ``eager``; prefill always uses the
+    model's own) and ``sdpa_backend`` the SDPA kernel it may use (``default``: PyTorch's choice); both
+    are tuning knobs for benchmarks. :meth:`release` frees the cache and graphs.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        capture: bool | None = None,
+        check_every: int = 16,
+        window_step: int = 64,
+        decode_attention: DecodeAttention = "model",
+        sdpa_backend: SdpaBackend = "default",
+    ) -> None:
+        if check_every < 1 or window_step < 0 or window_step % 16:
+            raise ConfigError(
+                f"check_every must be >= 1 and window_step a multiple of 16 (0: off), got {check_every}, "
+                f"{window_step}"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.device = _device_of(model)
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ConfigError(f"capture=True needs the model on a CUDA device, it is on {self.device}")
+        self.check_every, self.window_step = check_every, window_step
+        self.decode_attention, self.sdpa_backend = decode_attention, sdpa_backend
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.min_value = torch.finfo(self.dtype).min
+        params = _forward_parameters(model)
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.state: _DecodeState | None = None
+        self.stats: dict[str, float] = {}
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> list[Generation]:
+        """Greedy continuations of ``prompts`` in their order; see the module doc."""
+        settings = settings or GenerationSettings()
+        settings.validate()
+        if settings.do_sample:
+            raise ConfigError(
+                "backend 'cudagraph' decodes greedily; use backend 'hf' (--backend hf) for sampling"
+            )
+        if not prompts:
+            return []
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        _check_lengths(self.model, encoded, settings.max_new_tokens)
+        order = list(range(len(prompts)))
+        if settings.sort_by_length:
+            order.sort(key=lambda i: -len(encoded[i]))
+        eos_ids = _eos_ids(self.model, self.tokenizer)
+        pad_id = _pad_id(self.tokenizer, eos_ids)
+        # 16 columns: bf16 mask rows aligned as SDPA's memory-efficient kernel wants them
+        length = _round_up(max(len(e) for e in encoded) + settings.max_new_tokens, 16)
+        _check_model(self.model, length)
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "capture_s": 0.0, "captures": 0, "steps": 0}
+        results: list[Generation | None] = [None] * len(prompts)
+        with torch.inference_mode():
+            state = self._state_for(min(settings.batch_size, len(prompts)), length)
+            for start in range(0, len(order), settings.batch_size):
+                rows = order[start : start + settings.batch_size]
+                batch = self._run_batch(state, [encoded[i] for i in rows], settings, eos_ids, pad_id)
+                for i, generation in zip(rows, batch, strict=True):
+                    results[i] = generation
+                if progress is not None:
+                    progress(min(start + settings.batch_size, len(order)), len(order))
+        return [r for r in results if r is not None]
+
+    def release(self) -> None:
+        """Drop the KV cache and the captured graphs (and return their memory to the CUDA driver)."""
+        if self.state is not None:
+            self.state.graphs.clear()
+        self.state = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _state_for(self, batch: int, length: int) -> _DecodeState:
+        """The current state if it has enough rows and columns, else a new one (the old one freed first)."""
+        if self.state is not None and self.state.batch >= batch and self.state.length >= length:
+            return self.state
+        self.release()
+        from transformers.cache_utils import Cache
+
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        slots = _Slots(torch.zeros(1, dtype=torch.long, device=self.device))
+        layer = _layer_class()
+        cache = Cache(layers=[layer(slots, length) for _ in range(text.num_hidden_layers)])
+
+        def longs(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=self.device)
+
+        self.state = _DecodeState(
+            batch=batch,
+            length=length,
+            cache=cache,
+            slots=slots,
+            tokens=longs(batch, 1),
+            positions=longs(batch, 1),
+            step=longs(1),
+            out=longs(batch, length),
+            mask=torch.full((batch, 1, 1, length), self.min_value, dtype=self.dtype, device=self.device),
+            pool=torch.cuda.graph_pool_handle() if self.capture else None,
+        )
+        return self.state
+
+    def _run_batch(
+        self,
+        state: _DecodeState,
+        encoded: list[list[int]],
+        settings: GenerationSettings,
+        eos_ids: list[int],
+        pad_id: int,
+    ) -> list[Generation]:
+        """Prefill, then replay the step until every row stopped or ``max_new_tokens`` were made."""
+        rows, limit = len(encoded), settings.max_new_tokens
+        # filler rows (copies of the first prompt) keep the captured shapes; their outputs are dropped
+        input_ids, attention_mask = left_pad(encoded + [encoded[0]] * (state.batch - rows), pad_id)
+        width = input_ids.shape[1]
+        tracker = _FinishTracker(self.tokenizer, settings, eos_ids, rows)
+        began = time.perf_counter()
+        self._prefill(state, input_ids, attention_mask, eos_ids if settings.ignore_eos else [])
+        tracker.feed(state.out[:rows, :1].tolist())  # the host sync also ends the prefill's timing
+        decoding = time.perf_counter()
+        self.stats["prefill_s"] += decoding - began
+        produced = 1
+        with self._decode_context():
+            while produced < limit and not tracker.all_done:
+                self._replay(state, self._window(width + produced - 1, state.length))
+                produced += 1
+                if produced % self.check_every == 0 or produced == limit:
+                    tracker.feed(state.out[:rows, len(tracker.tokens[0]) : produced].tolist())
+        self.stats["decode_s"] += time.perf_counter() - decoding
+        self.stats["steps"] += produced - 1
+        return tracker.generations([len(e) for e in encoded], pad_id)
+
+    def _prefill(
+        self, state: _DecodeState, input_ids: torch.Tensor, attention_mask: torch.Tensor, banned: list[int]
+    ) -> None:
+        """Run the padded prompts (B, W) once: fills cache columns 0..W-1 and the first new token."""
+        valid = attention_mask.to(self.device).bool()  # (B, W)
+        width = valid.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril_()  # (W, W)
+        allowed = causal[None, None] & valid[:, None, None, :]  # (B, 1, W, W): key <= query, not padding
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, self.min_value)  # finite: an all-padding query row stays NaN-free
+        positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)  # (B, W), as HF's generate
+        state.slots.position.zero_()
+        state.slots.window = width
+        logits = self._forward(input_ids.to(self.device), positions, mask, state.cache, **self.keep_last)
+        if state.bias is None:
+            state.bias = torch.zeros(logits.shape[-1], dtype=torch.float32, device=self.device)
+        state.bias.zero_()
+        if banned:  # ignore_eos: HF's min_new_tokens masks EOS at every step
+            state.bias[banned] = -float("inf")
+        chosen = self._pick(logits, state.bias)  # (B, 1)
+        state.tokens.copy_(chosen)
+        state.out[:, :1].copy_(chosen)
+        state.positions.copy_(positions[:, -1:] + 1)
+        state.slots.position.fill_(width)
+        state.step.fill_(1)
+        state.mask.fill_(self.min_value)
+        state.mask[:, 0, 0, :width].masked_fill_(valid, 0.0)
+
+    def _step(self, state: _DecodeState, window: int) -> None:
+        """One decoding step on the state's tensors, in place; the body of each captured graph."""
+        state.mask.index_fill_(3, state.slots.position, 0.0)  # the token written now sees itself
+        state.slots.window = window
+        logits = self._forward(state.tokens, state.positions, state.mask[..., :window], state.cache)
+        chosen = self._pick(logits, state.bias)  # (B, 1)
+        state.tokens.copy_(chosen)
+        state.out.index_copy_(1, state.step, chosen)
+        for counter in (state.positions, state.slots.position, state.step):
+            counter.add_(1)
+
+    def _replay(self, state: _DecodeState, window: int) -> None:
+        step = state.graphs.get(window)
+        if step is None:
+            step = state.graphs[window] = self._capture(state, window)
+        step()
+
+    def _capture(self, state: _DecodeState, window: int) -> Callable[[], None]:
+        """Warm up and capture the step for ``window``; the state is left as it was found."""
+        began = time.perf_counter()
+        saved = [t.clone() for t in state.counters]
+
+        def restore() -> None:
+            for tensor, value in zip(state.counters, saved, strict=True):
+                tensor.copy_(value)
+
+        # a warm-up step writes the slot's cache column, mask entry and output column, which the real
+        # step rewrites identically; only the counters need restoring
+        self.stats["captures"] += 1
+        if not self.capture:
+            self._step(state, window)
+            restore()
+            return partial(self._step, state, window)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._step(state, window)
+                restore()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=state.pool):
+                self._step(state, window)
+        except RuntimeError as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise ConfigError(
+                f"could not capture this model's decoding step as a CUDA graph ({first}); use backend 'hf'"
+            ) from exc
+        torch.cuda.synchronize(self.device)
+        self.stats["capture_s"] += time.perf_counter() - began
+        return graph.replay
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any, **extra: Any
+    ) -> torch.Tensor:
+        """Logits (B, T', V) for ``input_ids`` (B, T) at ``positions`` (B, T) under a 4D additive mask."""
+        kwargs = {self.cache_arg: cache, **extra}
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+        )
+        return out.logits
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Greedy pick (B, 1) from the last position's logits, in fp32 as HF's generate scores them."""
+        return (logits[:, -1].float() + bias).argmax(-1, keepdim=True)
+
+    def _window(self, slot: int, length: int) -> int:
+        """Columns the step writing ``slot`` reads: the next multiple of ``window_step`` past it."""
+        if self.window_step == 0:
+            return length
+        return min(length, (slot // self.window_step + 1) * self.window_step)
+
+    @contextlib.contextmanager
+    def _decode_context(self) -> Iterator[None]:
+        """The attention implementation and SDPA kernels asked for, around the decoding steps only."""
+        with contextlib.ExitStack() as stack:
+            if self.decode_attention != "model":
+                stack.enter_context(_attention_implementation(self.model, self.decode_attention))
+            if self.sdpa_backend != "default":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                names = {
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION,
+                    "math": SDPBackend.MATH,
+                    "flash": SDPBackend.FLASH_ATTENTION,
+                }
+                stack.enter_context(sdpa_kernel(names[self.sdpa_backend]))
+            yield
+
+
+def generate_graphed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    settings: GenerationSettings | None = None,
+    *,
+    progress: Progress | None = None,
+) -> list[Generation]:
+    """One-shot :class:`GraphGenerator` (the cache and graphs are freed on return)."""
+    generator = GraphGenerator(model, tokenizer)
+    try:
+        return generator.generate(prompts, settings, progress=progress)
+    finally:
+        generator.release()
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Switch the model's attention implementation for the block (a captured graph keeps its kernels)."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _check_model(model: Any, length: int) -> None:
+    """Refuse what the step cannot serve: other attention kernels, sliding or non-attention layers."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hint = ", use backend 'hf'"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        raise ConfigError(
+            f"backend 'cudagraph' needs attn_implementation 'sdpa' or 'eager', the model uses "
+            f"{implementation!r}; load it with attn_implementation='sdpa'{hint}"
+        )
+    kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+    if kinds:
+        raise ConfigError(
+            f"backend 'cudagraph' serves full-attention layers only; the model has {kinds}{hint}"
+        )
+    window = getattr(text, "sliding_window", None)
+    if isinstance(window, int) and window < length:
+        raise ConfigError(
+            f"the model attends through a sliding window of {window} tokens, shorter than the "
+            f"{length} cache columns needed{hint}"
+        )
+    if getattr(text, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
+        raise ConfigError(f"backend 'cudagraph' serves decoder-only models{hint}")
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    """Parameter names of the underlying transformers model's ``forward`` (through a PEFT wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -105,8 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per --graph-attention, kernel times of a few eager decoding steps at the largest batch",
     )
     p.add_argument("--lorasoup-sampling", choices=["greedy", "paper"], default="greedy")
-    p.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="HBM GB/s for the floor (H100 SXM)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 TFLOPS (H100 SXM spec)")
+    p.add_argument(
+        "--bandwidth-gbs", type=float, default=None, help="HBM GB/s for the floor (default: the card's spec)"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense BF16 TFLOPS (default: the card's spec)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/generate_throughput.json", help="also copied to $OUT")
     args = p.parse_args(argv)
@@ -511,9 +515,24 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+CARD_SPECS = {"H200": (4800.0, 989.0), "H100": (3350.0, 989.0)}
+"""HBM GB/s and dense BF16 TFLOPS of the SXM cards the device tool lends (NVIDIA data sheets)."""
+
+
+def card_specs(args: argparse.Namespace, on_gpu: bool) -> None:
+    """Fill ``--bandwidth-gbs`` / ``--peak-tflops`` from the card's name where not given."""
+    name = torch.cuda.get_device_name() if on_gpu else ""
+    known = next((spec for key, spec in CARD_SPECS.items() if key in name), CARD_SPECS["H100"])
+    if args.bandwidth_gbs is None:
+        args.bandwidth_gbs = known[0]
+    if args.peak_tflops is None:
+        args.peak_tflops = known[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
+    card_specs(args, on_gpu)
     if not on_gpu and args.shape != "tiny":
         sys.exit("no CUDA device: the 7b shape needs a GPU (use --shape tiny for a CPU smoke check)")
     device = torch.device("cuda" if on_gpu else "cpu")

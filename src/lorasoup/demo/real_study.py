@@ -27,7 +27,7 @@ from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.compose import STEPS as COMPOSE_STEPS
 from lorasoup.demo.compose import SeedStudy, compose_methods
 from lorasoup.demo.real import PROGRAM_REQUEST, RealSizes, build_real_benchmark
-from lorasoup.demo.study import MethodResult, Scorer, StageHook, _load, _write_records
+from lorasoup.demo.study import MethodResult, Scorer, StageHook, load_study_model, write_records
 from lorasoup.evaluation.generate import GenerationOptions
 from lorasoup.evaluation.tasks import TaskSpec
 
@@ -243,11 +243,11 @@ def run_real_seed(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     benchmark = real_benchmark(seed, settings, tokenizer)
     files = {
-        name: _write_records(out / "data" / f"{name}.json", records)
+        name: write_records(out / "data" / f"{name}.json", records)
         for name, records in benchmark.train.items()
     }
     for name, records in benchmark.test.items():
-        _write_records(out / "data" / f"test-{name}.json", records)
+        write_records(out / "data" / f"test-{name}.json", records)
     clock["data_s"] = time.perf_counter() - started
     scorer = Scorer(benchmark, tokenizer, settings, out / "eval", specs=task_specs(settings))
     study = SeedStudy(
@@ -264,12 +264,25 @@ def run_real_seed(
         gate_examples=settings.gate_examples,
     )
     rows: list[MethodResult] = []
-    study.add(rows, scorer, "base model", "reference", _load(base_dir), base_dir, f"{MODEL_NAME}, no adapter")
+    study.add(
+        rows,
+        scorer,
+        "base model",
+        "reference",
+        load_study_model(base_dir),
+        base_dir,
+        f"{MODEL_NAME}, no adapter",
+    )
     adapters: dict[str, Path] = {}
     for name in ("math", "code"):
         adapters[name] = study.train_skill(name)
         study.add(
-            rows, scorer, f"{name} skill LoRA", "skill", _load(base_dir, adapters[name]), adapters[name]
+            rows,
+            scorer,
+            f"{name} skill LoRA",
+            "skill",
+            load_study_model(base_dir, adapters[name]),
+            adapters[name],
         )
     clock["skills_s"] = time.perf_counter() - started - clock["data_s"]
     composed, artifacts = compose_methods(study, scorer, adapters, target="composite")

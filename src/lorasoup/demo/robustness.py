@@ -101,13 +101,15 @@ def format_rows(
     ``adapters``: the K = 2 skill LoRAs; ``artifacts``: the K = 2 study's ``datamix``, ``cat`` and
     ``oracle`` (:func:`~lorasoup.demo.compose.compose_methods`). Rows' accuracies are keyed by frame.
     """
-    from lorasoup.demo.study import Scorer, _cat, _load, format_specs
+    from lorasoup.demo.study import Scorer, format_specs, load_study_model, train_cat
 
     s, settings = study, study.settings
     pool = list(settings.train_formats)
     s.step("training format-robust CAT weights")
     data = [s.files[name] for name in adapters]
-    robust = _cat(s.base_dir, adapters, data, s.out / "cat-format-robust", settings, s.seed, formats=pool)
+    robust = train_cat(
+        s.base_dir, adapters, data, s.out / "cat-format-robust", settings, s.seed, formats=pool
+    )
     frames = ["plain", *settings.held_out_formats]
     scorer = Scorer(
         s.benchmark,
@@ -125,7 +127,7 @@ def format_rows(
     ]
     rows: list[MethodResult] = []
     for method, kind, path, detail in models:
-        s.add(rows, scorer, method, kind, _load(s.base_dir, path), path, detail)
+        s.add(rows, scorer, method, kind, load_study_model(s.base_dir, path), path, detail)
     return rows
 
 

@@ -188,13 +188,13 @@ def slug(method: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in method.lower()).split())
 
 
-def _write_records(path: Path, records: list[dict[str, Any]]) -> str:
+def write_records(path: Path, records: list[dict[str, Any]]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records), encoding="utf-8")
     return str(path)
 
 
-def _train_lora(
+def train_lora(
     base_dir: Path,
     sources: list[tuple[str, str, int | None]],
     out: Path,
@@ -241,7 +241,7 @@ def _train_lora(
     return train_skill(load_config(TrainRunConfig, base=raw), progress=lambda *_: None)
 
 
-def _merge(
+def merge_skills(
     method: str,
     adapters: list[Path],
     weights: list[float],
@@ -265,7 +265,7 @@ def _merge(
     return run_merge(load_config(MergeRunConfig, base=raw)).output
 
 
-def _cat(
+def train_cat(
     base_dir: Path,
     adapters: dict[str, Path],
     data: list[str],
@@ -302,7 +302,7 @@ def _cat(
     return run_cat(config)
 
 
-def _search(
+def search_skill_weights(
     base_dir: Path,
     adapters: dict[str, Path],
     records: list[dict[str, Any]],
@@ -321,7 +321,7 @@ def _search(
     from lorasoup.training.data import build_dataset
 
     composition = compose_cat(
-        _load(base_dir, device=resolve_device(settings.device)),
+        load_study_model(base_dir, device=resolve_device(settings.device)),
         [load_adapter(p, name=n) for n, p in adapters.items()],
         granularity="global",
         parameterisation="free",
@@ -337,7 +337,7 @@ def _search(
     return composition.model.eval(), found
 
 
-def _moe(
+def fit_moe(
     base_dir: Path,
     adapters: dict[str, Path],
     data: list[str],
@@ -363,7 +363,9 @@ def _moe(
     return train_moe(base_dir, adapters, data, train=options, template=template, cutoff_len=cutoff_len)
 
 
-def _distil(moe: Any, records: list[dict[str, Any]], *, template: str = "plain", cutoff_len: int = 64) -> Any:
+def distil_moe(
+    moe: Any, records: list[dict[str, Any]], *, template: str = "plain", cutoff_len: int = 64
+) -> Any:
     """Static CAT weights from the router's mean gates over the skills' data (consumes ``moe``)."""
     import functools
 
@@ -377,7 +379,9 @@ def _distil(moe: Any, records: list[dict[str, Any]], *, template: str = "plain",
     return distill_to_cat(moe.composition, gates)
 
 
-def _load(base_dir: Path, adapter: Path | None = None, *, device: str | None = None) -> torch.nn.Module:
+def load_study_model(
+    base_dir: Path, adapter: Path | None = None, *, device: str | None = None
+) -> torch.nn.Module:
     """The base (with ``adapter``) in eval mode, on ``device`` (None: the CPU, where the scorer moves
     it to the run's device)."""
     from peft import PeftModel
@@ -391,7 +395,7 @@ def _load(base_dir: Path, adapter: Path | None = None, *, device: str | None = N
     return model.eval()
 
 
-def _untrained_cat(
+def untrained_cat(
     base_dir: Path, adapters: dict[str, Path], seed: int, *, uniform: bool, device: str
 ) -> torch.nn.Module:
     """CAT with weights never trained: at the paper's random initialisation, or uniform (1/K each)."""
@@ -399,7 +403,7 @@ def _untrained_cat(
     from lorasoup.cat.inject import compose_cat
 
     composition = compose_cat(
-        _load(base_dir, device=resolve_device(device)),
+        load_study_model(base_dir, device=resolve_device(device)),
         [load_adapter(p, name=n) for n, p in adapters.items()],
         granularity="module",
         seed=seed,
@@ -444,7 +448,7 @@ def run_seed(
     started = time.perf_counter()
     benchmark, tokenizer = demo_benchmark(seed, settings), demo_tokenizer(settings)
     files = {
-        name: _write_records(out / "data" / f"{name}.json", records)
+        name: write_records(out / "data" / f"{name}.json", records)
         for name, records in benchmark.train.items()
     }
     step("pre-training the base model")
@@ -455,12 +459,17 @@ def run_seed(
     study = SeedStudy(out, seed, settings, base_dir, tokenizer, benchmark, files, step)
     scorer = Scorer(benchmark, tokenizer, settings, out / "eval")
     rows: list[MethodResult] = []
-    study.add(rows, scorer, "base model", "reference", _load(base_dir), base_dir)
+    study.add(rows, scorer, "base model", "reference", load_study_model(base_dir), base_dir)
     adapters: dict[str, Path] = {}
     for name in ("math", "code"):
         adapters[name] = study.train_skill(name)
         study.add(
-            rows, scorer, f"{name} skill LoRA", "skill", _load(base_dir, adapters[name]), adapters[name]
+            rows,
+            scorer,
+            f"{name} skill LoRA",
+            "skill",
+            load_study_model(base_dir, adapters[name]),
+            adapters[name],
         )
     clock["skills_s"] = time.perf_counter() - started - clock["base_s"]
     mark = time.perf_counter()

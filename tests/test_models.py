@@ -366,6 +366,25 @@ def test_gguf_tokenizer_matches_original(tiny: dict[str, Tiny], tiny_gguf: Path)
     assert tokenizer.pad_token == EOS
 
 
+def test_gguf_tokenizer_takes_its_special_tokens_from_the_gguf_config(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 5.17 reads a GGUF Llama tokenizer with the wrong EOS (SmolLM2's BOS); load_tokenizer
+    corrects it from the config in the same file (simulated: the tokenizer comes back with another EOS)."""
+    import lorasoup.models as models
+
+    real = models.AutoTokenizer.from_pretrained
+
+    def broken(*args, **kwargs):
+        tokenizer = real(*args, **kwargs)
+        tokenizer.eos_token = PAD
+        return tokenizer
+
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", broken)
+    tokenizer = load_tokenizer(parse_model_spec(str(tiny_gguf)))
+    assert tokenizer.eos_token == EOS
+
+
 def test_save_hf_checkpoint_round_trips_gguf_model(
     tiny: dict[str, Tiny], tiny_gguf: Path, tmp_path: Path
 ) -> None:

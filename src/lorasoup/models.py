@@ -31,7 +31,13 @@ import transformers
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lorasoup.errors import ModelError
 
@@ -114,6 +120,9 @@ def load_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"the tokenizer of {_describe(spec)} is a slow one; lorasoup needs a tokenizer.json")
+    if spec.gguf_file is not None:
+        with _as_model_error(spec, "config"):
+            tokenizer = align_special_tokens(tokenizer, AutoConfig.from_pretrained(source, **kwargs))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"the tokenizer of {_describe(spec)} has neither a pad nor an eos token")
@@ -123,6 +132,21 @@ def load_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     if padding_side is not None:
         tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def align_special_tokens(tokenizer: PreTrainedTokenizerBase, config: Any) -> PreTrainedTokenizerBase:
+    """Give ``tokenizer`` the BOS / EOS / pad ids of the model's ``config`` where they differ.
+
+    transformers 5.17 (fixed by 5.24) builds a GGUF Llama tokenizer with the BOS token as its EOS
+    (``GGUFLlamaConverter``): SmolLM2's EOS would be ``<|im_start|>``, so a LoRA would learn to end
+    answers with it and generation would not stop at ``<|im_end|>``. The config read from the same
+    file has the right ids. A no-op where they agree.
+    """
+    for name in ("bos", "eos", "pad"):
+        wanted = getattr(config, f"{name}_token_id", None)
+        if isinstance(wanted, int) and getattr(tokenizer, f"{name}_token_id") != wanted:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(wanted))
     return tokenizer
 
 
@@ -162,7 +186,6 @@ def load_skeleton(spec: ModelSpec) -> PreTrainedModel:
     Enough to know which modules exist (say, to write the shortest ``target_modules``) without
     loading gigabytes.
     """
-    from transformers import AutoConfig
 
     source, kwargs = _resolve(spec)
     with _as_model_error(spec, "config"):

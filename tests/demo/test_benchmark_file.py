@@ -163,13 +163,12 @@ def test_the_fingerprint_follows_the_vocabulary_template_and_eos() -> None:
     templated.chat_template = "{{ messages }}"
     assert tokenizer_fingerprint(templated) != tokenizer_fingerprint(build_tokenizer())
     other_eos = build_tokenizer()
-    other_eos.eos_token = "<s>"  # what transformers 5.17 makes of SmolLM2's GGUF (real_study.model_tokenizer)
+    other_eos.eos_token = "<s>"  # transformers 5.17 on SmolLM2's GGUF (models.align_special_tokens)
     assert tokenizer_fingerprint(other_eos) != tokenizer_fingerprint(build_tokenizer())
 
 
 def test_the_model_tokenizer_takes_its_special_tokens_from_the_config(tmp_path: Path) -> None:
-    from lorasoup.demo.real_study import model_tokenizer
-    from lorasoup.models import parse_model_spec
+    from lorasoup.models import align_special_tokens, load_tokenizer, parse_model_spec
     from tests.conftest import build_llama
 
     broken = build_tokenizer()
@@ -177,6 +176,6 @@ def test_the_model_tokenizer_takes_its_special_tokens_from_the_config(tmp_path: 
     broken.save_pretrained(tmp_path)
     config = build_llama(len(broken)).config  # pad 0, bos 1, eos 2: <pad>, <s>, </s>
     config.save_pretrained(tmp_path)
-    fixed = model_tokenizer(parse_model_spec(str(tmp_path)), config)
+    fixed = align_special_tokens(load_tokenizer(parse_model_spec(str(tmp_path))), config)
     assert (fixed.bos_token, fixed.eos_token, fixed.pad_token) == ("<s>", "</s>", "<pad>")
     assert tokenizer_fingerprint(fixed) == tokenizer_fingerprint(build_tokenizer())

@@ -134,11 +134,11 @@ def save_real_benchmarks(path: str | Path, seeds: list[int], settings: RealDemoS
     without loading the weights. Returns what was written: path, seeds, records per seed, seconds."""
     from lorasoup.artifacts import package_versions
     from lorasoup.demo.benchmark_file import write_benchmarks
-    from lorasoup.models import load_skeleton, parse_model_spec
+    from lorasoup.models import load_tokenizer, parse_model_spec
 
     started = time.perf_counter()
     spec = parse_model_spec(settings.model)
-    tokenizer = model_tokenizer(spec, load_skeleton(spec).config)  # the config only: no weights read
+    tokenizer = load_tokenizer(spec)  # no weights read
     fits = _token_budget(tokenizer, settings)
     benchmarks = {seed: build_real_benchmark(seed, settings.sizes, fits=fits) for seed in seeds}
     written = write_benchmarks(
@@ -160,31 +160,19 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def model_tokenizer(spec: Any, config: Any) -> Any:
-    """The model's tokenizer, its BOS / EOS / pad tokens those of the model's ``config``.
-
-    transformers 5.17 (fixed by 5.24) builds a GGUF Llama tokenizer with the BOS token as its EOS
-    (``GGUFLlamaConverter``): SmolLM2's EOS would be ``<|im_start|>``, so the LoRAs would learn to end
-    answers with it and generation would not stop at ``<|im_end|>``. The config read from the same
-    file has the right ids (bos 1, eos 2, pad 2). A no-op where they agree.
-    """
-    from lorasoup.models import load_tokenizer
-
-    tokenizer = load_tokenizer(spec)
-    for name in ("bos", "eos", "pad"):
-        wanted = getattr(config, f"{name}_token_id", None)
-        if isinstance(wanted, int) and getattr(tokenizer, f"{name}_token_id") != wanted:
-            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(wanted))
-    return tokenizer
-
-
 def prepare_base(model: str, directory: Path) -> dict[str, Any]:
     """Convert ``model`` (a GGUF is dequantised) once into a checkpoint directory; its fingerprint."""
-    from lorasoup.models import load_base_model, model_fingerprint, parse_model_spec, save_hf_checkpoint
+    from lorasoup.models import (
+        load_base_model,
+        load_tokenizer,
+        model_fingerprint,
+        parse_model_spec,
+        save_hf_checkpoint,
+    )
 
     spec = parse_model_spec(model)
     loaded = load_base_model(spec)
-    save_hf_checkpoint(loaded, model_tokenizer(spec, loaded.config), directory)
+    save_hf_checkpoint(loaded, load_tokenizer(spec), directory)
     return {"model": model, **model_fingerprint(loaded)}
 
 

@@ -68,11 +68,18 @@ class LoraFactors:
         return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
 
     def delta_rows(
-        self, start: int, stop: int, dtype: torch.dtype = torch.float32, *, times: float = 1.0
+        self,
+        start: int,
+        stop: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        times: float = 1.0,
+        out: Tensor | None = None,
     ) -> Tensor:
-        """Rows ``start:stop`` of ``times · ΔW``: a fresh ``(stop − start, in)`` tensor, the rest never
-        built. The scalars go into the small ``B`` rows, so the block costs one GEMM and no extra pass."""
-        return (self.B[start:stop].to(dtype) * (self.scale * times)) @ self.A.to(dtype)
+        """Rows ``start:stop`` of ``times · ΔW``: a ``(stop − start, in)`` tensor (fresh, or written into
+        ``out``), the rest never built. The scalars go into the small ``B`` rows, so the block costs one
+        GEMM and no extra pass."""
+        return torch.matmul(self.B[start:stop].to(dtype) * (self.scale * times), self.A.to(dtype), out=out)
 
     def delta_entries(self, rows: Tensor, cols: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Scattered entries ``ΔW[rows[m], cols[m]]``: ``rows, cols (M,)`` → ``(M,)``, in ``O(M·r)``."""

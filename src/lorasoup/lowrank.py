@@ -208,7 +208,8 @@ def _randomized_svd(
 def _range_svd(
     matrix: Tensor, probe: Tensor, power_iterations: int, *, cholesky: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One pass of the range finder from ``probe (in, w)``: ``U, S, Vh`` and a 0-dim bool, healthy."""
+    """One pass of the range finder from ``probe (in, w)``: ``U, S, Vh`` and a 0-dim bool, healthy
+    (when it is False the three are placeholders: the caller redoes the pass)."""
     healthy = torch.ones((), dtype=torch.bool, device=matrix.device)
     failures = torch.zeros((), dtype=torch.int32, device=matrix.device)
 
@@ -231,7 +232,10 @@ def _range_svd(
     for step in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
         Z = orthonormal(matrix.T @ Q, last=False)
         Q = orthonormal(matrix @ Z, last=step == power_iterations - 1)
-    U_small, S, Vh = _svd_of_wide(Q.T @ matrix)  # (w, w), (w,), (w, in)
+    Y = Q.T @ matrix  # (w, in)
+    if cholesky and not bool(healthy):  # read now (the SVD below reads back anyway): no NaN past here
+        return Q, Y.new_zeros(0), Y, healthy
+    U_small, S, Vh = _svd_of_wide(Y)  # (w, w), (w,), (w, in)
     return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
 
 

@@ -148,3 +148,48 @@ def test_rowwise_merge_rejects_an_unknown_sign_method() -> None:
             sign_method="mode",  # type: ignore[arg-type]
             generator=torch.Generator(),
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
+)
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(sorted(RECIPES)),
+    st.sampled_from(["total", "frequency"]),
+    st.integers(1, 4),
+    st.floats(0.05, 1.0),
+    st.integers(50, 3000),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_fused_kernel_equals_the_torch_path_bit_for_bit(
+    recipe_name, sign_method, k, density, block_elements, integer, seed
+) -> None:
+    """The Triton combine step gives exactly what the torch ops give (same operations, same order,
+    no FMA), with ties at the cut (integer tasks) trimmed before the kernel."""
+    from lorasoup.merging import fused
+
+    device = torch.device("cuda")
+    assert fused.available(device)
+    tasks = [
+        LoraFactors(t.A.to(device), t.B.to(device), t.scale) for t in _tasks(k, 37, 29, seed, integer=integer)
+    ]
+    weights = torch.randn(k, generator=torch.Generator().manual_seed(seed))
+    recipe = RECIPES[recipe_name]
+
+    def run(use_kernel: bool) -> torch.Tensor:
+        return merge_rowwise(
+            tasks,
+            weights,
+            sparsify=recipe.sparsify,
+            consensus=recipe.consensus,
+            density=density,
+            sign_method=sign_method,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            block_elements=block_elements,
+            use_kernel=use_kernel,
+        )
+
+    assert torch.equal(run(True), run(False))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
+from lorasoup.merging import fused
 from lorasoup.merging.ops import SignMethod, check_density
 
 BLOCK_ELEMENTS = 1 << 22
@@ -122,10 +123,11 @@ class _Trim:
     def __init__(self, cut: MagnitudeCut) -> None:
         self.cut = cut
         self.quota = cut.keep_equal  # equal-to-threshold entries still to keep
+        self.simple = cut.keep_equal == cut.equal  # no surplus ties: |τ| >= threshold is the rule
 
     def __call__(self, block: Tensor) -> Tensor:
         magnitude = block.abs()
-        if self.cut.keep_equal == self.cut.equal:  # no surplus ties: one comparison suffices
+        if self.simple:  # one comparison suffices
             return block.masked_fill_(magnitude < self.cut.threshold, 0)
         drop = magnitude < self.cut.threshold
         equal = (magnitude == self.cut.threshold).reshape(-1)
@@ -156,6 +158,7 @@ def merge_rowwise(
     sign_method: SignMethod,
     generator: torch.Generator,
     block_elements: int | None = None,
+    use_kernel: bool | None = None,
 ) -> Tensor:
     """One module's merged ``ΔW (out, in)`` (fp32) from K tasks given as factors; ``weights (K,)``.
 
@@ -164,38 +167,62 @@ def merge_rowwise(
     disjoint mean). Equals :func:`lorasoup.merging.task_arithmetic.merge_tasks` on the dense tasks;
     DARE draws its masks block by block (task order within a block), so a seed gives one result.
     ``block_elements``: entries per row block (default :data:`BLOCK_ELEMENTS`, read at call time so a
-    benchmark can vary it); DARE's draws depend on it, nothing else does.
+    benchmark can vary it); DARE's draws depend on it, nothing else does. ``use_kernel``: combine
+    each block with :mod:`lorasoup.merging.fused`'s kernel (default: on CUDA with Triton); the
+    result is the same either way.
     """
     check_density(density)
     weights = weights.cpu()  # read one by one as Python numbers: no device sync per block
     if sign_method not in ("total", "frequency"):
         raise ValueError(f"majority sign method must be 'total' or 'frequency', got {sign_method!r}")
     out_features, in_features = tasks[0].out_features, tasks[0].in_features
+    device = tasks[0].A.device
     blocks = row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
     trims = None
     if sparsify == "magnitude" and density < 1.0:
         k = max(1, int(density * out_features * in_features))
         trims = [_Trim(magnitude_cut(task, k, blocks)) for task in tasks]
-    merged = torch.empty(out_features, in_features, dtype=torch.float32, device=tasks[0].A.device)
+    dropping = sparsify == "random" and density < 1.0
+    # Scalars folded into each block's GEMM, and what the combine step still multiplies by: the
+    # magnitude cut is on |τ_i| itself, so those tasks are weighted after trimming.
+    folded = [1.0 if trims else float(w) / (density if dropping else 1.0) for w in weights]
+    after = [float(w) if trims else 1.0 for w in weights]
+    kernel = fused.available(device) if use_kernel is None else use_kernel
+    if kernel:
+        kernel_weights = torch.tensor(after, dtype=torch.float32, device=device)
+        kernel_cuts = None
+        if trims is not None:  # tasks with surplus ties at the cut are trimmed before, exactly
+            cuts = [t.cut.threshold if t.simple else torch.zeros(()) for t in trims]
+            kernel_cuts = torch.stack([c.float().to(device) for c in cuts])
+    merged = torch.empty(out_features, in_features, dtype=torch.float32, device=device)
+    widest = max(stop - start for start, stop in blocks)
+    buffer = torch.empty(len(tasks), widest, in_features, dtype=torch.float32, device=device)
     for start, stop in blocks:
-        parts = []
+        parts = buffer[:, : stop - start]
         for i, task in enumerate(tasks):
-            weight = float(weights[i])
-            if trims is not None:  # the cut is on |τ_i| itself: weight after trimming
-                parts.append(trims[i](task.delta_rows(start, stop)).mul_(weight))
-            elif sparsify == "random" and density < 1.0:
-                block = task.delta_rows(start, stop, times=weight / density)
-                parts.append(drop_random_(block, density, generator))
-            else:
-                parts.append(task.delta_rows(start, stop, times=weight))
+            task.delta_rows(start, stop, times=folded[i], out=parts[i])
+            if trims is not None and not (kernel and trims[i].simple):
+                trims[i](parts[i])
+            elif dropping:
+                drop_random_(parts[i], density, generator)
         target = merged[start:stop]
+        if kernel:
+            fused.combine(
+                parts,
+                kernel_cuts,
+                kernel_weights,
+                target,
+                consensus=consensus == "sign",
+                frequency=sign_method == "frequency",
+            )
+            continue
+        weighted = [part.mul_(w) if w != 1.0 else part for part, w in zip(parts, after, strict=True)]
         if consensus == "sign":
-            _disjoint_mean_into(target, parts, sign_method)
+            _disjoint_mean_into(target, weighted, sign_method)
         else:
-            target.copy_(parts[0])
-            for part in parts[1:]:
+            target.copy_(weighted[0])
+            for part in weighted[1:]:
                 target.add_(part)
-        del parts
     return merged
 
 

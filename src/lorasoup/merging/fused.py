@@ -105,7 +105,7 @@ def _kernel() -> Any:
                 agrees = tl.where(positive, x > 0, x < 0)
                 total += tl.where(agrees, x, 0.0)
                 agreeing += agrees.to(tl.float32)
-            result = total / tl.maximum(agreeing, 1.0)
+            result = tl.math.div_rn(total, tl.maximum(agreeing, 1.0))  # IEEE division, as torch
         else:
             result = tl.zeros([BLOCK], dtype=tl.float32)
             for k in tl.static_range(K):

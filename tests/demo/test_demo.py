@@ -15,7 +15,7 @@ from lorasoup.demo.study import TASKS, TASKS_K3, slug
 from lorasoup.training.templates import TEMPLATES
 from tests.conftest import TINY_DEMO
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/demo/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _value(expression: str) -> int:

@@ -27,7 +27,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 TINY = TINY_DEMO
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/demo/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _study(*args: str) -> tuple[int, str]:

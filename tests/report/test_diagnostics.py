@@ -138,15 +138,6 @@ def test_energy_curve_equals_the_dense_svd() -> None:
     assert low[1] == pytest.approx(1.0) and math.isclose(float(low[-1]), 1.0)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP spinning makes tiny generation steps crawl."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_accuracy_vs_rank_scores_recompressed_adapters_and_leaves_the_base_alone(
     llama_dir, tokenizer, tmp_path, one_thread
 ) -> None:

@@ -72,6 +72,11 @@ class SeedStudy:
         accuracy = scorer.score(method, model)
         rows.append(MethodResult(method, kind, accuracy, str(artifact) if artifact else None, detail))
 
+    def add_skill(self, rows: list[MethodResult], scorer: Scorer, name: str, adapter: Path) -> None:
+        """Score skill ``name``'s LoRA as a row of ``rows``."""
+        model = load_study_model(self.base_dir, adapter)
+        self.add(rows, scorer, f"{name} skill LoRA", "skill", model, adapter)
+
     def train_skill(self, name: str) -> Path:
         """The skill LoRA of training split ``name`` (``adapters/<name>``)."""
         self.step(f"training the {name} skill LoRA")
@@ -190,17 +195,9 @@ def three_skills(study: SeedStudy, adapters: dict[str, Path]) -> list[MethodResu
     rows: list[MethodResult] = []
     study.add(rows, scorer, "base model", "reference", load_study_model(study.base_dir), study.base_dir)
     for name in ("math", "code"):
-        study.add(
-            rows,
-            scorer,
-            f"{name} skill LoRA",
-            "skill",
-            load_study_model(study.base_dir, adapters[name]),
-            adapters[name],
-        )
+        study.add_skill(rows, scorer, name, adapters[name])
     adapters["extra"] = study.train_skill("extra")
-    model = load_study_model(study.base_dir, adapters["extra"])
-    study.add(rows, scorer, "extra skill LoRA", "skill", model, adapters["extra"])
+    study.add_skill(rows, scorer, "extra", adapters["extra"])
     composed, _ = compose_methods(study, scorer, adapters, target="composite3", tag="-k3")
     return rows + composed
 

@@ -463,14 +463,7 @@ def run_seed(
     adapters: dict[str, Path] = {}
     for name in ("math", "code"):
         adapters[name] = study.train_skill(name)
-        study.add(
-            rows,
-            scorer,
-            f"{name} skill LoRA",
-            "skill",
-            load_study_model(base_dir, adapters[name]),
-            adapters[name],
-        )
+        study.add_skill(rows, scorer, name, adapters[name])
     clock["skills_s"] = time.perf_counter() - started - clock["base_s"]
     mark = time.perf_counter()
     composed, artifacts = compose_methods(study, scorer, adapters, target="composite")

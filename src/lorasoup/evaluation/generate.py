@@ -152,25 +152,42 @@ def generate(
     """Continue every prompt with an HF causal LM (or a PEFT model wrapping one); see the module doc."""
     settings = settings or GenerationSettings()
     settings.validate()
+    plan = plan_prompts(model, tokenizer, prompts, settings)
+    results: list[Generation | None] = [None] * len(prompts)
+    for start in range(0, len(plan.order), settings.batch_size):
+        rows = plan.order[start : start + settings.batch_size]
+        seeds = [prompt_seed(settings.seed, prompts[i]) for i in rows]
+        batch = _generate_batch(
+            model, tokenizer, [plan.encoded[i] for i in rows], seeds, settings, plan.eos_ids, plan.pad_id
+        )
+        for i, generation in zip(rows, batch, strict=True):
+            results[i] = generation
+        if progress is not None:
+            progress(min(start + settings.batch_size, len(plan.order)), len(plan.order))
+    return [r for r in results if r is not None]
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """What every backend decides before decoding: token ids per prompt (length-checked), the order
+    the batches take them in (longest first unless ``sort_by_length`` is off), the EOS ids and the pad id."""
+
+    encoded: list[list[int]]
+    order: list[int]
+    eos_ids: list[int]
+    pad_id: int
+
+
+def plan_prompts(
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], settings: GenerationSettings
+) -> PromptPlan:
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     _check_lengths(model, encoded, settings.max_new_tokens)
     order = list(range(len(prompts)))
     if settings.sort_by_length:
         order.sort(key=lambda i: -len(encoded[i]))
     eos_ids = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, eos_ids)
-    results: list[Generation | None] = [None] * len(prompts)
-    for start in range(0, len(order), settings.batch_size):
-        rows = order[start : start + settings.batch_size]
-        seeds = [prompt_seed(settings.seed, prompts[i]) for i in rows]
-        batch = _generate_batch(
-            model, tokenizer, [encoded[i] for i in rows], seeds, settings, eos_ids, pad_id
-        )
-        for i, generation in zip(rows, batch, strict=True):
-            results[i] = generation
-        if progress is not None:
-            progress(min(start + settings.batch_size, len(order)), len(order))
-    return [r for r in results if r is not None]
+    return PromptPlan(encoded, order, eos_ids, _pad_id(tokenizer, eos_ids))
 
 
 def prompt_seed(seed: int, prompt: str) -> int:

@@ -52,13 +52,10 @@ from lorasoup.evaluation.generate import (
     Generation,
     GenerationSettings,
     Progress,
-    _check_lengths,
     _device_of,
-    _eos_ids,
     _finish,
-    _pad_id,
-    encode_prompt,
     left_pad,
+    plan_prompts,
 )
 
 if TYPE_CHECKING:
@@ -269,27 +266,22 @@ class GraphGenerator:
             )
         if not prompts:
             return []
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        _check_lengths(self.model, encoded, settings.max_new_tokens)
-        order = list(range(len(prompts)))
-        if settings.sort_by_length:
-            order.sort(key=lambda i: -len(encoded[i]))
-        eos_ids = _eos_ids(self.model, self.tokenizer)
-        pad_id = _pad_id(self.tokenizer, eos_ids)
+        plan = plan_prompts(self.model, self.tokenizer, prompts, settings)
         # 16 columns: bf16 mask rows aligned as SDPA's memory-efficient kernel wants them
-        length = _round_up(max(len(e) for e in encoded) + settings.max_new_tokens, 16)
+        length = _round_up(max(len(e) for e in plan.encoded) + settings.max_new_tokens, 16)
         _check_model(self.model, length)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "capture_s": 0.0, "captures": 0, "steps": 0}
         results: list[Generation | None] = [None] * len(prompts)
         with torch.inference_mode():
             state = self._state_for(min(settings.batch_size, len(prompts)), length)
-            for start in range(0, len(order), settings.batch_size):
-                rows = order[start : start + settings.batch_size]
-                batch = self._run_batch(state, [encoded[i] for i in rows], settings, eos_ids, pad_id)
+            for start in range(0, len(plan.order), settings.batch_size):
+                rows = plan.order[start : start + settings.batch_size]
+                encoded = [plan.encoded[i] for i in rows]
+                batch = self._run_batch(state, encoded, settings, plan.eos_ids, plan.pad_id)
                 for i, generation in zip(rows, batch, strict=True):
                     results[i] = generation
                 if progress is not None:
-                    progress(min(start + settings.batch_size, len(order)), len(order))
+                    progress(min(start + settings.batch_size, len(plan.order)), len(plan.order))
         return [r for r in results if r is not None]
 
     def release(self) -> None:

@@ -76,6 +76,14 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
+    def task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM: tl.constexpr):
+        # task k's entries at `offsets`: trimmed below its threshold, then weighted
+        x = tl.load(X + k * stride_k + offsets, mask=inside, other=0.0)
+        if TRIM:
+            x = tl.where(tl.abs(x) < tl.load(THRESH + k), 0.0, x)
+        return x * tl.load(WEIGHT + k)
+
+    @triton.jit
     def merge_block(
         X, THRESH, WEIGHT, OUT, n, stride_k,
         K: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, FREQUENCY: tl.constexpr,
@@ -83,36 +91,26 @@ def _kernel() -> Any:
     ):  # fmt: skip
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
+        result = tl.zeros([BLOCK], dtype=tl.float32)
         if CONSENSUS:
             score = tl.zeros([BLOCK], dtype=tl.float32)
             for k in tl.static_range(K):
-                x = tl.load(X + k * stride_k + offsets, mask=inside, other=0.0)
-                if TRIM:
-                    x = tl.where(tl.abs(x) < tl.load(THRESH + k), 0.0, x)
-                x = x * tl.load(WEIGHT + k)
+                x = task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM)
                 if FREQUENCY:
                     score += tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
                 else:
                     score += x
             positive = score >= 0
-            total = tl.zeros([BLOCK], dtype=tl.float32)
             agreeing = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in tl.static_range(K):
-                x = tl.load(X + k * stride_k + offsets, mask=inside, other=0.0)
-                if TRIM:
-                    x = tl.where(tl.abs(x) < tl.load(THRESH + k), 0.0, x)
-                x = x * tl.load(WEIGHT + k)
+            for k in tl.static_range(K):  # read again: K blocks do not fit in registers or cache
+                x = task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM)
                 agrees = tl.where(positive, x > 0, x < 0)
-                total += tl.where(agrees, x, 0.0)
+                result += tl.where(agrees, x, 0.0)
                 agreeing += agrees.to(tl.float32)
-            result = tl.math.div_rn(total, tl.maximum(agreeing, 1.0))  # IEEE division, as torch
+            result = tl.math.div_rn(result, tl.maximum(agreeing, 1.0))  # IEEE division, as torch
         else:
-            result = tl.zeros([BLOCK], dtype=tl.float32)
             for k in tl.static_range(K):
-                x = tl.load(X + k * stride_k + offsets, mask=inside, other=0.0)
-                if TRIM:
-                    x = tl.where(tl.abs(x) < tl.load(THRESH + k), 0.0, x)
-                result += x * tl.load(WEIGHT + k)
+                result += task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM)
         tl.store(OUT + offsets, result, mask=inside)
 
     return merge_block

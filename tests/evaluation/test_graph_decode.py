@@ -190,3 +190,21 @@ def test_eval_with_backend_cudagraph_equals_backend_hf(llama_dir, tmp_path, gree
     sampled = {"backend": "cudagraph", "generation": {"sampling": "paper"}}
     with pytest.raises(ConfigError, match="decodes greedily"):
         evaluate(config_for(llama_dir, task, tmp_path / "s", **sampled))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
+)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_captured_graphs_replay_what_the_eager_step_and_the_hf_path_make_on_cuda(arch, tokenizer):
+    """On a GPU the decoding step is captured and replayed: in fp32 its tokens are those of the same
+    step run eagerly and of the HF path, several windows (graphs) and batches included."""
+    model = build(arch, len(tokenizer)).to("cuda")
+    settings = GenerationSettings(max_new_tokens=20, batch_size=2)
+    captured = graphed(model, tokenizer)
+    assert captured.capture
+    replayed = captured.generate(PROMPTS, settings)
+    assert captured.stats["captures"] > 1
+    assert replayed == graphed(model, tokenizer, capture=False).generate(PROMPTS, settings)
+    assert replayed == generate(model, tokenizer, PROMPTS, settings)

@@ -105,7 +105,7 @@ def test_a_missed_bracket_falls_back_to_the_exact_cut(monkeypatch) -> None:
     def wrong(task, k, sample_size):  # a bracket far below the true cut: too many entries above it
         calls.append(sample_size)
         zero = torch.zeros(())
-        return zero, zero
+        return zero, zero, 0.0
 
     monkeypatch.setattr(rowwise, "_bracket", wrong)
     cut = magnitude_cut(task, 500, blocks, sample_size=8)
@@ -193,3 +193,27 @@ def test_fused_kernel_equals_the_torch_path_bit_for_bit(
         )
 
     assert torch.equal(run(True), run(False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
+)
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.01, 0.99), st.integers(50, 3000), st.booleans(), st.integers(0, 2**16))
+def test_gpu_counting_pass_gives_the_torch_cut(density, block, integer, seed) -> None:
+    """The Triton counting pass (atomics, candidates in any order) finds the torch pass's exact cut;
+    with no room for the candidates it reports overflow and the torch pass takes over."""
+    from lorasoup.merging import fused
+
+    device = torch.device("cuda")
+    cpu = _tasks(1, 40, 30, seed, integer=integer)[0]
+    task = LoraFactors(cpu.A.to(device), cpu.B.to(device), cpu.scale)
+    blocks = row_blocks(40, 30, block)
+    k = max(1, int(density * 1200))
+    kernel = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=True)
+    torch_cut = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=False)
+    assert torch.equal(kernel.threshold, torch_cut.threshold)
+    assert (kernel.keep_equal, kernel.equal) == (torch_cut.keep_equal, torch_cut.equal)
+    infinity = torch.tensor(float("inf"), device=device)
+    assert fused.count_and_collect(task, blocks, -infinity, infinity, capacity=1) is None

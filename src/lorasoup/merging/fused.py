@@ -1,10 +1,14 @@
-"""The elementwise end of a ΔW-space merge as one GPU kernel per row block (Triton).
+"""GPU kernels (Triton) for the elementwise work of the ΔW-space merges, one launch per row block.
+
+:func:`count_and_collect` is the counting pass of the exact magnitude cut; :func:`combine` the
+elementwise end of a merge.
 
 The torch path of :func:`lorasoup.merging.rowwise.merge_rowwise` trims, weights, votes, checks
-agreement, counts and divides in about 20 separate passes over each block of K task rows; this
-kernel reads the K blocks once to vote and once to average (once in all without sign consensus)
-and writes the merged block once. It performs the same floating-point operations in the same order
-as the torch path, with FMA contraction off, so the two agree bit for bit (tested on a GPU).
+agreement, counts and divides in about 20 separate passes over each block of K task rows;
+:func:`combine` reads the K blocks once to vote and once to average (once in all without sign
+consensus) and writes the merged block once. It performs the same floating-point operations in the
+same order as the torch path, with FMA contraction off, so the two agree bit for bit; the counting
+pass collects the same candidates in another order, which gives the same cut (both tested on a GPU).
 
 Used on CUDA tensors when Triton is importable (it ships with PyTorch's CUDA wheels); everything
 else takes the torch path.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -66,8 +71,68 @@ def combine(
     return out
 
 
+def count_and_collect(
+    task: Any, blocks: Sequence[tuple[int, int]], low: Tensor, high: Tensor, *, capacity: int
+) -> tuple[int, Tensor] | None:
+    """The counting pass of the exact magnitude cut (``rowwise.magnitude_cut``) on the GPU.
+
+    For each row block of ``task``'s ``|ΔW|``: entries above ``high`` are counted and those in
+    ``[low, high]`` appended to one candidate buffer (in no particular order: only their order
+    statistics matter), by atomics instead of a boolean index and a host read per block. Returns
+    ``(count above, candidates)``, or ``None`` when more than ``capacity`` candidates turned up (the
+    caller falls back to the torch pass).
+    """
+    device = task.A.device
+    widest = max(stop - start for start, stop in blocks)
+    block = torch.empty(widest, task.in_features, dtype=torch.float32, device=device)
+    candidates = torch.empty(capacity, dtype=torch.float32, device=device)
+    counters = torch.zeros(2, dtype=torch.int32, device=device)  # above, collected (< 2³¹ per module)
+    kernel = _collect_kernel()
+    for start, stop in blocks:
+        rows = block[: stop - start]
+        task.delta_rows(start, stop, out=rows)
+        n = rows.numel()
+        kernel[(triton_cdiv(n, BLOCK),)](
+            rows,
+            n,
+            low.float().reshape(1),
+            high.float().reshape(1),
+            candidates,
+            counters,
+            capacity,
+            BLOCK=BLOCK,
+        )
+    above, collected = counters.tolist()  # the one host read of the pass
+    if collected > capacity:
+        return None
+    return above, candidates[:collected]
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.cache
+def _collect_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_and_collect(X, n, LOW, HIGH, CANDIDATES, COUNTERS, capacity, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        magnitude = tl.abs(tl.load(X + offsets, mask=inside, other=0.0))
+        low = tl.load(LOW)
+        high = tl.load(HIGH)
+        above = inside & (magnitude > high)
+        tl.atomic_add(COUNTERS, tl.sum(above.to(tl.int32), axis=0))
+        within = inside & (magnitude >= low) & (magnitude <= high)
+        flags = within.to(tl.int32)
+        start = tl.atomic_add(COUNTERS + 1, tl.sum(flags, axis=0))  # this program's slots
+        slots = start + tl.cumsum(flags, axis=0) - 1
+        tl.store(CANDIDATES + slots, magnitude, mask=within & (slots < capacity))
+
+    return count_and_collect
 
 
 @functools.cache

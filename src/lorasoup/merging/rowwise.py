@@ -63,12 +63,38 @@ def magnitude_cut(
     blocks: Sequence[tuple[int, int]],
     *,
     sample_size: int = SAMPLE_SIZE,
+    use_kernel: bool | None = None,
 ) -> MagnitudeCut:
-    """The exact cut keeping the ``k`` largest ``|ΔW_ij|`` of ``task`` (``1 ≤ k ≤ out·in``)."""
+    """The exact cut keeping the ``k`` largest ``|ΔW_ij|`` of ``task`` (``1 ≤ k ≤ out·in``).
+
+    ``use_kernel``: count and collect with :func:`lorasoup.merging.fused.count_and_collect` (default:
+    on CUDA with Triton; no host read per block); the cut is the same either way.
+    """
     total = task.out_features * task.in_features
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], got {k}")
     bracket = _bracket(task, k, sample_size) if 4 * sample_size < total else None
+    counted = None
+    if bracket is not None and (fused.available(task.A.device) if use_kernel is None else use_kernel):
+        low, high, share = bracket  # room for twice the expected candidates: overflow means a redo
+        counted = fused.count_and_collect(task, blocks, low, high, capacity=int(2 * share * total) + 65536)
+    if counted is not None:
+        above, pool = counted
+    else:
+        above, pool = _count_and_collect(task, blocks, bracket)
+    need = k - above
+    if not 1 <= need <= pool.numel():  # the sample's bracket missed the cut: redo it exactly
+        return magnitude_cut(task, k, blocks, sample_size=total, use_kernel=use_kernel)
+    threshold = _kth_largest(pool, need)
+    greater = above + int((pool > threshold).sum())
+    return MagnitudeCut(threshold=threshold, keep_equal=k - greater, equal=int((pool == threshold).sum()))
+
+
+def _count_and_collect(
+    task: LoraFactors, blocks: Sequence[tuple[int, int]], bracket: tuple[Tensor, Tensor, float] | None
+) -> tuple[int, Tensor]:
+    """Entries of ``|ΔW|`` above the bracket (a count) and inside it (their values, any order);
+    without a bracket, every entry is a candidate."""
     above = torch.zeros((), dtype=torch.int64, device=task.A.device)
     candidates = []
     for start, stop in blocks:
@@ -76,22 +102,16 @@ def magnitude_cut(
         if bracket is None:
             candidates.append(magnitude)
             continue
-        low, high = bracket
+        low, high, _ = bracket
         above += (magnitude > high).sum()
         candidates.append(magnitude[(magnitude >= low) & (magnitude <= high)])
         del magnitude
-    pool = torch.cat(candidates)
-    del candidates
-    need = k - int(above)
-    if not 1 <= need <= pool.numel():  # the sample's bracket missed the cut: redo it exactly
-        return magnitude_cut(task, k, blocks, sample_size=total)
-    threshold = _kth_largest(pool, need)
-    greater = int(above) + int((pool > threshold).sum())
-    return MagnitudeCut(threshold=threshold, keep_equal=k - greater, equal=int((pool == threshold).sum()))
+    return int(above), torch.cat(candidates)
 
 
-def _bracket(task: LoraFactors, k: int, sample_size: int) -> tuple[Tensor, Tensor]:
-    """``(low, high)`` around the ``k``-th largest ``|ΔW_ij|``, from a sample of entries."""
+def _bracket(task: LoraFactors, k: int, sample_size: int) -> tuple[Tensor, Tensor, float]:
+    """``(low, high, share)`` around the ``k``-th largest ``|ΔW_ij|``, from a sample of entries;
+    ``share`` is the sample's fraction inside the bracket."""
     total = task.out_features * task.in_features
     device = task.A.device
     generator = torch.Generator(device=device).manual_seed(0)
@@ -107,7 +127,7 @@ def _bracket(task: LoraFactors, k: int, sample_size: int) -> tuple[Tensor, Tenso
     infinity = torch.tensor(math.inf, device=device)
     low = sample[lo] if lo >= 0 else -infinity
     high = sample[hi] if hi < sample_size else infinity
-    return low, high
+    return low, high, (min(hi, sample_size - 1) - max(lo, 0) + 1) / sample_size
 
 
 def _kth_largest(values: Tensor, n: int) -> Tensor:
@@ -181,7 +201,7 @@ def merge_rowwise(
     trims = None
     if sparsify == "magnitude" and density < 1.0:
         k = max(1, int(density * out_features * in_features))
-        trims = [_Trim(magnitude_cut(task, k, blocks)) for task in tasks]
+        trims = [_Trim(magnitude_cut(task, k, blocks, use_kernel=use_kernel)) for task in tasks]
     dropping = sparsify == "random" and density < 1.0
     # Scalars folded into each block's GEMM, and what the combine step still multiplies by: the
     # magnitude cut is on |τ_i| itself, so those tasks are weighted after trimming.

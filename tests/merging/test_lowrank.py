@@ -178,3 +178,48 @@ def test_randomized_svd_by_cholesky_qr_matches_householder(deficient, unhealthy,
     live = 1e-3 * S2[0] < S2
     approx = lambda U, S, Vh: (U[:, live] * S[live]) @ Vh[live]  # noqa: E731
     assert torch.allclose(approx(U1, S1, Vh1), approx(U2, S2, Vh2), atol=1e-3 * float(S2[0]))
+
+
+def test_range_finder_buffers_exist_only_inside_the_block_and_on_a_gpu() -> None:
+    from lorasoup.lowrank import captured_range_finder, range_finder_buffer
+
+    assert range_finder_buffer((4, 3), torch.device("cpu")) is None
+    with captured_range_finder() as graphs:
+        assert range_finder_buffer((4, 3), torch.device("cpu")) is None
+        assert graphs.graphs == {}
+    assert range_finder_buffer((4, 3), torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
+)
+@pytest.mark.parametrize("deficient", [False, True])
+def test_captured_range_finder_replays_what_the_eager_one_computes(deficient: bool) -> None:
+    """Inside captured_range_finder a ΔW written into its buffer goes through a CUDA graph (captured
+    once per shape, then replayed, the transposed shape sharing the buffer); the factors are the
+    eager ones, and a rank-deficient matrix still falls back to Householder QR correctly."""
+    from lorasoup.lowrank import captured_range_finder, dense_lowrank, range_finder_buffer
+
+    g = torch.Generator().manual_seed(4)
+    inner = 5 if deficient else 90
+    device = torch.device("cuda")
+    M = (torch.randn(300, inner, generator=g) @ torch.randn(inner, 200, generator=g)).to(device)
+
+    def lowrank(matrix: torch.Tensor):
+        generator = torch.Generator(device=device).manual_seed(0)
+        return dense_lowrank(matrix, rank=12, mode="randomized", generator=generator)
+
+    eager = [lowrank(M.clone()), lowrank(M.T.contiguous())]
+    with captured_range_finder() as graphs:
+        replayed = []
+        for matrix in (M, M.T.contiguous(), M):
+            buffer = range_finder_buffer(tuple(matrix.shape), device)
+            buffer.copy_(matrix)
+            replayed.append(lowrank(buffer))
+        assert len(graphs.graphs) == 2 and all(entry is not None for entry in graphs.graphs.values())
+        assert len(graphs.buffers) == 1  # a shape and its transpose share one buffer
+    for got, want in zip(replayed, [*eager, eager[0]], strict=True):
+        scale = float(want.singular_values[0])
+        assert torch.allclose(got.B @ got.A, want.B @ want.A, atol=1e-4 * scale)
+        assert got.discarded_energy == pytest.approx(want.discarded_energy, abs=1e-6)

@@ -266,14 +266,11 @@ class RangeFinderGraphs:
     def __init__(self) -> None:
         self.buffers: dict[tuple[int, torch.device], Tensor] = {}
         self.graphs: dict[tuple[Any, ...], tuple[Any, Tensor, tuple[Tensor, Tensor, Tensor]] | None] = {}
-        self.failures: dict[tuple[Any, ...], str] = {}  # why a shape runs eagerly
         self.pool: Any = None
 
     def input_buffer(self, shape: tuple[int, int], device: torch.device) -> Tensor | None:
         if device.type != "cuda":
             return None
-        if device.index is None:  # "cuda" and "cuda:0" must find the same buffer
-            device = torch.device("cuda", torch.cuda.current_device())
         key = (shape[0] * shape[1], device)
         if key not in self.buffers:
             self.buffers[key] = torch.empty(key[0], dtype=torch.float32, device=device)
@@ -288,11 +285,7 @@ class RangeFinderGraphs:
             return None
         key = (tuple(matrix.shape), matrix.dtype, tuple(probe.shape), power_iterations, matrix.device)
         if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(matrix, probe, power_iterations)
-            except RuntimeError as err:  # a kernel that cannot be captured: this shape runs eagerly
-                torch.cuda.synchronize(matrix.device)
-                self.graphs[key], self.failures[key] = None, f"{type(err).__name__}: {err}"
+            self.graphs[key] = self._capture(matrix, probe, power_iterations)
         entry = self.graphs[key]
         if entry is None:
             return None
@@ -305,15 +298,19 @@ class RangeFinderGraphs:
         static_probe = probe.clone()
         side = torch.cuda.Stream(matrix.device)
         side.wait_stream(torch.cuda.current_stream(matrix.device))
-        with torch.cuda.stream(side):  # warm up: library handles and workspaces exist before capture
-            for _ in range(2):
-                _range_basis(matrix, static_probe, power_iterations, cholesky=True)
-        torch.cuda.current_stream(matrix.device).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = _range_basis(matrix, static_probe, power_iterations, cholesky=True)
+        try:
+            with torch.cuda.stream(side):  # warm up: library handles and workspaces exist before capture
+                for _ in range(2):
+                    _range_basis(matrix, static_probe, power_iterations, cholesky=True)
+            torch.cuda.current_stream(matrix.device).wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = _range_basis(matrix, static_probe, power_iterations, cholesky=True)
+        except RuntimeError:  # a kernel that cannot be captured: this shape runs eagerly
+            torch.cuda.synchronize(matrix.device)
+            return None
         return graph, static_probe, outputs
 
     def release(self) -> None:

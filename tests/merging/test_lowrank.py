@@ -217,7 +217,6 @@ def test_captured_range_finder_replays_what_the_eager_one_computes(deficient: bo
             buffer = range_finder_buffer(tuple(matrix.shape), device)
             buffer.copy_(matrix)
             replayed.append(lowrank(buffer))
-        assert graphs.failures == {}
         assert len(graphs.graphs) == 2 and all(entry is not None for entry in graphs.graphs.values())
         assert len(graphs.buffers) == 1  # a shape and its transpose share one buffer
     for got, want in zip(replayed, [*eager, eager[0]], strict=True):

@@ -14,9 +14,7 @@ Dense matrices (the output of elementwise merges such as TIES) go through :func:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -212,22 +210,6 @@ def _range_svd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass of the range finder from ``probe (in, w)``: ``U, S, Vh`` and a 0-dim bool, healthy
     (when it is False the three are placeholders: the caller redoes the pass)."""
-    graphs = _GRAPHS.get()
-    basis = graphs.replay(matrix, probe, power_iterations) if graphs is not None and cholesky else None
-    if basis is None:
-        basis = _range_basis(matrix, probe, power_iterations, cholesky=cholesky)
-    Q, Y, healthy = basis
-    if cholesky and not bool(healthy):  # read now (the SVD below reads back anyway): no NaN past here
-        return Q, Y.new_zeros(0), Y, healthy
-    U_small, S, Vh = _svd_of_wide(Y)  # (w, w), (w,), (w, in)
-    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
-
-
-def _range_basis(
-    matrix: Tensor, probe: Tensor, power_iterations: int, *, cholesky: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The range finder's basis ``Q (out, w)``, ``Y = Qᵀ matrix (w, in)`` and a 0-dim bool, healthy.
-    With ``cholesky`` it reads nothing back to the host, so it can be captured as a CUDA graph."""
     healthy = torch.ones((), dtype=torch.bool, device=matrix.device)
     failures = torch.zeros((), dtype=torch.int32, device=matrix.device)
 
@@ -250,96 +232,11 @@ def _range_basis(
     for step in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
         Z = orthonormal(matrix.T @ Q, last=False)
         Q = orthonormal(matrix @ Z, last=step == power_iterations - 1)
-    return Q, Q.T @ matrix, healthy
-
-
-class RangeFinderGraphs:
-    """The GPU range finder (:func:`_range_basis`) captured as one CUDA graph per matrix shape.
-
-    A 7B module's range finder is ~90 small operators whose launches cost more than their kernels;
-    replayed as a graph it is one launch. Graphs read fixed addresses, so a dense ``ΔW`` takes part
-    only if it was written into :meth:`input_buffer` (one buffer per element count, shared by a
-    shape and its transpose: a 7B model needs two, 0.23 GiB). A shape whose capture fails runs
-    eagerly. Made and released by :func:`captured_range_finder`.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[int, torch.device], Tensor] = {}
-        self.graphs: dict[tuple[Any, ...], tuple[Any, Tensor, tuple[Tensor, Tensor, Tensor]] | None] = {}
-        self.pool: Any = None
-
-    def input_buffer(self, shape: tuple[int, int], device: torch.device) -> Tensor | None:
-        if device.type != "cuda":
-            return None
-        key = (shape[0] * shape[1], device)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(key[0], dtype=torch.float32, device=device)
-        return self.buffers[key].view(shape)
-
-    def replay(
-        self, matrix: Tensor, probe: Tensor, power_iterations: int
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The basis for ``matrix`` by graph, or ``None`` where that cannot be (not a buffer of ours)."""
-        buffer = self.buffers.get((matrix.numel(), matrix.device))
-        if buffer is None or matrix.data_ptr() != buffer.data_ptr() or not matrix.is_contiguous():
-            return None
-        key = (tuple(matrix.shape), matrix.dtype, tuple(probe.shape), power_iterations, matrix.device)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(matrix, probe, power_iterations)
-        entry = self.graphs[key]
-        if entry is None:
-            return None
-        graph, static_probe, outputs = entry
-        static_probe.copy_(probe)
-        graph.replay()
-        return outputs
-
-    def _capture(self, matrix: Tensor, probe: Tensor, power_iterations: int) -> Any:
-        static_probe = probe.clone()
-        side = torch.cuda.Stream(matrix.device)
-        side.wait_stream(torch.cuda.current_stream(matrix.device))
-        try:
-            with torch.cuda.stream(side):  # warm up: library handles and workspaces exist before capture
-                for _ in range(2):
-                    _range_basis(matrix, static_probe, power_iterations, cholesky=True)
-            torch.cuda.current_stream(matrix.device).wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                outputs = _range_basis(matrix, static_probe, power_iterations, cholesky=True)
-        except RuntimeError:  # a kernel that cannot be captured: this shape runs eagerly
-            torch.cuda.synchronize(matrix.device)
-            return None
-        return graph, static_probe, outputs
-
-    def release(self) -> None:
-        self.graphs.clear()
-        self.buffers.clear()
-        self.pool = None
-
-
-_GRAPHS: ContextVar[RangeFinderGraphs | None] = ContextVar("lorasoup_range_finder_graphs", default=None)
-
-
-@contextmanager
-def captured_range_finder() -> Iterator[RangeFinderGraphs]:
-    """Within this block, :func:`dense_lowrank`'s randomized range finder on a GPU replays CUDA graphs
-    for matrices written into :func:`range_finder_buffer` (a merge run wraps its module loop in it)."""
-    graphs = RangeFinderGraphs()
-    token = _GRAPHS.set(graphs)
-    try:
-        yield graphs
-    finally:
-        _GRAPHS.reset(token)
-        graphs.release()
-
-
-def range_finder_buffer(shape: tuple[int, int], device: torch.device) -> Tensor | None:
-    """Where to write a dense ``ΔW`` of ``shape`` so that its range finder can replay a graph: a
-    reused buffer inside :func:`captured_range_finder` on a GPU, else ``None`` (allocate freely)."""
-    graphs = _GRAPHS.get()
-    return graphs.input_buffer(shape, device) if graphs is not None else None
+    Y = Q.T @ matrix  # (w, in)
+    if cholesky and not bool(healthy):  # read now (the SVD below reads back anyway): no NaN past here
+        return Q, Y.new_zeros(0), Y, healthy
+    U_small, S, Vh = _svd_of_wide(Y)  # (w, w), (w,), (w, in)
+    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
 
 
 def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:

@@ -179,7 +179,6 @@ def merge_rowwise(
     generator: torch.Generator,
     block_elements: int | None = None,
     use_kernel: bool | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """One module's merged ``ΔW (out, in)`` (fp32) from K tasks given as factors; ``weights (K,)``.
 
@@ -190,7 +189,7 @@ def merge_rowwise(
     ``block_elements``: entries per row block (default :data:`BLOCK_ELEMENTS`, read at call time so a
     benchmark can vary it); DARE's draws depend on it, nothing else does. ``use_kernel``: combine
     each block with :mod:`lorasoup.merging.fused`'s kernel (default: on CUDA with Triton); the
-    result is the same either way. ``out``: a float32 ``(out, in)`` tensor to write into.
+    result is the same either way.
     """
     check_density(density)
     weights = weights.cpu()  # read one by one as Python numbers: no device sync per block
@@ -215,9 +214,7 @@ def merge_rowwise(
         if trims is not None:  # tasks with surplus ties at the cut are trimmed before, exactly
             cuts = [t.cut.threshold if t.simple else torch.zeros(()) for t in trims]
             kernel_cuts = torch.stack([c.float().to(device) for c in cuts])
-    merged = (
-        torch.empty(out_features, in_features, dtype=torch.float32, device=device) if out is None else out
-    )
+    merged = torch.empty(out_features, in_features, dtype=torch.float32, device=device)
     widest = max(stop - start for start, stop in blocks)
     buffer = torch.empty(len(tasks), widest, in_features, dtype=torch.float32, device=device)
     for start, stop in blocks:

@@ -28,7 +28,7 @@ from lorasoup.artifacts import (
 from lorasoup.cat.fold import pad_rank
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import ConfigError, LorasoupError
-from lorasoup.lowrank import captured_range_finder, recompress_modules
+from lorasoup.lowrank import recompress_modules
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams
 from lorasoup.merging.config import MergeRunConfig
 
@@ -74,19 +74,18 @@ def merge_adapters(
     weight_tensor = torch.tensor(weights, dtype=torch.float32, device=target)
     merged: dict[str, tuple[Tensor, Tensor]] = {}
     facts: dict[str, dict[str, Any]] = {}
-    with captured_range_finder():  # on a GPU, ΔW-space methods replay their range finder as graphs
-        for done, path in enumerate(modules, start=1):
-            factors: list[LoraFactors | None] = [
-                _on(a.modules[path], target) if path in a.modules else None for a in adapters
-            ]
-            try:
-                result = method.merge(factors, weight_tensor, params, module_generator(seed, path, target))
-            except ValueError as err:
-                raise LorasoupError(f"{method.name} at {path}: {err}") from None
-            merged[path] = (result.A.float().cpu(), result.B.float().cpu())
-            facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
-            if progress is not None:
-                progress(done, len(modules))
+    for done, path in enumerate(modules, start=1):
+        factors: list[LoraFactors | None] = [
+            _on(a.modules[path], target) if path in a.modules else None for a in adapters
+        ]
+        try:
+            result = method.merge(factors, weight_tensor, params, module_generator(seed, path, target))
+        except ValueError as err:
+            raise LorasoupError(f"{method.name} at {path}: {err}") from None
+        merged[path] = (result.A.float().cpu(), result.B.float().cpu())
+        facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
+        if progress is not None:
+            progress(done, len(modules))
     return merged, facts
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
-from lorasoup.lowrank import dense_lowrank, range_finder_buffer
+from lorasoup.lowrank import dense_lowrank
 from lorasoup.merging.base import MergeMethod, MergeParams, ModuleMerge, present, register
 from lorasoup.merging.ops import (
     SignMethod,
@@ -102,7 +102,6 @@ def _delta_merge(name: str) -> object:
         generator: torch.Generator,
     ) -> ModuleMerge:
         kept, w = present(factors, weights)
-        shape = (kept[0].out_features, kept[0].in_features)
         merged = merge_rowwise(
             kept,
             w,
@@ -111,7 +110,6 @@ def _delta_merge(name: str) -> object:
             density=params.density,
             sign_method=params.majority_sign,
             generator=generator,
-            out=range_finder_buffer(shape, kept[0].A.device) if params.svd == "randomized" else None,
         )
         rank = params.rank if params.rank is not None else sum(f.rank for f in kept)
         low = dense_lowrank(merged, rank=rank, energy=params.energy, mode=params.svd, generator=generator)

@@ -11,15 +11,9 @@ from lorasoup.evaluation.generate import GenerationSettings, encode_prompt, gene
 from lorasoup.evaluation.graph_decode import GraphGenerator, generate_graphed
 from lorasoup.evaluation.runner import evaluate
 from tests.conftest import build_gpt2, build_llama
+from tests.evaluation.test_generate import PROMPTS
 from tests.evaluation.test_runner import config_for, greedy, write_task  # noqa: F401 (greedy: fixture)
 
-PROMPTS = [
-    "the cat sat",
-    "what is 12 plus 7 ? the answer is",
-    "def",
-    "below is an instruction that describes a task . write a response",
-    "0 1 2",
-]
 CASES = {
     "default": {"max_new_tokens": 12, "batch_size": 2},
     "ignore_eos": {"max_new_tokens": 9, "batch_size": 3, "ignore_eos": True},

@@ -219,7 +219,7 @@ def _range_svd(
         # launch counts here (a 7B model has 160 modules), so the failures are summed, checked once.
         nonlocal healthy, failures
         if not cholesky:
-            return torch.linalg.qr(Y.double())[0].to(Y.dtype)
+            return _thin_qr(Y, cholesky=False)[0].to(Y.dtype)
         if last:
             Q, _, ok = _cholesky_qr2(Y)
             healthy = ok & (failures == 0)

@@ -53,8 +53,7 @@ def combine(
     if tasks.stride(2) != 1 or tasks.stride(1) != columns or not out.is_contiguous():
         raise ValueError("combine needs each task's rows contiguous and a contiguous output")
     n = rows * columns
-    grid = (triton_cdiv(n, BLOCK),)
-    _kernel()[grid](
+    _kernel()[_grid(n)](
         tasks,
         thresholds if thresholds is not None else weights,  # not read without trimming
         weights,
@@ -88,28 +87,20 @@ def count_and_collect(
     candidates = torch.empty(capacity, dtype=torch.float32, device=device)
     counters = torch.zeros(2, dtype=torch.int32, device=device)  # above, collected (< 2³¹ per module)
     kernel = _collect_kernel()
+    bounds = (low.float().reshape(1), high.float().reshape(1))
     for start, stop in blocks:
         rows = block[: stop - start]
         task.delta_rows(start, stop, out=rows)
-        n = rows.numel()
-        kernel[(triton_cdiv(n, BLOCK),)](
-            rows,
-            n,
-            low.float().reshape(1),
-            high.float().reshape(1),
-            candidates,
-            counters,
-            capacity,
-            BLOCK=BLOCK,
-        )
+        kernel[_grid(rows.numel())](rows, rows.numel(), *bounds, candidates, counters, capacity, BLOCK=BLOCK)
     above, collected = counters.tolist()  # the one host read of the pass
     if collected > capacity:
         return None
     return above, candidates[:collected]
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _grid(n: int) -> tuple[int]:
+    """One program per ``BLOCK`` entries."""
+    return (-(-n // BLOCK),)
 
 
 @functools.cache

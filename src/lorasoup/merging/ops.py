@@ -29,15 +29,14 @@ def check_density(density: float) -> None:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
 
-def keep_top_magnitude(tensor: Tensor, density: float, *, inplace: bool = False) -> Tensor:
+def keep_top_magnitude(tensor: Tensor, density: float) -> Tensor:
     """Zero all but the ``int(density · numel)`` entries of largest ``|value|`` (at least one kept).
 
-    ``tensor (*shape)`` → same shape. Density 1 returns an unchanged copy (``tensor`` itself when
-    ``inplace``: then ``tensor`` is zeroed where it is trimmed, and no second full-size tensor exists).
+    ``tensor (*shape)`` → same shape. Density 1 returns an unchanged copy.
     """
     check_density(density)
     if density == 1.0:
-        return tensor if inplace else tensor.clone()
+        return tensor.clone()
     flat = tensor.reshape(-1)
     k = max(1, int(density * flat.numel()))
     # A threshold instead of topk: topk's int64 indices alone are twice an fp32 tensor's size, and
@@ -52,8 +51,6 @@ def keep_top_magnitude(tensor: Tensor, density: float, *, inplace: bool = False)
         mask |= ties
     else:  # more entries equal the threshold than places left: keep the first ones, by position
         mask |= ties & (ties.cumsum(0) <= missing)
-    if inplace:
-        return tensor.masked_fill_(~mask.view(tensor.shape), 0)
     return (flat * mask).reshape(tensor.shape)
 
 

@@ -198,16 +198,16 @@ def merge_rowwise(
     out_features, in_features = tasks[0].out_features, tasks[0].in_features
     device = tasks[0].A.device
     blocks = row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
+    kernel = fused.available(device) if use_kernel is None else use_kernel
     trims = None
     if sparsify == "magnitude" and density < 1.0:
         k = max(1, int(density * out_features * in_features))
-        trims = [_Trim(magnitude_cut(task, k, blocks, use_kernel=use_kernel)) for task in tasks]
+        trims = [_Trim(magnitude_cut(task, k, blocks, use_kernel=kernel)) for task in tasks]
     dropping = sparsify == "random" and density < 1.0
     # Scalars folded into each block's GEMM, and what the combine step still multiplies by: the
     # magnitude cut is on |τ_i| itself, so those tasks are weighted after trimming.
     folded = [1.0 if trims else float(w) / (density if dropping else 1.0) for w in weights]
     after = [float(w) if trims else 1.0 for w in weights]
-    kernel = fused.available(device) if use_kernel is None else use_kernel
     if kernel:
         kernel_weights = torch.tensor(after, dtype=torch.float32, device=device)
         kernel_cuts = None

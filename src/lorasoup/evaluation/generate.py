@@ -153,18 +153,13 @@ def generate(
     settings = settings or GenerationSettings()
     settings.validate()
     plan = plan_prompts(model, tokenizer, prompts, settings)
-    results: list[Generation | None] = [None] * len(prompts)
-    for start in range(0, len(plan.order), settings.batch_size):
-        rows = plan.order[start : start + settings.batch_size]
+
+    def batch(rows: list[int]) -> list[Generation]:
         seeds = [prompt_seed(settings.seed, prompts[i]) for i in rows]
-        batch = _generate_batch(
-            model, tokenizer, [plan.encoded[i] for i in rows], seeds, settings, plan.eos_ids, plan.pad_id
-        )
-        for i, generation in zip(rows, batch, strict=True):
-            results[i] = generation
-        if progress is not None:
-            progress(min(start + settings.batch_size, len(plan.order)), len(plan.order))
-    return [r for r in results if r is not None]
+        encoded = [plan.encoded[i] for i in rows]
+        return _generate_batch(model, tokenizer, encoded, seeds, settings, plan.eos_ids, plan.pad_id)
+
+    return plan.run(settings.batch_size, batch, progress)
 
 
 @dataclass(frozen=True)
@@ -176,6 +171,23 @@ class PromptPlan:
     order: list[int]
     eos_ids: list[int]
     pad_id: int
+
+    def run(
+        self,
+        batch_size: int,
+        batch: Callable[[list[int]], list[Generation]],
+        progress: Progress | None = None,
+    ) -> list[Generation]:
+        """``batch(rows)`` (the generations of the prompts at indices ``rows``) over batches of
+        ``batch_size`` in :attr:`order`; the results in the prompts' order."""
+        results: list[Generation | None] = [None] * len(self.encoded)
+        for start in range(0, len(self.order), batch_size):
+            rows = self.order[start : start + batch_size]
+            for i, generation in zip(rows, batch(rows), strict=True):
+                results[i] = generation
+            if progress is not None:
+                progress(min(start + batch_size, len(self.order)), len(self.order))
+        return [r for r in results if r is not None]
 
 
 def plan_prompts(

@@ -271,18 +271,14 @@ class GraphGenerator:
         length = _round_up(max(len(e) for e in plan.encoded) + settings.max_new_tokens, 16)
         _check_model(self.model, length)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "capture_s": 0.0, "captures": 0, "steps": 0}
-        results: list[Generation | None] = [None] * len(prompts)
         with torch.inference_mode():
             state = self._state_for(min(settings.batch_size, len(prompts)), length)
-            for start in range(0, len(plan.order), settings.batch_size):
-                rows = plan.order[start : start + settings.batch_size]
+
+            def batch(rows: list[int]) -> list[Generation]:
                 encoded = [plan.encoded[i] for i in rows]
-                batch = self._run_batch(state, encoded, settings, plan.eos_ids, plan.pad_id)
-                for i, generation in zip(rows, batch, strict=True):
-                    results[i] = generation
-                if progress is not None:
-                    progress(min(start + settings.batch_size, len(plan.order)), len(plan.order))
-        return [r for r in results if r is not None]
+                return self._run_batch(state, encoded, settings, plan.eos_ids, plan.pad_id)
+
+            return plan.run(settings.batch_size, batch, progress)
 
     def release(self) -> None:
         """Drop the KV cache and the captured graphs (and return their memory to the CUDA driver)."""

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VOCAB_TEXT = [
@@ -39,21 +47,28 @@ def build_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     )
 
 
+TINY_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+"""The tiny Llama-like shape every decoder test model shares (2 layers, hidden 32, GQA)."""
+
+
 def build_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, pad_token_id=0, **TINY_DECODER)
     return LlamaForCausalLM(config).eval()
+
+
+def build_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **TINY_DECODER)).eval()
 
 
 def build_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
@@ -153,6 +168,29 @@ def torchrun(*args: str, processes: int = 2, timeout: int = 300) -> None:
     command = [*launcher, "--nproc_per_node", str(processes), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+FSDP_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=64)
+"""
+"""The start of a two-process FSDP2 worker script: gloo on the CPU, a 2-way mesh, a tiny Llama config.
+A test appends its own lines and runs it with :func:`torchrun`."""
+
+
+def on_gpu(test: Callable) -> Callable:
+    """A test for the GPU machine (``-m gpu``), skipped where there is no CUDA device."""
+    reason = "needs a CUDA device (run with -m gpu on the GPU machine)"
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)(test))
 
 
 @pytest.fixture(scope="module")

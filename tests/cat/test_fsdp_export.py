@@ -10,24 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import torchrun
+from tests.conftest import FSDP_WORKER, torchrun
 
-WORKER = """
-import json, sys
-import torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from transformers import LlamaConfig, LlamaForCausalLM
+WORKER = (
+    FSDP_WORKER
+    + """
 from lorasoup.adapters import LoraAdapter, LoraFactors
 from lorasoup.cat.config import ExportOptions
 from lorasoup.cat.inject import compose_cat
 from lorasoup.cat.run import export_factors
 
-dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (2,))
-torch.manual_seed(0)
-config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=64)
 model = LlamaForCausalLM(config)
 paths = [n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
 g = torch.Generator().manual_seed(1)
@@ -57,6 +49,7 @@ result = {
 open(sys.argv[1] + str(dist.get_rank()), "w").write(json.dumps(result))
 dist.destroy_process_group()
 """
+)
 
 
 def test_fsdp2_sharded_cat_weights_gather_and_export_exactly(tmp_path: Path) -> None:

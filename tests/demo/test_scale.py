@@ -19,7 +19,7 @@ from lorasoup.demo.base import BaseModelSize
 from lorasoup.demo.scale import StudyConfig
 from lorasoup.demo.scale_report import overtaking
 from lorasoup.demo.study import TASKS
-from tests.conftest import TINY_DEMO
+from tests.conftest import TINY_DEMO, on_gpu
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "study"
 SMOKE = CONFIGS / "scale-cpu-smoke.yaml"
@@ -207,10 +207,7 @@ def test_cpu_and_auto_give_identical_results(tmp_path: Path) -> None:
         ).read_bytes()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
-)
+@on_gpu
 def test_smoke_study_runs_on_cuda(tmp_path: Path) -> None:
     code, output = _study(
         str(SMOKE),

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lorasoup.errors import ConfigError
 from lorasoup.evaluation.generate import GenerationSettings, encode_prompt, generate
 from lorasoup.evaluation.graph_decode import GraphGenerator, generate_graphed
 from lorasoup.evaluation.runner import evaluate
-from tests.conftest import build_gpt2, build_llama
+from tests.conftest import build_gpt2, build_llama, build_qwen2, on_gpu
 from tests.evaluation.test_generate import PROMPTS
 from tests.evaluation.test_runner import config_for, greedy, write_task  # noqa: F401 (greedy: fixture)
 
@@ -22,22 +21,6 @@ CASES = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def build_qwen2(vocab_size: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return Qwen2ForCausalLM(config).eval()
 
 
 def build(arch: str, vocab_size: int):
@@ -186,10 +169,7 @@ def test_eval_with_backend_cudagraph_equals_backend_hf(llama_dir, tmp_path, gree
         evaluate(config_for(llama_dir, task, tmp_path / "s", **sampled))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
-)
+@on_gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_captured_graphs_replay_what_the_eager_step_and_the_hf_path_make_on_cuda(arch, tokenizer):
     """On a GPU the decoding step is captured and replayed: in fp32 its tokens are those of the same

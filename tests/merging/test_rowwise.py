@@ -12,6 +12,7 @@ from lorasoup.merging import rowwise
 from lorasoup.merging.ops import keep_top_magnitude
 from lorasoup.merging.rowwise import magnitude_cut, merge_rowwise, row_blocks
 from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
+from tests.conftest import on_gpu
 
 
 def _tasks(k: int, out: int, inn: int, seed: int, *, integer: bool = False) -> list[LoraFactors]:
@@ -22,6 +23,25 @@ def _tasks(k: int, out: int, inn: int, seed: int, *, integer: bool = False) -> l
     else:
         draw = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     return [LoraFactors(A=draw(3, inn), B=draw(out, 3), scale=1.0 + i) for i in range(k)]
+
+
+def _on_cuda(tasks: list[LoraFactors]) -> list[LoraFactors]:
+    return [LoraFactors(t.A.cuda(), t.B.cuda(), t.scale) for t in tasks]
+
+
+def _merge(tasks, weights, recipe_name: str, sign_method: str, density: float, generator, **options):
+    """``merge_rowwise`` with a preset's sparsification and consensus."""
+    recipe = RECIPES[recipe_name]
+    return merge_rowwise(
+        tasks,
+        weights,
+        sparsify=recipe.sparsify,
+        consensus=recipe.consensus,
+        density=density,
+        sign_method=sign_method,
+        generator=generator,
+        **options,
+    )
 
 
 def _dense(task: LoraFactors, blocks) -> torch.Tensor:
@@ -68,15 +88,9 @@ def test_rowwise_merge_equals_the_whole_tensor_definition(
         sign_method=sign_method,
         generator=torch.Generator().manual_seed(0),
     )
-    merged = merge_rowwise(
-        tasks,
-        weights,
-        sparsify=recipe.sparsify,
-        consensus=recipe.consensus,
-        density=density,
-        sign_method=sign_method,
-        generator=torch.Generator().manual_seed(0),
-        block_elements=block_elements,
+    generator = torch.Generator().manual_seed(0)
+    merged = _merge(
+        tasks, weights, recipe_name, sign_method, density, generator, block_elements=block_elements
     )
     assert torch.allclose(merged, stacked, atol=1e-5, rtol=1e-5)
 
@@ -150,10 +164,7 @@ def test_rowwise_merge_rejects_an_unknown_sign_method() -> None:
         )
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
-)
+@on_gpu
 @settings(max_examples=40, deadline=None)
 @given(
     st.sampled_from(sorted(RECIPES)),
@@ -171,34 +182,19 @@ def test_fused_kernel_equals_the_torch_path_bit_for_bit(
     no FMA), with ties at the cut (integer tasks) trimmed before the kernel."""
     from lorasoup.merging import fused
 
-    device = torch.device("cuda")
-    assert fused.available(device)
-    tasks = [
-        LoraFactors(t.A.to(device), t.B.to(device), t.scale) for t in _tasks(k, 37, 29, seed, integer=integer)
-    ]
+    assert fused.available(torch.device("cuda"))
+    tasks = _on_cuda(_tasks(k, 37, 29, seed, integer=integer))
     weights = torch.randn(k, generator=torch.Generator().manual_seed(seed))
-    recipe = RECIPES[recipe_name]
 
     def run(use_kernel: bool) -> torch.Tensor:
-        return merge_rowwise(
-            tasks,
-            weights,
-            sparsify=recipe.sparsify,
-            consensus=recipe.consensus,
-            density=density,
-            sign_method=sign_method,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            block_elements=block_elements,
-            use_kernel=use_kernel,
-        )
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        options = {"block_elements": block_elements, "use_kernel": use_kernel}
+        return _merge(tasks, weights, recipe_name, sign_method, density, generator, **options)
 
     assert torch.equal(run(True), run(False))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on the GPU machine)"
-)
+@on_gpu
 @settings(max_examples=40, deadline=None)
 @given(st.floats(0.01, 0.99), st.integers(50, 3000), st.booleans(), st.integers(0, 2**16))
 def test_gpu_counting_pass_gives_the_torch_cut(density, block, integer, seed) -> None:
@@ -206,14 +202,12 @@ def test_gpu_counting_pass_gives_the_torch_cut(density, block, integer, seed) ->
     with no room for the candidates it reports overflow and the torch pass takes over."""
     from lorasoup.merging import fused
 
-    device = torch.device("cuda")
-    cpu = _tasks(1, 40, 30, seed, integer=integer)[0]
-    task = LoraFactors(cpu.A.to(device), cpu.B.to(device), cpu.scale)
+    task = _on_cuda(_tasks(1, 40, 30, seed, integer=integer))[0]
     blocks = row_blocks(40, 30, block)
     k = max(1, int(density * 1200))
     kernel = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=True)
     torch_cut = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=False)
     assert torch.equal(kernel.threshold, torch_cut.threshold)
     assert (kernel.keep_equal, kernel.equal) == (torch_cut.keep_equal, torch_cut.equal)
-    infinity = torch.tensor(float("inf"), device=device)
+    infinity = torch.tensor(float("inf"), device="cuda")
     assert fused.count_and_collect(task, blocks, -infinity, infinity, capacity=1) is None

@@ -14,26 +14,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tests.conftest import make_peft_lora
+from tests.conftest import TINY_DECODER, make_peft_lora
 
 
 @pytest.fixture(scope="session")
 def sharp_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
     path = tmp_path_factory.mktemp("sharp-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.2,
-    )
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=0, initializer_range=0.2, **TINY_DECODER)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

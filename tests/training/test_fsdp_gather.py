@@ -9,22 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import torchrun
+from tests.conftest import FSDP_WORKER, torchrun
 
-WORKER = """
-import json, sys, types
-import torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+WORKER = (
+    FSDP_WORKER
+    + """
+import types
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 from lorasoup.training.skill import adapter_weights, gathered_state_dict
 
-dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (2,))
-torch.manual_seed(0)
-config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=64)
 model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
 model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
 reference = {k: v.clone() for k, v in adapter_weights(model.state_dict()).items()}
@@ -42,6 +35,7 @@ if dist.get_rank() == 0:
     open(sys.argv[1], "w").write(json.dumps(result))
 dist.destroy_process_group()
 """
+)
 
 
 def test_fsdp2_gathers_only_the_lora_factors(tmp_path: Path) -> None:

@@ -184,7 +184,15 @@ config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, 
                      vocab_size=64)
 """
 """The start of a two-process FSDP2 worker script: gloo on the CPU, a 2-way mesh, a tiny Llama config.
-A test appends its own lines and runs it with :func:`torchrun`."""
+A test appends its own lines, ends with :data:`FSDP_WORKER_END`, and runs it with :func:`torchrun`."""
+
+FSDP_WORKER_END = """
+# Both ranks reach the barrier before either tears gloo down: a rank that destroyed the group while
+# its peer was still working made the peer's gloo thread abort ("terminate called without an active
+# exception") in about one run in eight.
+dist.barrier()
+dist.destroy_process_group()
+"""
 
 
 def on_gpu(test: Callable) -> Callable:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import FSDP_WORKER, torchrun
+from tests.conftest import FSDP_WORKER, FSDP_WORKER_END, torchrun
 
 WORKER = (
     FSDP_WORKER
@@ -47,8 +47,8 @@ result = {
     ),
 }
 open(sys.argv[1] + str(dist.get_rank()), "w").write(json.dumps(result))
-dist.destroy_process_group()
 """
+    + FSDP_WORKER_END
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import FSDP_WORKER, torchrun
+from tests.conftest import FSDP_WORKER, FSDP_WORKER_END, torchrun
 
 WORKER = (
     FSDP_WORKER
@@ -33,8 +33,8 @@ if dist.get_rank() == 0:
         "equal": all(torch.equal(ours[k], reference[k]) for k in reference),
     }
     open(sys.argv[1], "w").write(json.dumps(result))
-dist.destroy_process_group()
 """
+    + FSDP_WORKER_END
 )
 
 

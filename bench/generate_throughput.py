@@ -3,7 +3,9 @@
 One process, one random-weight model built from a config (Llama-2-7B shape in bf16 on a GPU, or a
 tiny fp32 one for a CPU smoke check), so every ratio is against a baseline measured in the same
 process on the same card. Every prompt is ``--prompt-len`` random token ids and every row makes
-exactly ``--new-tokens`` tokens (EOS suppressed), so each variant does the same work per row.
+exactly ``--new-tokens`` tokens (EOS suppressed), so each variant does the same work per row. With
+``--shared-prefix N`` the first N tokens of every prompt are the same (the shape of a few-shot
+evaluation: GSM-Hard's 8-shot prompt is ~1,000 shared tokens before a ~60-token question).
 
 * ``reference_loop``: what the LoRA Soups evaluation does (``cat_eval.py``): one prompt at a time,
   ``model.generate(do_sample=True, temperature=0.1, top_p=0.95)`` with the default dynamic cache.
@@ -16,9 +18,11 @@ exactly ``--new-tokens`` tokens (EOS suppressed), so each variant does the same 
   (the decoding step's attention: ``sdpa`` = the model's SDPA with PyTorch's kernel choice,
   ``sdpa-efficient`` / ``sdpa-cudnn`` / ``sdpa-math`` = SDPA limited to one kernel, ``eager`` =
   transformers' matmul-softmax-matmul) and each ``--batch``: a warm-up call (captures the graphs),
-  then ``--repeats`` timed calls. Rows also give the prefill / decode split of the timed call and
-  ``same_as_hf``: the share of rows whose text equals the ``lorasoup_hf`` static-cache row of the
-  same batch (bf16 kernels differ, so a late divergence is not a bug; an early one would be).
+  then ``--repeats`` timed calls; per ``--graph-prefix-sharing`` (``on``: a prefix shared by every
+  prompt is prefilled once and attended once per step, ``off``: every row on its own). Rows also
+  give the prefill / decode split of the timed call and ``same_as_hf``: the share of rows whose
+  text equals the ``lorasoup_hf`` static-cache row of the same batch (bf16 kernels differ, so a
+  late divergence is not a bug; an early one would be).
   Run before the HF rows, so transformers' compiled graphs do not hold memory meanwhile.
 * ``lorasoup_vllm``: the same through ``lorasoup.evaluation.vllm_backend`` when vLLM is importable
   (random weights via ``load_format="dummy"``); skipped otherwise.
@@ -26,7 +30,8 @@ exactly ``--new-tokens`` tokens (EOS suppressed), so each variant does the same 
 tokens/s = rows × new tokens ÷ wall seconds (CUDA synchronised). ``floor_tokens_per_s`` estimates the
 memory-bandwidth bound at each batch: every decoding step reads all weights plus the batch's KV cache.
 ``floor_with_prefill_tokens_per_s`` adds the prefill, which the wall time includes: 2 × matmul
-parameters × prompt tokens FLOPs at ``--peak-tflops`` (dense BF16 spec; no kernel reaches it).
+parameters × prompt tokens FLOPs at ``--peak-tflops`` (dense BF16 spec; no kernel reaches it). Rows
+that share a prefix get floors that count it once (prefilled once, read once per step).
 
     PYTHONPATH=src python bench/generate_throughput.py --shape 7b --batch 32 64 --cache dynamic static
     PYTHONPATH=src python bench/generate_throughput.py --shape 7b --batch 32 64 --cache static \
@@ -64,6 +69,14 @@ SHAPES = {
         num_key_value_heads=32,
         vocab_size=32000,
     ),
+    "small": dict(  # ~60M parameters: a CPU measurement that is not all overhead
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8192,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=172,
@@ -90,6 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", help="lorasoup batch sizes (default 32 64; tiny: 4)")
     p.add_argument("--prompt-len", type=int, help="tokens per prompt (default 1024; tiny: 32)")
     p.add_argument("--new-tokens", type=int, help="new tokens per row (default 128; tiny: 8)")
+    p.add_argument(
+        "--shared-prefix", type=int, default=0, help="leading tokens every prompt shares (BOS included)"
+    )
+    p.add_argument(
+        "--graph-prefix-sharing",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="cudagraph rows with a shared prefix prefilled once (on) and/or every row on its own (off)",
+    )
     p.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])
     p.add_argument("--reference-prompts", type=int, help="prompts the reference loop runs (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per lorasoup variant (median)")
@@ -114,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/generate_throughput.json", help="also copied to $OUT")
     args = p.parse_args(argv)
+    if args.shared_prefix < 0:
+        p.error("--shared-prefix must be >= 0")
     defaults = TINY_DEFAULTS if args.shape == "tiny" else FULL_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -156,6 +181,8 @@ def build_model(args, device: torch.device) -> LlamaForCausalLM:
 def make_prompts(args, count: int, vocab: int) -> list[str]:
     g = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(3, vocab, (count, args.prompt_len - 1), generator=g)  # BOS makes prompt_len
+    shared = max(0, min(args.shared_prefix, args.prompt_len - 1) - 1)  # BOS is the first shared token
+    ids[:, :shared] = ids[0, :shared]
     return [" ".join(map(str, row.tolist())) for row in ids]
 
 
@@ -250,24 +277,27 @@ def settings_for(args, batch: int, cache: str) -> GenerationSettings:
     )
 
 
-def floor_with_prefill_tokens_per_s(model, args, batch: int) -> float:
+def floor_with_prefill_tokens_per_s(model, args, batch: int, shared: int = 0) -> float:
     """The bound with the prefill counted: ``2 x matmul params x prompt tokens`` FLOPs at peak, then
-    ``new_tokens`` steps at the bandwidth floor (one too many: the first token comes from the prefill)."""
+    ``new_tokens`` steps at the bandwidth floor (one too many: the first token comes from the prefill).
+    ``shared`` leading prompt tokens prefilled once for the batch."""
     embeddings = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     matmul_params = sum(p.numel() for p in model.parameters()) - embeddings  # lm_head: last position only
-    prefill_s = 2 * matmul_params * batch * args.prompt_len / (args.peak_tflops * 1e12)
-    decode_s = args.new_tokens * batch / floor_tokens_per_s(model, args, batch)
+    prompt_tokens = shared + batch * (args.prompt_len - shared)
+    prefill_s = 2 * matmul_params * prompt_tokens / (args.peak_tflops * 1e12)
+    decode_s = args.new_tokens * batch / floor_tokens_per_s(model, args, batch, shared)
     return batch * args.new_tokens / (prefill_s + decode_s)
 
 
-def floor_tokens_per_s(model, args, batch: int) -> float:
-    """Bandwidth bound: per step, all weights plus the batch's KV cache at mid-generation are read."""
+def floor_tokens_per_s(model, args, batch: int, shared: int = 0) -> float:
+    """Bandwidth bound: per step, all weights plus the batch's KV cache at mid-generation are read
+    (``shared`` leading prompt tokens' keys and values once for the batch)."""
     c = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     element = next(model.parameters()).element_size()
     head_dim = c.hidden_size // c.num_attention_heads
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * element
-    kv_bytes = batch * (args.prompt_len + args.new_tokens / 2) * kv_per_token
+    kv_bytes = (shared + batch * (args.prompt_len - shared + args.new_tokens / 2)) * kv_per_token
     return batch / ((weight_bytes + kv_bytes) / (args.bandwidth_gbs * 1e9))
 
 
@@ -354,7 +384,12 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
     """The reference loop, the cudagraph backend, then lorasoup's HF generation; returns the reference."""
     plan = [("reference", 1, "dynamic")]
     if "cudagraph" in args.backends:
-        plan += [("cudagraph", b, a) for a in args.graph_attention for b in args.batch]
+        plan += [
+            ("cudagraph", b, (a, sharing))
+            for a in args.graph_attention
+            for sharing in args.graph_prefix_sharing
+            for b in args.batch
+        ]
         plan += [("profile", max(args.batch), a) for a in args.graph_attention if args.profile_decode]
     if "hf" in args.backends:
         plan += [("hf", b, c) for c in args.cache for b in args.batch]
@@ -372,7 +407,8 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
                 continue
             elif kind == "cudagraph":
                 out = texts.setdefault((kind, batch, option), [])
-                row = graph_variant(model, tokenizer, prompts[batch], args, device, option, out)
+                attention, sharing = option
+                row = graph_variant(model, tokenizer, prompts[batch], args, device, attention, sharing, out)
             else:
                 fn = lambda p, s: generate(model, tokenizer, p, s)  # noqa: E731
                 settings = settings_for(args, batch, option)
@@ -389,13 +425,14 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
     return reference
 
 
-def graph_variant(model, tokenizer, prompts, args, device, attention: str, texts: list) -> dict:
+def graph_variant(model, tokenizer, prompts, args, device, attention: str, sharing: str, texts: list) -> dict:
     """The cudagraph backend: warm-up call (captures), timed calls; prefill/decode split of the last."""
     generator = GraphGenerator(
         model,
         tokenizer,
         window_step=args.graph_window,
         check_every=args.graph_check_every,
+        min_shared_prefix=32 if sharing == "on" else 0,
         **GRAPH_ATTENTION[attention],
     )
     calls = []
@@ -411,9 +448,14 @@ def graph_variant(model, tokenizer, prompts, args, device, attention: str, texts
     finally:
         generator.release()
     last = calls[-1]
+    shared = last.get("shared_prefix_tokens", 0)
     return row | {
-        "cache": f"graph/{attention}",
+        "cache": f"graph/{attention}" + ("/shared-prefix" if shared else ""),
         "attention": attention,
+        "prefix_sharing": sharing,
+        "shared_prefix_tokens": shared,
+        "floor_tokens_per_s": floor_tokens_per_s(model, args, len(prompts), shared),
+        "floor_with_prefill_tokens_per_s": floor_with_prefill_tokens_per_s(model, args, len(prompts), shared),
         "window_step": args.graph_window,
         "prefill_s": last["prefill_s"],
         "decode_s": last["decode_s"],
@@ -488,7 +530,7 @@ def compare_with_hf(rows: list[dict], texts: dict) -> None:
     for row in rows:
         if row.get("variant") != "lorasoup_cudagraph" or "attention" not in row:
             continue
-        ours = texts.get(("cudagraph", row["batch"], row["attention"]))
+        ours = texts.get(("cudagraph", row["batch"], (row["attention"], row["prefix_sharing"])))
         theirs = texts.get(("hf", row["batch"], "static")) or texts.get(("hf", row["batch"], "dynamic"))
         if not ours or not theirs:
             continue
@@ -533,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     card_specs(args, on_gpu)
-    if not on_gpu and args.shape != "tiny":
-        sys.exit("no CUDA device: the 7b shape needs a GPU (use --shape tiny for a CPU smoke check)")
+    if not on_gpu and args.shape == "7b":
+        sys.exit("no CUDA device: the 7b shape needs a GPU (--shape small or tiny run on a CPU)")
     device = torch.device("cuda" if on_gpu else "cpu")
     if not on_gpu:
         torch.set_num_threads(1)  # on a small shared VM, OpenMP threads made tiny steps 100x slower

@@ -28,6 +28,10 @@ which the GPU waits. Here one step is a fixed-shape call with every input in a p
   cuts them (its rows, padding included, are rebuilt and passed through the same ``_finish``).
 * **Last batch.** A batch with fewer prompts than the cache's rows is filled with copies of its first
   prompt, so the captured graphs serve it; their outputs are dropped.
+* **Shared prefix.** When every prompt of a call begins with the same ``min_shared_prefix`` tokens or
+  more (few-shot demos), that prefix is prefilled once and kept once per layer; the cache holds each
+  row's suffix and continuation, and attention joins the two exactly (:mod:`.shared_prefix`). The
+  prefix is kept for later calls that share it.
 
 On a CPU nothing is captured: the same step runs eagerly (the warm-up and undo run too), which is what
 the tests check. Limits: greedy only; full-attention decoder-only models (a sliding window shorter
@@ -48,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from lorasoup.errors import ConfigError
+from lorasoup.evaluation import shared_prefix as prefixes
 from lorasoup.evaluation.generate import (
     Generation,
     GenerationSettings,
@@ -141,6 +146,7 @@ class _DecodeState:
     bias: torch.Tensor | None = None  # (V,) float32 added to the logits: -inf at EOS with ignore_eos
     graphs: dict[int, Callable[[], None]] = field(default_factory=dict)
     pool: Any = None
+    prefix: prefixes.SharedPrefix | None = None  # what the graphs were captured with
 
     @property
     def counters(self) -> tuple[torch.Tensor, ...]:
@@ -216,7 +222,9 @@ class GraphGenerator:
     (0: always read the whole cache, one graph). ``decode_attention``: the attention implementation of
     the decoding step (``model``: the model's own, ``sdpa`` or ``eager``; prefill always uses the
     model's own) and ``sdpa_backend`` the SDPA kernel it may use (``default``: PyTorch's choice); both
-    are tuning knobs for benchmarks. :meth:`release` frees the cache and graphs.
+    are tuning knobs for benchmarks. ``min_shared_prefix``: the fewest prompt tokens common to every
+    prompt of a call that are prefilled once and shared (0: never share). :meth:`release` frees the
+    cache, graphs and shared prefix.
     """
 
     def __init__(
@@ -229,7 +237,10 @@ class GraphGenerator:
         window_step: int = 64,
         decode_attention: DecodeAttention = "model",
         sdpa_backend: SdpaBackend = "default",
+        min_shared_prefix: int = 32,
     ) -> None:
+        if min_shared_prefix < 0:
+            raise ConfigError(f"min_shared_prefix must be >= 0 (0: off), got {min_shared_prefix}")
         if check_every < 1 or window_step < 0 or window_step % 16:
             raise ConfigError(
                 f"check_every must be >= 1 and window_step a multiple of 16 (0: off), got {check_every}, "
@@ -242,6 +253,8 @@ class GraphGenerator:
             raise ConfigError(f"capture=True needs the model on a CUDA device, it is on {self.device}")
         self.check_every, self.window_step = check_every, window_step
         self.decode_attention, self.sdpa_backend = decode_attention, sdpa_backend
+        self.min_shared_prefix = min_shared_prefix
+        self.prefix: prefixes.SharedPrefix | None = None
         self.dtype = model.get_input_embeddings().weight.dtype
         self.min_value = torch.finfo(self.dtype).min
         params = _forward_parameters(model)
@@ -267,21 +280,35 @@ class GraphGenerator:
         if not prompts:
             return []
         plan = plan_prompts(self.model, self.tokenizer, prompts, settings)
+        shared = prefixes.common_prefix_length(plan.encoded)
+        if self.min_shared_prefix == 0 or shared < self.min_shared_prefix:
+            shared = 0
         # 16 columns: bf16 mask rows aligned as SDPA's memory-efficient kernel wants them
-        length = _round_up(max(len(e) for e in plan.encoded) + settings.max_new_tokens, 16)
-        _check_model(self.model, length)
+        length = _round_up(max(len(e) for e in plan.encoded) - shared + settings.max_new_tokens, 16)
+        _check_model(self.model, shared + length)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "capture_s": 0.0, "captures": 0, "steps": 0}
+        self.stats["shared_prefix_tokens"] = shared
         with torch.inference_mode():
+            prefix = self._prefix_for(plan.encoded[0][:shared]) if shared else None
             state = self._state_for(min(settings.batch_size, len(prompts)), length)
+            if state.prefix is not prefix:  # the graphs read the old prefix's tensors
+                state.graphs.clear()
+                state.prefix = prefix
 
             def batch(rows: list[int]) -> list[Generation]:
-                encoded = [plan.encoded[i] for i in rows]
-                return self._run_batch(state, encoded, settings, plan.eos_ids, plan.pad_id)
+                suffixes = [plan.encoded[i][shared:] for i in rows]
+                lengths = [len(plan.encoded[i]) for i in rows]
+                return self._run_batch(state, suffixes, lengths, settings, plan.eos_ids, plan.pad_id)
 
             return plan.run(settings.batch_size, batch, progress)
 
     def release(self) -> None:
-        """Drop the KV cache and the captured graphs (and return their memory to the CUDA driver)."""
+        """Drop the KV cache, the captured graphs and the shared prefix (and return their memory to the
+        CUDA driver)."""
+        self.prefix = None
+        self._free_state()
+
+    def _free_state(self) -> None:
         if self.state is not None:
             self.state.graphs.clear()
         self.state = None
@@ -293,14 +320,9 @@ class GraphGenerator:
         """The current state if it has enough rows and columns, else a new one (the old one freed first)."""
         if self.state is not None and self.state.batch >= batch and self.state.length >= length:
             return self.state
-        self.release()
-        from transformers.cache_utils import Cache
-
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._free_state()
         slots = _Slots(torch.zeros(1, dtype=torch.long, device=self.device))
-        layer = _layer_class()
-        cache = Cache(layers=[layer(slots, length) for _ in range(text.num_hidden_layers)])
+        cache = self._slot_cache(slots, length)
 
         def longs(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.long, device=self.device)
@@ -319,27 +341,65 @@ class GraphGenerator:
         )
         return self.state
 
+    def _slot_cache(self, slots: _Slots, length: int) -> Any:
+        """A ``transformers.Cache`` of one :func:`_layer_class` layer of ``length`` columns per layer."""
+        from transformers.cache_utils import Cache
+
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layer = _layer_class()
+        return Cache(layers=[layer(slots, length) for _ in range(text.num_hidden_layers)])
+
+    def _prefix_for(self, tokens: list[int]) -> prefixes.SharedPrefix:
+        """The shared prefix of ``tokens``: the one kept from an earlier call if it is the same, else
+        prefilled now (batch 1, the model's own attention, positions from 0)."""
+        if self.prefix is not None and self.prefix.tokens == tuple(tokens):
+            return self.prefix
+        self.prefix = None  # freed before the new one is made
+        began = time.perf_counter()
+        width = len(tokens)
+        slots = _Slots(torch.zeros(1, dtype=torch.long, device=self.device), window=width)
+        cache = self._slot_cache(slots, width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril_()
+        mask = torch.zeros(1, 1, width, width, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~causal, self.min_value)
+        ids = torch.tensor([tokens], device=self.device)
+        positions = torch.arange(width, device=self.device)[None]
+        self._forward(ids, positions, mask, cache, **self.keep_last)
+        self.prefix = prefixes.SharedPrefix(
+            tokens=tuple(tokens),
+            keys=[layer.keys[0] for layer in cache.layers],
+            values=[layer.values[0] for layer in cache.layers],
+        )
+        self.stats["prefill_s"] += time.perf_counter() - began
+        return self.prefix
+
     def _run_batch(
         self,
         state: _DecodeState,
         encoded: list[list[int]],
+        prompt_lengths: list[int],
         settings: GenerationSettings,
         eos_ids: list[int],
         pad_id: int,
     ) -> list[Generation]:
-        """Prefill, then replay the step until every row stopped or ``max_new_tokens`` were made."""
+        """Prefill, then replay the step until every row stopped or ``max_new_tokens`` were made.
+
+        ``encoded``: each row's tokens after the shared prefix (all of them without one);
+        ``prompt_lengths``: each whole prompt's length, for the results."""
         rows, limit = len(encoded), settings.max_new_tokens
         # filler rows (copies of the first prompt) keep the captured shapes; their outputs are dropped
         input_ids, attention_mask = left_pad(encoded + [encoded[0]] * (state.batch - rows), pad_id)
         width = input_ids.shape[1]
         tracker = _FinishTracker(self.tokenizer, settings, eos_ids, rows)
         began = time.perf_counter()
-        self._prefill(state, input_ids, attention_mask, eos_ids if settings.ignore_eos else [])
+        with self._prefix_attention(state):
+            self._prefill(state, input_ids, attention_mask, eos_ids if settings.ignore_eos else [])
         tracker.feed(state.out[:rows, :1].tolist())  # the host sync also ends the prefill's timing
         decoding = time.perf_counter()
         self.stats["prefill_s"] += decoding - began
         produced = 1
-        with self._decode_context():
+        with self._decode_context(state):
             while produced < limit and not tracker.all_done:
                 self._replay(state, self._window(width + produced - 1, state.length))
                 produced += 1
@@ -347,12 +407,14 @@ class GraphGenerator:
                     tracker.feed(state.out[:rows, len(tracker.tokens[0]) : produced].tolist())
         self.stats["decode_s"] += time.perf_counter() - decoding
         self.stats["steps"] += produced - 1
-        return tracker.generations([len(e) for e in encoded], pad_id)
+        return tracker.generations(prompt_lengths, pad_id)
 
     def _prefill(
         self, state: _DecodeState, input_ids: torch.Tensor, attention_mask: torch.Tensor, banned: list[int]
     ) -> None:
-        """Run the padded prompts (B, W) once: fills cache columns 0..W-1 and the first new token."""
+        """Run the padded prompts (B, W) once: fills cache columns 0..W-1 and the first new token.
+
+        With a shared prefix of P tokens the prompts are the rows' suffixes, at positions from P."""
         valid = attention_mask.to(self.device).bool()  # (B, W)
         width = valid.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril_()  # (W, W)
@@ -360,9 +422,13 @@ class GraphGenerator:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, self.min_value)  # finite: an all-padding query row stays NaN-free
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)  # (B, W), as HF's generate
+        if state.prefix is not None:
+            positions += state.prefix.length
         state.slots.position.zero_()
         state.slots.window = width
-        logits = self._forward(input_ids.to(self.device), positions, mask, state.cache, **self.keep_last)
+        logits = self._forward(
+            input_ids.to(self.device), positions, mask, state.cache, state.prefix, **self.keep_last
+        )
         if state.bias is None:
             state.bias = torch.zeros(logits.shape[-1], dtype=torch.float32, device=self.device)
         state.bias.zero_()
@@ -381,7 +447,9 @@ class GraphGenerator:
         """One decoding step on the state's tensors, in place; the body of each captured graph."""
         state.mask.index_fill_(3, state.slots.position, 0.0)  # the token written now sees itself
         state.slots.window = window
-        logits = self._forward(state.tokens, state.positions, state.mask[..., :window], state.cache)
+        logits = self._forward(
+            state.tokens, state.positions, state.mask[..., :window], state.cache, state.prefix
+        )
         chosen = self._pick(logits, state.bias)  # (B, 1)
         state.tokens.copy_(chosen)
         state.out.index_copy_(1, state.step, chosen)
@@ -431,10 +499,19 @@ class GraphGenerator:
         return graph.replay
 
     def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any, **extra: Any
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        prefix: prefixes.SharedPrefix | None = None,
+        **extra: Any,
     ) -> torch.Tensor:
-        """Logits (B, T', V) for ``input_ids`` (B, T) at ``positions`` (B, T) under a 4D additive mask."""
+        """Logits (B, T', V) for ``input_ids`` (B, T) at ``positions`` (B, T) under a 4D additive mask;
+        with ``prefix``, the attention functions receive it (the shared-prefix attention reads it)."""
         kwargs = {self.cache_arg: cache, **extra}
+        if prefix is not None:
+            kwargs["shared_prefix"] = prefix
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
         )
@@ -451,11 +528,20 @@ class GraphGenerator:
             return length
         return min(length, (slot // self.window_step + 1) * self.window_step)
 
+    def _prefix_attention(self, state: _DecodeState) -> contextlib.AbstractContextManager[None]:
+        """With a shared prefix, the shared-prefix attention for the block; else nothing changes."""
+        if state.prefix is None:
+            return contextlib.nullcontext()
+        return _attention_implementation(self.model, prefixes.register())
+
     @contextlib.contextmanager
-    def _decode_context(self) -> Iterator[None]:
-        """The attention implementation and SDPA kernels asked for, around the decoding steps only."""
+    def _decode_context(self, state: _DecodeState) -> Iterator[None]:
+        """The attention implementation and SDPA kernels asked for, around the decoding steps only
+        (the shared-prefix attention when there is a prefix)."""
         with contextlib.ExitStack() as stack:
-            if self.decode_attention != "model":
+            if state.prefix is not None:
+                stack.enter_context(self._prefix_attention(state))
+            elif self.decode_attention != "model":
                 stack.enter_context(_attention_implementation(self.model, self.decode_attention))
             if self.sdpa_backend != "default":
                 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,0 +1,141 @@
+"""Shared-prefix decoding: the split attention equals attention over the concatenation, and the
+``cudagraph`` backend with a shared prefix makes the HF path's tokens."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorasoup.evaluation.generate import GenerationSettings, encode_prompt, generate
+from lorasoup.evaluation.shared_prefix import attend_with_prefix, common_prefix_length, prefix_attention
+from tests.conftest import build_llama, on_gpu
+from tests.evaluation.test_graph_decode import build, graphed
+from tests.evaluation.test_graph_decode import llama as llama  # a fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+DEMO = "below is an instruction that describes a task . write a response : "
+QUESTIONS = ["what is 12 plus 7 ?", "def", "0 1 2 3 4", "the cat sat", "x"]
+FEW_SHOT = [DEMO + q for q in QUESTIONS]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    steps=st.integers(1, 4),
+    shared=st.integers(1, 6),
+    width=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_split_attention_equals_attention_over_the_concatenation(
+    batch, kv_heads, group, steps, shared, width, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    heads, dim = kv_heads * group, 4
+    query = torch.randn(batch, heads, steps, dim, generator=g, dtype=torch.float64)
+    prefix_k, prefix_v = (torch.randn(kv_heads, shared, dim, generator=g, dtype=torch.float64) for _ in "kv")
+    keys, values = (torch.randn(batch, kv_heads, width, dim, generator=g, dtype=torch.float64) for _ in "kv")
+    hidden = torch.rand(batch, 1, steps, width, generator=g) < 0.4  # any pattern, whole rows included
+    mask = torch.zeros(hidden.shape, dtype=torch.float64).masked_fill_(hidden, torch.finfo(torch.float64).min)
+    ours = attend_with_prefix(query, prefix_k, prefix_v, keys, values, mask, 0.5)
+
+    # the reference: every row's own copy of the prefix in front of its columns, heads repeated
+    whole_k = torch.cat([prefix_k.expand(batch, -1, -1, -1), keys], 2).repeat_interleave(group, 1)
+    whole_v = torch.cat([prefix_v.expand(batch, -1, -1, -1), values], 2).repeat_interleave(group, 1)
+    whole_mask = torch.cat([torch.zeros(batch, 1, steps, shared, dtype=torch.float64), mask], -1)
+    scores = (query @ whole_k.transpose(-1, -2)) * 0.5 + whole_mask
+    expected = (scores.softmax(-1) @ whole_v).transpose(1, 2)
+    assert ours.shape == (batch, steps, heads, dim)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+
+
+@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=6), min_size=1, max_size=4))
+def test_common_prefix_is_shared_by_all_and_leaves_each_row_a_token(rows):
+    length = common_prefix_length(rows)
+    shortest = min(len(r) for r in rows)
+    assert 0 <= length <= shortest - 1
+    assert all(r[:length] == rows[0][:length] for r in rows)
+    if length < shortest - 1:  # could not go further: two rows differ at the next token
+        assert len({r[length] for r in rows}) > 1
+
+
+def test_the_attention_function_refuses_what_it_does_not_compute():
+    module = type("Attention", (), {"layer_idx": 0})()
+    query = torch.zeros(1, 1, 1, 4)
+    with pytest.raises(ValueError, match="needs the shared_prefix keyword"):
+        prefix_attention(module, query, query, query, torch.zeros(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="without dropout"):
+        prefix_attention(
+            module, query, query, query, torch.zeros(1, 1, 1, 1), shared_prefix=object(), dropout=0.1
+        )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_prompts_sharing_a_prefix_make_the_hf_paths_tokens(arch, tokenizer):
+    model = build(arch, len(tokenizer))
+    settings = GenerationSettings(max_new_tokens=12, batch_size=2)
+    expected = generate(model, tokenizer, FEW_SHOT, settings)
+    generator = graphed(model, tokenizer)
+    assert generator.generate(FEW_SHOT, settings) == expected
+    shared = common_prefix_length([encode_prompt(tokenizer, p) for p in FEW_SHOT])
+    assert generator.stats["shared_prefix_tokens"] == shared >= len(DEMO) - 2
+    # the per-row cache holds suffixes and continuations only
+    assert generator.state.length < shared
+    off = graphed(model, tokenizer, min_shared_prefix=0)
+    assert off.generate(FEW_SHOT, settings) == expected
+    assert off.stats["shared_prefix_tokens"] == 0 and off.prefix is None
+
+
+def test_a_kept_prefix_serves_later_calls_and_a_new_one_recaptures(llama, tokenizer):
+    generator = graphed(llama, tokenizer)
+    settings = GenerationSettings(max_new_tokens=10, batch_size=2)
+    generator.generate(FEW_SHOT[:3], settings)
+    prefix, graphs = generator.prefix, dict(generator.state.graphs)
+    later = FEW_SHOT[3:]
+    assert generator.generate(later, settings) == generate(llama, tokenizer, later, settings)
+    assert generator.prefix is prefix and generator.stats["captures"] == 0
+    assert all(generator.state.graphs[w] is step for w, step in graphs.items())
+    # another prefix: the graphs read the old one's tensors, so they are captured again
+    other = ["the answer to every question is : " + q for q in QUESTIONS]
+    assert generator.generate(other, settings) == generate(llama, tokenizer, other, settings)
+    assert generator.prefix is not prefix and generator.stats["captures"] > 0
+    # prompts that share too little decode without a prefix (and the graphs follow)
+    assert generator.generate([*FEW_SHOT[:1], "0 1"], settings) == generate(
+        llama, tokenizer, [*FEW_SHOT[:1], "0 1"], settings
+    )
+    assert generator.stats["shared_prefix_tokens"] == 0 and generator.state.prefix is None
+
+
+def test_a_broken_prefix_would_show(llama, tokenizer):
+    """The prefix's keys and values are read: perturbing them changes what is generated."""
+    generator = graphed(llama, tokenizer)
+    settings = GenerationSettings(max_new_tokens=10, batch_size=5)
+    expected = generator.generate(FEW_SHOT, settings)
+    with torch.inference_mode():  # the prefix was made under inference mode
+        for values in generator.prefix.values:
+            values.mul_(-3.0)
+    assert generator.generate(FEW_SHOT, settings) != expected
+
+
+def test_peft_model_with_a_shared_prefix_equals_the_hf_path(tokenizer, make_lora):
+    from peft import PeftModel
+
+    wrapped = PeftModel.from_pretrained(build_llama(len(tokenizer)), make_lora("a")).eval()
+    settings = GenerationSettings(max_new_tokens=8, batch_size=3)
+    generator = graphed(wrapped, tokenizer)
+    assert generator.generate(FEW_SHOT, settings) == generate(wrapped, tokenizer, FEW_SHOT, settings)
+    assert generator.stats["shared_prefix_tokens"] > 0
+
+
+@on_gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_captured_graphs_with_a_shared_prefix_equal_the_hf_path_on_cuda(arch, tokenizer):
+    model = build(arch, len(tokenizer)).to("cuda")
+    settings = GenerationSettings(max_new_tokens=20, batch_size=2)
+    captured = graphed(model, tokenizer)
+    replayed = captured.generate(FEW_SHOT, settings)
+    assert captured.capture and captured.stats["shared_prefix_tokens"] > 0
+    assert replayed == graphed(model, tokenizer, capture=False).generate(FEW_SHOT, settings)
+    assert replayed == generate(model, tokenizer, FEW_SHOT, settings)

@@ -105,15 +105,20 @@ def test_sampled_magnitude_cut_trims_exactly_as_the_whole_tensor_trim(density, b
     dense = _dense(task, blocks)
     k = max(1, int(density * dense.numel()))
     cut = magnitude_cut(task, k, blocks, sample_size=64)
-    trim = rowwise._Trim(cut)
-    trimmed = torch.cat([trim(task.delta_rows(start, stop)) for start, stop in blocks])
+    columns = task.in_features
+    trimmed = torch.cat([rowwise.trim_(task.delta_rows(a, b), cut, a * columns) for a, b in blocks])
     assert torch.equal(trimmed, keep_top_magnitude(dense, density))
+    assert int((trimmed != 0).sum()) == k or int((dense != 0).sum()) < k  # exactly k (zeros aside)
+
+
+def _same_cut(a: rowwise.MagnitudeCut, b: rowwise.MagnitudeCut) -> bool:
+    return torch.equal(a.threshold.cpu(), b.threshold.cpu()) and int(a.last_equal) == int(b.last_equal)
 
 
 def test_a_missed_bracket_falls_back_to_the_exact_cut(monkeypatch) -> None:
     task = _tasks(1, 50, 40, seed=3)[0]
     blocks = row_blocks(50, 40, 300)
-    expected = magnitude_cut(task, 500, blocks)
+    expected = rowwise.exact_cut(task, 500, blocks)
     calls = []
 
     def wrong(task, k, sample_size):  # a bracket far below the true cut: too many entries above it
@@ -122,10 +127,25 @@ def test_a_missed_bracket_falls_back_to_the_exact_cut(monkeypatch) -> None:
         return zero, zero, 0.0
 
     monkeypatch.setattr(rowwise, "_bracket", wrong)
+    assert not bool(rowwise.unchecked_cut(task, 500, blocks, sample_size=8).ok)
     cut = magnitude_cut(task, 500, blocks, sample_size=8)
-    assert calls == [8]  # sampled once, then the exact pass (no sample) gave the answer
-    assert torch.equal(cut.threshold, expected.threshold)
-    assert (cut.keep_equal, cut.equal) == (expected.keep_equal, expected.equal)
+    assert calls == [8, 8]  # sampled, missed, then the exact pass (no sample) gave the answer
+    assert bool(cut.ok) and _same_cut(cut, expected)
+    # merge_rowwise reads its tasks' flags together and redoes the missed cuts the same way
+    monkeypatch.setattr(rowwise, "SAMPLE_SIZE", 8)
+    tasks, weights = [task, _tasks(1, 50, 40, seed=4)[0]], torch.tensor([0.5, -1.0])
+    merge = lambda: _merge(tasks, weights, "ties", "total", 0.25, torch.Generator(), block_elements=300)  # noqa: E731
+    missed = merge()
+    assert calls == [8, 8, 8, 8]  # one sampled bracket per task, both missed
+    monkeypatch.undo()
+    assert torch.equal(missed, merge())
+
+
+def test_candidate_keys_order_by_magnitude_then_earlier_position() -> None:
+    magnitude = torch.tensor([0.5, 0.25, 0.5, 0.0, 3.0])
+    positions = torch.tensor([7, 2, 3, 9, 0])
+    order = rowwise.candidate_keys(magnitude, positions).argsort(descending=True).tolist()
+    assert order == [4, 2, 0, 1, 3]  # 3.0, then the two 0.5s (position 3 before 7), 0.25, 0.0
 
 
 @pytest.mark.parametrize("consensus", ["none", "sign"])
@@ -199,7 +219,7 @@ def test_fused_kernel_equals_the_torch_path_bit_for_bit(
 @given(st.floats(0.01, 0.99), st.integers(50, 3000), st.booleans(), st.integers(0, 2**16))
 def test_gpu_counting_pass_gives_the_torch_cut(density, block, integer, seed) -> None:
     """The Triton counting pass (atomics, candidates in any order) finds the torch pass's exact cut;
-    with no room for the candidates it reports overflow and the torch pass takes over."""
+    with no room for the candidates its count shows the overflow, which makes the cut a miss."""
     from lorasoup.merging import fused
 
     task = _on_cuda(_tasks(1, 40, 30, seed, integer=integer))[0]
@@ -207,7 +227,14 @@ def test_gpu_counting_pass_gives_the_torch_cut(density, block, integer, seed) ->
     k = max(1, int(density * 1200))
     kernel = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=True)
     torch_cut = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=False)
-    assert torch.equal(kernel.threshold, torch_cut.threshold)
-    assert (kernel.keep_equal, kernel.equal) == (torch_cut.keep_equal, torch_cut.equal)
+    assert _same_cut(kernel, torch_cut)
+    # the kernel's keys are the torch pass's, in another order
+    low, high = torch.tensor(0.5, device="cuda"), torch.tensor(2.0, device="cuda")
+    keys, counts = fused.count_and_collect(task, blocks, low, high, capacity=1200)
+    torch_keys, torch_counts = rowwise._count_and_collect(task, blocks, (low, high))
+    assert torch.equal(keys[keys >= 0].sort().values, torch_keys.sort().values)
+    assert torch.equal(counts, torch_counts)
+    # no room for the candidates: the count shows it, and the cut is a miss
     infinity = torch.tensor(float("inf"), device="cuda")
-    assert fused.count_and_collect(task, blocks, -infinity, infinity, capacity=1) is None
+    keys, counts = fused.count_and_collect(task, blocks, -infinity, infinity, capacity=1)
+    assert int(counts[1]) == 1200 and not bool(rowwise._cut_from_keys(keys, counts, k).ok)

@@ -34,34 +34,41 @@ def available(device: torch.device) -> bool:
 
 def combine(
     tasks: Tensor,
-    thresholds: Tensor | None,
+    cuts: tuple[Tensor, Tensor] | None,
     weights: Tensor,
     out: Tensor,
     *,
+    first: int,
     consensus: bool,
     frequency: bool,
 ) -> Tensor:
     """Merge one row block: ``tasks (K, rows, in)`` (any stride between tasks, rows contiguous) →
     ``out (rows, in)``.
 
-    Each task's entries with ``|x| < thresholds[k]`` are zeroed (``thresholds`` ``(K,)``, or ``None``:
-    no trimming), then multiplied by ``weights[k]``; without ``consensus`` the results are summed,
-    with it TIES' sign is elected (their sum, or with ``frequency`` the sum of their signs; ties go
-    to +1) and the entries carrying it are averaged. ``tasks`` is only read.
+    ``cuts``: ``(thresholds (K,) float32, last_equal (K,) int64)`` of each task's
+    :class:`lorasoup.merging.rowwise.MagnitudeCut`, or ``None`` (no trimming): an entry is zeroed when
+    ``|x| < threshold``, or ``|x| == threshold`` at a row-major position past ``last_equal`` (the
+    block's first entry is at position ``first``). Then entries are multiplied by ``weights[k]``;
+    without ``consensus`` the results are summed, with it TIES' sign is elected (their sum, or with
+    ``frequency`` the sum of their signs; ties go to +1) and the entries carrying it are averaged.
+    ``tasks`` is only read.
     """
     count, rows, columns = tasks.shape
     if tasks.stride(2) != 1 or tasks.stride(1) != columns or not out.is_contiguous():
         raise ValueError("combine needs each task's rows contiguous and a contiguous output")
     n = rows * columns
+    thresholds, last_equal = cuts if cuts is not None else (weights, _unused_positions(weights))
     _kernel()[_grid(n)](
         tasks,
-        thresholds if thresholds is not None else weights,  # not read without trimming
+        thresholds,
+        last_equal,
         weights,
         out,
         n,
+        first,
         tasks.stride(0),
         K=count,
-        TRIM=thresholds is not None,
+        TRIM=cuts is not None,
         CONSENSUS=consensus,
         FREQUENCY=frequency,
         BLOCK=BLOCK,
@@ -72,30 +79,33 @@ def combine(
 
 def count_and_collect(
     task: Any, blocks: Sequence[tuple[int, int]], low: Tensor, high: Tensor, *, capacity: int
-) -> tuple[int, Tensor] | None:
-    """The counting pass of the exact magnitude cut (``rowwise.magnitude_cut``) on the GPU.
+) -> tuple[Tensor, Tensor]:
+    """The counting pass of the exact magnitude cut (``rowwise.unchecked_cut``) on the GPU.
 
-    For each row block of ``task``'s ``|ΔW|``: entries above ``high`` are counted and those in
-    ``[low, high]`` appended to one candidate buffer (in no particular order: only their order
-    statistics matter), by atomics instead of a boolean index and a host read per block. Returns
-    ``(count above, candidates)``, or ``None`` when more than ``capacity`` candidates turned up (the
-    caller falls back to the torch pass).
+    For each row block of ``task``'s ``|ΔW|``: entries above ``high`` are counted, and those in
+    ``[low, high]`` appended to one buffer as ``rowwise.candidate_keys`` (in no particular order: only
+    their order statistics matter), by atomics instead of a boolean index. Nothing is read back:
+    returns ``keys (capacity,)`` int64 (unused slots ``-1``) and ``counts (2,)`` int64 [above,
+    collected]; ``collected > capacity`` means some keys were lost and the cut reports a miss.
     """
     device = task.A.device
     widest = max(stop - start for start, stop in blocks)
     block = torch.empty(widest, task.in_features, dtype=torch.float32, device=device)
-    candidates = torch.empty(capacity, dtype=torch.float32, device=device)
+    keys = torch.full((capacity,), -1, dtype=torch.int64, device=device)
     counters = torch.zeros(2, dtype=torch.int32, device=device)  # above, collected (< 2³¹ per module)
     kernel = _collect_kernel()
     bounds = (low.float().reshape(1), high.float().reshape(1))
     for start, stop in blocks:
         rows = block[: stop - start]
         task.delta_rows(start, stop, out=rows)
-        kernel[_grid(rows.numel())](rows, rows.numel(), *bounds, candidates, counters, capacity, BLOCK=BLOCK)
-    above, collected = counters.tolist()  # the one host read of the pass
-    if collected > capacity:
-        return None
-    return above, candidates[:collected]
+        first = start * task.in_features
+        kernel[_grid(rows.numel())](rows, rows.numel(), first, *bounds, keys, counters, capacity, BLOCK=BLOCK)
+    return keys, counters.long()
+
+
+def _unused_positions(like: Tensor) -> Tensor:
+    """A placeholder int64 argument where the kernel does not trim."""
+    return torch.zeros(like.shape, dtype=torch.int64, device=like.device)
 
 
 def _grid(n: int) -> tuple[int]:
@@ -109,7 +119,7 @@ def _collect_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def count_and_collect(X, n, LOW, HIGH, CANDIDATES, COUNTERS, capacity, BLOCK: tl.constexpr):
+    def count_and_collect(X, n, first, LOW, HIGH, KEYS, COUNTERS, capacity, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
         magnitude = tl.abs(tl.load(X + offsets, mask=inside, other=0.0))
@@ -121,7 +131,12 @@ def _collect_kernel() -> Any:
         flags = within.to(tl.int32)
         start = tl.atomic_add(COUNTERS + 1, tl.sum(flags, axis=0))  # this program's slots
         slots = start + tl.cumsum(flags, axis=0) - 1
-        tl.store(CANDIDATES + slots, magnitude, mask=within & (slots < capacity))
+        # rowwise.candidate_keys: the magnitude's bits, then 2^32 - 1 - the row-major position, all
+        # in int64 (a literal 2^32 - 1 would be typed uint32)
+        low_mask = (tl.full([BLOCK], 1, tl.int64) << 32) - 1
+        bits = magnitude.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) | (low_mask - (first + offsets))
+        tl.store(KEYS + slots, key, mask=within & (slots < capacity))
 
     return count_and_collect
 
@@ -132,16 +147,19 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM: tl.constexpr):
-        # task k's entries at `offsets`: trimmed below its threshold, then weighted
+    def task_block(X, THRESH, LAST, WEIGHT, k, stride_k, offsets, first, inside, TRIM: tl.constexpr):
+        # task k's entries at `offsets`: trimmed by its cut (rowwise.trim_), then weighted
         x = tl.load(X + k * stride_k + offsets, mask=inside, other=0.0)
         if TRIM:
-            x = tl.where(tl.abs(x) < tl.load(THRESH + k), 0.0, x)
+            magnitude = tl.abs(x)
+            threshold = tl.load(THRESH + k)
+            late = (first + offsets) > tl.load(LAST + k)
+            x = tl.where((magnitude < threshold) | ((magnitude == threshold) & late), 0.0, x)
         return x * tl.load(WEIGHT + k)
 
     @triton.jit
     def merge_block(
-        X, THRESH, WEIGHT, OUT, n, stride_k,
+        X, THRESH, LAST, WEIGHT, OUT, n, first, stride_k,
         K: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, FREQUENCY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):  # fmt: skip
@@ -151,7 +169,7 @@ def _kernel() -> Any:
         if CONSENSUS:
             score = tl.zeros([BLOCK], dtype=tl.float32)
             for k in tl.static_range(K):
-                x = task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM)
+                x = task_block(X, THRESH, LAST, WEIGHT, k, stride_k, offsets, first, inside, TRIM)
                 if FREQUENCY:
                     score += tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
                 else:
@@ -159,14 +177,14 @@ def _kernel() -> Any:
             positive = score >= 0
             agreeing = tl.zeros([BLOCK], dtype=tl.float32)
             for k in tl.static_range(K):  # read again: K blocks do not fit in registers or cache
-                x = task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM)
+                x = task_block(X, THRESH, LAST, WEIGHT, k, stride_k, offsets, first, inside, TRIM)
                 agrees = tl.where(positive, x > 0, x < 0)
                 result += tl.where(agrees, x, 0.0)
                 agreeing += agrees.to(tl.float32)
             result = tl.math.div_rn(result, tl.maximum(agreeing, 1.0))  # IEEE division, as torch
         else:
             for k in tl.static_range(K):
-                result += task_block(X, THRESH, WEIGHT, k, stride_k, offsets, inside, TRIM)
+                result += task_block(X, THRESH, LAST, WEIGHT, k, stride_k, offsets, first, inside, TRIM)
         tl.store(OUT + offsets, result, mask=inside)
 
     return merge_block

@@ -12,13 +12,18 @@ holding a whole task either:
 1. a random sample of entries (``ΔW_ij`` from the factors in ``O(r)`` each) brackets the cut
    ``[low, high]`` with a margin of several standard errors of the sample quantile;
 2. one pass over the blocks counts entries above ``high`` and keeps those inside the bracket
-   (about 2 % of the entries);
-3. the threshold is an order statistic of those candidates; if the bracket missed (the count shows
-   it), the pass is repeated with every entry a candidate.
+   (about 1 % of the entries) as int64 keys: the float's bits above, its row-major position (counted
+   down) below, so that keys order entries by magnitude and then by position, first first;
+3. the cut is the key of order ``k − above`` among those: its magnitude is the threshold, its
+   position the last entry equal to the threshold that is kept. Entries equal to the threshold are
+   kept in row-major order until exactly ``k`` survive, as
+   :func:`lorasoup.merging.ops.keep_top_magnitude` does on a whole tensor. (On a 7B MLP module's
+   45M fp32 entries the threshold is usually shared by a few entries: ties are the common case.)
 
-The sample only decides how fast this is, never the result, so it uses its own fixed-seed generator.
-Entries equal to the threshold are kept in row-major order until exactly ``k`` survive, as
-:func:`lorasoup.merging.ops.keep_top_magnitude` does on a whole tensor.
+None of this reads the device: a cut carries a 0-dim ``ok`` that is False when the bracket missed
+(the count shows it), and :func:`merge_rowwise` reads its tasks' flags once, redoing a missed cut
+with every entry a candidate. The sample only decides how fast this is, never the result, so it uses
+its own fixed-seed generator.
 """
 
 from __future__ import annotations
@@ -49,12 +54,19 @@ def row_blocks(n_rows: int, n_cols: int, block_elements: int = BLOCK_ELEMENTS) -
 
 @dataclass(frozen=True)
 class MagnitudeCut:
-    """Keep entries with ``|τ| > threshold``, and the first ``keep_equal`` of the ``equal`` entries
-    with ``|τ| == threshold`` (row-major order): exactly ``k`` in all. ``threshold`` is 0-dim."""
+    """Keep entries with ``|τ| > threshold``, and those with ``|τ| == threshold`` at row-major positions
+    up to ``last_equal`` (``-1``: none of them): exactly ``k`` in all. All fields are 0-dim tensors on
+    the task's device; ``ok`` is False when a sampled bracket missed the cut (then the rest is
+    meaningless and the cut must be redone exactly)."""
 
-    threshold: Tensor
-    keep_equal: int
-    equal: int
+    threshold: Tensor  # float32
+    last_equal: Tensor  # int64
+    ok: Tensor  # bool
+
+
+POSITION_BITS = 32
+"""Low bits of a candidate key holding ``2³² − 1 − position``: modules up to 2³² entries."""
+LOW_MASK = (1 << POSITION_BITS) - 1
 
 
 def magnitude_cut(
@@ -62,51 +74,98 @@ def magnitude_cut(
     k: int,
     blocks: Sequence[tuple[int, int]],
     *,
-    sample_size: int = SAMPLE_SIZE,
+    sample_size: int | None = None,
     use_kernel: bool | None = None,
 ) -> MagnitudeCut:
-    """The exact cut keeping the ``k`` largest ``|ΔW_ij|`` of ``task`` (``1 ≤ k ≤ out·in``).
+    """The exact cut keeping the ``k`` largest ``|ΔW_ij|`` of ``task`` (``1 ≤ k ≤ out·in``), checked.
 
     ``use_kernel``: count and collect with :func:`lorasoup.merging.fused.count_and_collect` (default:
-    on CUDA with Triton; no host read per block); the cut is the same either way.
+    on CUDA with Triton); the cut is the same either way. Reads ``ok`` from the device;
+    :func:`merge_rowwise` batches that read over its tasks with :func:`unchecked_cut`.
     """
+    cut = unchecked_cut(task, k, blocks, sample_size=sample_size, use_kernel=use_kernel)
+    return cut if bool(cut.ok) else exact_cut(task, k, blocks)
+
+
+def unchecked_cut(
+    task: LoraFactors,
+    k: int,
+    blocks: Sequence[tuple[int, int]],
+    *,
+    sample_size: int | None = None,
+    use_kernel: bool | None = None,
+) -> MagnitudeCut:
+    """:func:`magnitude_cut` without reading the device: check ``ok`` (False: call :func:`exact_cut`).
+    ``sample_size`` defaults to :data:`SAMPLE_SIZE`, read at call time."""
+    sample_size = sample_size or SAMPLE_SIZE
     total = task.out_features * task.in_features
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], got {k}")
-    bracket = _bracket(task, k, sample_size) if 4 * sample_size < total else None
-    counted = None
-    if bracket is not None and (fused.available(task.A.device) if use_kernel is None else use_kernel):
-        low, high, share = bracket  # room for twice the expected candidates: overflow means a redo
-        counted = fused.count_and_collect(task, blocks, low, high, capacity=int(2 * share * total) + 65536)
-    if counted is not None:
-        above, pool = counted
+    if total > LOW_MASK:
+        raise ValueError(f"modules of more than {LOW_MASK} entries are not supported, got {total}")
+    if 4 * sample_size >= total:  # small enough to take every entry as a candidate
+        return exact_cut(task, k, blocks)
+    low, high, share = _bracket(task, k, sample_size)
+    if fused.available(task.A.device) if use_kernel is None else use_kernel:
+        # room for twice the expected candidates: an overflow shows as a miss, and the cut is redone
+        capacity = int(2 * share * total) + 65536
+        keys, counts = fused.count_and_collect(task, blocks, low, high, capacity=capacity)
     else:
-        above, pool = _count_and_collect(task, blocks, bracket)
-    need = k - above
-    if not 1 <= need <= pool.numel():  # the sample's bracket missed the cut: redo it exactly
-        return magnitude_cut(task, k, blocks, sample_size=total, use_kernel=use_kernel)
-    threshold = _kth_largest(pool, need)
-    greater = above + int((pool > threshold).sum())
-    return MagnitudeCut(threshold=threshold, keep_equal=k - greater, equal=int((pool == threshold).sum()))
+        keys, counts = _count_and_collect(task, blocks, (low, high))
+    return _cut_from_keys(keys, counts, k)
+
+
+def exact_cut(task: LoraFactors, k: int, blocks: Sequence[tuple[int, int]]) -> MagnitudeCut:
+    """The cut with every entry a candidate (a key per entry: for small tasks, or after a miss)."""
+    keys, counts = _count_and_collect(task, blocks, None)
+    return _cut_from_keys(keys, counts, k)
 
 
 def _count_and_collect(
-    task: LoraFactors, blocks: Sequence[tuple[int, int]], bracket: tuple[Tensor, Tensor, float] | None
-) -> tuple[int, Tensor]:
-    """Entries of ``|ΔW|`` above the bracket (a count) and inside it (their values, any order);
-    without a bracket, every entry is a candidate."""
-    above = torch.zeros((), dtype=torch.int64, device=task.A.device)
-    candidates = []
+    task: LoraFactors, blocks: Sequence[tuple[int, int]], bracket: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """Keys of the entries of ``|ΔW|`` inside the bracket (any order; without a bracket, every entry)
+    and ``counts (2,)`` int64: entries above the bracket, keys collected."""
+    device = task.A.device
+    above = torch.zeros((), dtype=torch.int64, device=device)
+    keys = []
     for start, stop in blocks:
         magnitude = task.delta_rows(start, stop).abs_().reshape(-1)
-        if bracket is None:
-            candidates.append(magnitude)
-            continue
-        low, high, _ = bracket
-        above += (magnitude > high).sum()
-        candidates.append(magnitude[(magnitude >= low) & (magnitude <= high)])
-        del magnitude
-    return int(above), torch.cat(candidates)
+        positions = torch.arange(start * task.in_features, stop * task.in_features, device=device)
+        if bracket is not None:
+            low, high = bracket
+            above += (magnitude > high).sum()
+            inside = (magnitude >= low) & (magnitude <= high)
+            magnitude, positions = magnitude[inside], positions[inside]
+        keys.append(candidate_keys(magnitude, positions))
+        del magnitude, positions
+    collected = torch.cat(keys)
+    counts = torch.stack([above, torch.tensor(collected.numel(), device=device)])
+    return collected, counts
+
+
+def candidate_keys(magnitude: Tensor, positions: Tensor) -> Tensor:
+    """int64 keys ordering entries by ``magnitude (n,)`` (float32, ``>= 0``: its bits order as
+    integers), then by row-major ``positions (n,)``, earlier first: ``bits << 32 | (2³² − 1 − pos)``."""
+    bits = magnitude.view(torch.int32).to(torch.int64)
+    return (bits << POSITION_BITS) | (LOW_MASK - positions)
+
+
+def _cut_from_keys(keys: Tensor, counts: Tensor, k: int) -> MagnitudeCut:
+    """The cut from candidate ``keys (n,)`` (unused slots ``< 0``) and ``counts (2,)`` [above, collected]:
+    the key of order ``need = k − above`` from the top is the last entry kept."""
+    above, collected = counts[0], counts[1]
+    need = k - above
+    ordered = keys.sort().values  # ascending: the unused slots first
+    if not keys.numel():  # nothing inside the bracket: a miss
+        ordered = torch.zeros(1, dtype=torch.int64, device=keys.device)
+    # index_select, not ordered[slot]: a 0-dim index tensor would be read on the host
+    slot = (ordered.numel() - need).clamp(0, ordered.numel() - 1).reshape(1)
+    last_kept = ordered.index_select(0, slot).reshape(())
+    threshold = (last_kept >> POSITION_BITS).to(torch.int32).view(torch.float32)
+    last_equal = LOW_MASK - (last_kept & LOW_MASK)
+    ok = (need >= 1) & (need <= collected) & (collected <= keys.numel())
+    return MagnitudeCut(threshold=threshold, last_equal=last_equal, ok=ok)
 
 
 def _bracket(task: LoraFactors, k: int, sample_size: int) -> tuple[Tensor, Tensor, float]:
@@ -130,34 +189,17 @@ def _bracket(task: LoraFactors, k: int, sample_size: int) -> tuple[Tensor, Tenso
     return low, high, (min(hi, sample_size - 1) - max(lo, 0) + 1) / sample_size
 
 
-def _kth_largest(values: Tensor, n: int) -> Tensor:
-    """The ``n``-th largest entry of a 1-D tensor, 0-dim."""
-    if values.is_cuda:  # CUDA's kthvalue runs one thread block per slice; a sort uses the whole card
-        return values.sort().values[values.numel() - n]
-    return values.kthvalue(values.numel() - n + 1).values
-
-
-class _Trim:
-    """Applies a :class:`MagnitudeCut` to successive row blocks of one task, in place."""
-
-    def __init__(self, cut: MagnitudeCut) -> None:
-        self.cut = cut
-        self.quota = cut.keep_equal  # equal-to-threshold entries still to keep
-        self.simple = cut.keep_equal == cut.equal  # no surplus ties: |τ| >= threshold is the rule
-
-    def __call__(self, block: Tensor) -> Tensor:
-        magnitude = block.abs()
-        if self.simple:  # one comparison suffices
-            return block.masked_fill_(magnitude < self.cut.threshold, 0)
-        drop = magnitude < self.cut.threshold
-        equal = (magnitude == self.cut.threshold).reshape(-1)
-        del magnitude
-        if self.quota > 0:
-            kept = equal & (equal.cumsum(0) <= self.quota)
-            self.quota -= int(kept.sum())
-            equal &= ~kept
-        drop |= equal.view(block.shape)
-        return block.masked_fill_(drop, 0)
+def trim_(block: Tensor, cut: MagnitudeCut, first: int) -> Tensor:
+    """Apply ``cut`` in place to ``block (rows, in)``, the task's rows whose first entry has row-major
+    position ``first``."""
+    magnitude = block.abs()
+    drop = magnitude < cut.threshold
+    equal = magnitude == cut.threshold
+    del magnitude
+    if bool(equal.any()):  # a host read, but this is the CPU path (a GPU has fused.combine)
+        positions = torch.arange(first, first + block.numel(), device=block.device).view(block.shape)
+        drop |= equal & (positions > cut.last_equal)
+    return block.masked_fill_(drop, 0)
 
 
 def drop_random_(block: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -199,21 +241,27 @@ def merge_rowwise(
     device = tasks[0].A.device
     blocks = row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
     kernel = fused.available(device) if use_kernel is None else use_kernel
-    trims = None
+    cuts = None
     if sparsify == "magnitude" and density < 1.0:
         k = max(1, int(density * out_features * in_features))
-        trims = [_Trim(magnitude_cut(task, k, blocks, use_kernel=kernel)) for task in tasks]
+        cuts = [unchecked_cut(task, k, blocks, use_kernel=kernel) for task in tasks]
+        missed = torch.stack([~cut.ok for cut in cuts]).tolist()  # the one read of the cuts
+        cuts = [
+            exact_cut(t, k, blocks) if miss else c for t, c, miss in zip(tasks, cuts, missed, strict=True)
+        ]
     dropping = sparsify == "random" and density < 1.0
     # Scalars folded into each block's GEMM, and what the combine step still multiplies by: the
     # magnitude cut is on |τ_i| itself, so those tasks are weighted after trimming.
-    folded = [1.0 if trims else float(w) / (density if dropping else 1.0) for w in weights]
-    after = [float(w) if trims else 1.0 for w in weights]
+    folded = [1.0 if cuts else float(w) / (density if dropping else 1.0) for w in weights]
+    after = [float(w) if cuts else 1.0 for w in weights]
     if kernel:
         kernel_weights = torch.tensor(after, dtype=torch.float32, device=device)
         kernel_cuts = None
-        if trims is not None:  # tasks with surplus ties at the cut are trimmed before, exactly
-            cuts = [t.cut.threshold if t.simple else torch.zeros(()) for t in trims]
-            kernel_cuts = torch.stack([c.float().to(device) for c in cuts])
+        if cuts is not None:
+            kernel_cuts = (
+                torch.stack([cut.threshold for cut in cuts]),
+                torch.stack([cut.last_equal for cut in cuts]),
+            )
     merged = torch.empty(out_features, in_features, dtype=torch.float32, device=device)
     widest = max(stop - start for start, stop in blocks)
     buffer = torch.empty(len(tasks), widest, in_features, dtype=torch.float32, device=device)
@@ -221,8 +269,8 @@ def merge_rowwise(
         parts = buffer[:, : stop - start]
         for i, task in enumerate(tasks):
             task.delta_rows(start, stop, times=folded[i], out=parts[i])
-            if trims is not None and not (kernel and trims[i].simple):
-                trims[i](parts[i])
+            if cuts is not None and not kernel:
+                trim_(parts[i], cuts[i], start * in_features)
             elif dropping:
                 drop_random_(parts[i], density, generator)
         target = merged[start:stop]
@@ -232,6 +280,7 @@ def merge_rowwise(
                 kernel_cuts,
                 kernel_weights,
                 target,
+                first=start * in_features,
                 consensus=consensus == "sign",
                 frequency=sign_method == "frequency",
             )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# Triton's interpreter runs lorasoup's GPU kernels on CPU tensors (the tests named "interpreted"). torch
+# imports Triton, which reads this as it is imported: so it is set here, before torch, and only where
+# there is no NVIDIA GPU (there the -m gpu tests run the compiled kernels instead).
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -199,6 +206,16 @@ def on_gpu(test: Callable) -> Callable:
     """A test for the GPU machine (``-m gpu``), skipped where there is no CUDA device."""
     reason = "needs a CUDA device (run with -m gpu on the GPU machine)"
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)(test))
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter() -> None:
+    """For tests that run lorasoup's Triton kernels on CPU tensors, through Triton's interpreter."""
+    pytest.importorskip(
+        "triton", reason='Triton is not installed (pip install -e ".[test]" brings it on Linux)'
+    )
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("an NVIDIA GPU is present: the -m gpu tests run the compiled kernels here")
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,6 @@ def _tasks(k: int, out: int, inn: int, seed: int, *, integer: bool = False) -> l
     return [LoraFactors(A=draw(3, inn), B=draw(out, 3), scale=1.0 + i) for i in range(k)]
 
 
-def _on_cuda(tasks: list[LoraFactors]) -> list[LoraFactors]:
-    return [LoraFactors(t.A.cuda(), t.B.cuda(), t.scale) for t in tasks]
-
-
 def _merge(tasks, weights, recipe_name: str, sign_method: str, density: float, generator, **options):
     """``merge_rowwise`` with a preset's sparsification and consensus."""
     recipe = RECIPES[recipe_name]
@@ -184,57 +180,90 @@ def test_rowwise_merge_rejects_an_unknown_sign_method() -> None:
         )
 
 
-@on_gpu
-@settings(max_examples=40, deadline=None)
-@given(
-    st.sampled_from(sorted(RECIPES)),
-    st.sampled_from(["total", "frequency"]),
-    st.integers(1, 4),
-    st.floats(0.05, 1.0),
-    st.integers(50, 3000),
-    st.booleans(),
-    st.integers(0, 2**16),
+# The fused kernels are checked against the torch path twice: compiled on a GPU (-m gpu), and run by
+# Triton's interpreter on the CPU (everywhere Triton installs), with the same bodies and cases.
+COMBINE_CASES = given(
+    st.tuples(
+        st.sampled_from(sorted(RECIPES)),
+        st.sampled_from(["total", "frequency"]),
+        st.integers(1, 4),
+        st.floats(0.05, 1.0),
+        st.integers(50, 3000),
+        st.booleans(),
+        st.integers(0, 2**16),
+    )
 )
-def test_fused_kernel_equals_the_torch_path_bit_for_bit(
-    recipe_name, sign_method, k, density, block_elements, integer, seed
-) -> None:
-    """The Triton combine step gives exactly what the torch ops give (same operations, same order,
-    no FMA), with ties at the cut (integer tasks) trimmed before the kernel."""
-    from lorasoup.merging import fused
+CUT_CASES = given(
+    st.tuples(st.floats(0.01, 0.99), st.integers(50, 3000), st.booleans(), st.integers(0, 2**16))
+)
 
-    assert fused.available(torch.device("cuda"))
-    tasks = _on_cuda(_tasks(k, 37, 29, seed, integer=integer))
+
+def _kernel_merge_is_the_torch_merge(
+    device, recipe_name, sign_method, k, density, block_elements, integer, seed
+):
+    """The Triton combine step gives exactly what the torch ops give (same operations, same order,
+    no FMA), ties at the cut (integer tasks) included."""
+    tasks = [
+        LoraFactors(t.A.to(device), t.B.to(device), t.scale) for t in _tasks(k, 37, 29, seed, integer=integer)
+    ]
     weights = torch.randn(k, generator=torch.Generator().manual_seed(seed))
 
     def run(use_kernel: bool) -> torch.Tensor:
-        generator = torch.Generator(device="cuda").manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         options = {"block_elements": block_elements, "use_kernel": use_kernel}
         return _merge(tasks, weights, recipe_name, sign_method, density, generator, **options)
 
     assert torch.equal(run(True), run(False))
 
 
-@on_gpu
-@settings(max_examples=40, deadline=None)
-@given(st.floats(0.01, 0.99), st.integers(50, 3000), st.booleans(), st.integers(0, 2**16))
-def test_gpu_counting_pass_gives_the_torch_cut(density, block, integer, seed) -> None:
+def _kernel_cut_is_the_torch_cut(device, density, block, integer, seed):
     """The Triton counting pass (atomics, candidates in any order) finds the torch pass's exact cut;
     with no room for the candidates its count shows the overflow, which makes the cut a miss."""
     from lorasoup.merging import fused
 
-    task = _on_cuda(_tasks(1, 40, 30, seed, integer=integer))[0]
+    original = _tasks(1, 40, 30, seed, integer=integer)[0]
+    task = LoraFactors(original.A.to(device), original.B.to(device), original.scale)
     blocks = row_blocks(40, 30, block)
     k = max(1, int(density * 1200))
     kernel = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=True)
     torch_cut = magnitude_cut(task, k, blocks, sample_size=64, use_kernel=False)
     assert _same_cut(kernel, torch_cut)
     # the kernel's keys are the torch pass's, in another order
-    low, high = torch.tensor(0.5, device="cuda"), torch.tensor(2.0, device="cuda")
+    low, high = torch.tensor(0.5, device=device), torch.tensor(2.0, device=device)
     keys, counts = fused.count_and_collect(task, blocks, low, high, capacity=1200)
     torch_keys, torch_counts = rowwise._count_and_collect(task, blocks, (low, high))
     assert torch.equal(keys[keys >= 0].sort().values, torch_keys.sort().values)
     assert torch.equal(counts, torch_counts)
     # no room for the candidates: the count shows it, and the cut is a miss
-    infinity = torch.tensor(float("inf"), device="cuda")
+    infinity = torch.tensor(float("inf"), device=device)
     keys, counts = fused.count_and_collect(task, blocks, -infinity, infinity, capacity=1)
     assert int(counts[1]) == 1200 and not bool(rowwise._cut_from_keys(keys, counts, k).ok)
+
+
+@on_gpu
+@settings(max_examples=40, deadline=None)
+@COMBINE_CASES
+def test_fused_kernel_equals_the_torch_path_bit_for_bit(case) -> None:
+    from lorasoup.merging import fused
+
+    assert fused.available(torch.device("cuda"))
+    _kernel_merge_is_the_torch_merge("cuda", *case)
+
+
+@on_gpu
+@settings(max_examples=40, deadline=None)
+@CUT_CASES
+def test_gpu_counting_pass_gives_the_torch_cut(case) -> None:
+    _kernel_cut_is_the_torch_cut("cuda", *case)
+
+
+@settings(max_examples=25, deadline=None)
+@COMBINE_CASES
+def test_interpreted_kernel_equals_the_torch_path_bit_for_bit(triton_interpreter, case) -> None:
+    _kernel_merge_is_the_torch_merge("cpu", *case)
+
+
+@settings(max_examples=25, deadline=None)
+@CUT_CASES
+def test_interpreted_counting_pass_gives_the_torch_cut(triton_interpreter, case) -> None:
+    _kernel_cut_is_the_torch_cut("cpu", *case)

@@ -77,30 +77,30 @@ def attend_with_prefix(
     ``h`` reads KV head ``h // (H / Hkv)``, as transformers' ``repeat_kv``. Returns ``(B, T, H, d)``,
     the layout transformers' attention functions return.
 
-    Scores and the softmax are in float32 (float64 for float64 inputs), the two probability-weighted
-    sums in the inputs' dtype (as eager attention does), then joined in float32.
+    Scores and the softmax are in float32 (float64 for float64 inputs); the two weighted sums of
+    values run in the inputs' dtype on unnormalised weights in ``(0, 1]``, and are joined and divided
+    by the softmax's denominator in float32. The prefix part stays in its per-KV-head layout
+    throughout, so its large ``(Hkv, B·g·T, P)`` scores are never transposed or copied.
     """
     batch, heads, steps, dim = query.shape
     kv_heads, shared, width = prefix_keys.shape[0], prefix_keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     exact = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for float64 inputs
-    grouped = query.reshape(batch, kv_heads, group * steps, dim)  # heads of one KV head together
-    own = (grouped @ keys.transpose(-1, -2)).to(exact).mul_(scaling)  # (B, Hkv, g·T, W)
-    own = own.view(batch, kv_heads, group, steps, width).add_(mask[:, :, None].to(exact))
+    grouped = (query * scaling).reshape(batch, kv_heads, group * steps, dim)  # a KV head's heads together
+    own = (grouped @ keys.transpose(-1, -2)).view(batch, kv_heads, group, steps, width)
+    own = torch.add(own, mask[:, :, None].to(exact))  # (B, Hkv, g, T, W), in float32: the add promotes
     # all rows' queries of one KV head as one tall matrix: the prefix is read once for the batch
     tall = grouped.transpose(0, 1).reshape(kv_heads, batch * group * steps, dim)
-    common = (tall @ prefix_keys.transpose(-1, -2)).to(exact).mul_(scaling)  # (Hkv, B·g·T, P)
-    common = common.view(kv_heads, batch, group, steps, shared).transpose(0, 1)  # (B, Hkv, g, T, P)
-    top = torch.maximum(own.amax(-1, keepdim=True), common.amax(-1, keepdim=True))  # (B, Hkv, g, T, 1)
-    own = own.sub_(top).exp_()
-    common = common.sub_(top).exp_()
-    total = own.sum(-1, keepdim=True) + common.sum(-1, keepdim=True)
-    own = own.div_(total).to(values.dtype).view(batch, kv_heads, group * steps, width)
-    common = common.div_(total).to(prefix_values.dtype)
-    common = common.transpose(0, 1).reshape(kv_heads, batch * group * steps, shared)
+    common = (tall @ prefix_keys.transpose(-1, -2)).view(kv_heads, batch, group, steps, shared)
+    top = torch.maximum(own.amax(-1), common.amax(-1).transpose(0, 1))  # (B, Hkv, g, T) float32
+    own = own.sub_(top[..., None]).exp_()
+    common = torch.sub(common, top.transpose(0, 1)[..., None]).exp_()  # (Hkv, B, g, T, P) float32
+    total = own.sum(-1) + common.sum(-1).transpose(0, 1)  # (B, Hkv, g, T)
+    own = own.to(values.dtype).view(batch, kv_heads, group * steps, width)
+    common = common.to(prefix_values.dtype).view(kv_heads, batch * group * steps, shared)
     out = (own @ values).to(exact)  # (B, Hkv, g·T, d)
-    from_prefix = (common @ prefix_values).view(kv_heads, batch, group * steps, dim).transpose(0, 1)
-    out += from_prefix.to(exact)
+    out += (common @ prefix_values).view(kv_heads, batch, group * steps, dim).transpose(0, 1)
+    out /= total.view(batch, kv_heads, group * steps, 1)
     return out.view(batch, heads, steps, dim).transpose(1, 2).to(query.dtype)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,20 +71,11 @@ LOW_MASK = (1 << POSITION_BITS) - 1
 
 
 def magnitude_cut(
-    task: LoraFactors,
-    k: int,
-    blocks: Sequence[tuple[int, int]],
-    *,
-    sample_size: int | None = None,
-    use_kernel: bool | None = None,
+    task: LoraFactors, k: int, blocks: Sequence[tuple[int, int]], **options: Any
 ) -> MagnitudeCut:
-    """The exact cut keeping the ``k`` largest ``|ΔW_ij|`` of ``task`` (``1 ≤ k ≤ out·in``), checked.
-
-    ``use_kernel``: count and collect with :func:`lorasoup.merging.fused.count_and_collect` (default:
-    on CUDA with Triton); the cut is the same either way. Reads ``ok`` from the device;
-    :func:`merge_rowwise` batches that read over its tasks with :func:`unchecked_cut`.
-    """
-    cut = unchecked_cut(task, k, blocks, sample_size=sample_size, use_kernel=use_kernel)
+    """:func:`unchecked_cut`, checked: reads ``ok`` from the device and redoes a miss exactly.
+    :func:`merge_rowwise` batches that read over its tasks instead."""
+    cut = unchecked_cut(task, k, blocks, **options)
     return cut if bool(cut.ok) else exact_cut(task, k, blocks)
 
 
@@ -95,8 +87,13 @@ def unchecked_cut(
     sample_size: int | None = None,
     use_kernel: bool | None = None,
 ) -> MagnitudeCut:
-    """:func:`magnitude_cut` without reading the device: check ``ok`` (False: call :func:`exact_cut`).
-    ``sample_size`` defaults to :data:`SAMPLE_SIZE`, read at call time."""
+    """The exact cut keeping the ``k`` largest ``|ΔW_ij|`` of ``task`` (``1 ≤ k ≤ out·in``), without
+    reading the device: check ``ok`` (False: call :func:`exact_cut`).
+
+    ``sample_size`` defaults to :data:`SAMPLE_SIZE`, read at call time. ``use_kernel``: count and
+    collect with :func:`lorasoup.merging.fused.count_and_collect` (default: on CUDA with Triton); the
+    cut is the same either way.
+    """
     sample_size = sample_size or SAMPLE_SIZE
     total = task.out_features * task.in_features
     if not 1 <= k <= total:

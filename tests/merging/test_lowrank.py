@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorasoup.lowrank import choose_rank, dense_lowrank, recompress
+from tests.conftest import on_gpu
 
 shapes = st.tuples(st.integers(2, 24), st.integers(2, 24), st.integers(1, 12), st.integers(0, 2**16))
 
@@ -178,3 +179,41 @@ def test_randomized_svd_by_cholesky_qr_matches_householder(deficient, unhealthy,
     live = 1e-3 * S2[0] < S2
     approx = lambda U, S, Vh: (U[:, live] * S[live]) @ Vh[live]  # noqa: E731
     assert torch.allclose(approx(U1, S1, Vh1), approx(U2, S2, Vh2), atol=1e-3 * float(S2[0]))
+
+
+def test_tf32_scope_restores_the_process_setting() -> None:
+    from lorasoup.lowrank import _tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with _tf32_matmuls(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), _tf32_matmuls(True):
+        raise RuntimeError("an error inside the block")
+    assert matmul.fp32_precision == before
+    with _tf32_matmuls(False):
+        assert matmul.fp32_precision == before
+
+
+@on_gpu
+def test_tf32_range_finder_keeps_the_energy_and_reports_it_exactly() -> None:
+    """TF32 only steers the subspace: the energy kept moves by far less than the method's own gap,
+    and the reported residual is still the true one of the returned factors."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    g = torch.Generator().manual_seed(0)
+    spectrum = 0.97 ** torch.arange(384.0)
+    U = torch.linalg.qr(torch.randn(1024, 384, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(512, 384, generator=g))[0]
+    delta = ((U * spectrum) @ V.T).float().cuda()
+    runs = {}
+    for tf32 in (True, False):
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        low = dense_lowrank(delta, rank=32, mode="randomized", generator=generator, tf32=tf32)
+        residual = (
+            delta.double() - low.B.double() @ low.A.double()
+        ).square().sum() / delta.double().square().sum()
+        assert abs(float(residual) - low.discarded_energy) < 1e-5
+        runs[tf32] = low.discarded_energy
+    assert abs(runs[True] - runs[False]) < 1e-5
+    assert torch.backends.cuda.matmul.fp32_precision == before  # the process's setting is untouched

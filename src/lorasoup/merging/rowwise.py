@@ -128,12 +128,14 @@ def _count_and_collect(
     keys = []
     for start, stop in blocks:
         magnitude = task.delta_rows(start, stop).abs_().reshape(-1)
-        positions = torch.arange(start * task.in_features, stop * task.in_features, device=device)
-        if bracket is not None:
+        first = start * task.in_features
+        if bracket is None:
+            positions = torch.arange(first, first + magnitude.numel(), device=device)
+        else:
             low, high = bracket
             above += (magnitude > high).sum()
-            inside = (magnitude >= low) & (magnitude <= high)
-            magnitude, positions = magnitude[inside], positions[inside]
+            local = ((magnitude >= low) & (magnitude <= high)).nonzero().squeeze(1)
+            magnitude, positions = magnitude.index_select(0, local), local.add_(first)
         keys.append(candidate_keys(magnitude, positions))
         del magnitude, positions
     collected = torch.cat(keys)

@@ -11,6 +11,7 @@ from lorasoup.evaluation.shared_prefix import attend_with_prefix, common_prefix_
 from tests.conftest import build_llama, on_gpu
 from tests.evaluation.test_graph_decode import build, graphed
 from tests.evaluation.test_graph_decode import llama as llama  # a fixture
+from tests.evaluation.test_runner import greedy as greedy  # a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -139,3 +140,23 @@ def test_captured_graphs_with_a_shared_prefix_equal_the_hf_path_on_cuda(arch, to
     assert captured.capture and captured.stats["shared_prefix_tokens"] > 0
     assert replayed == graphed(model, tokenizer, capture=False).generate(FEW_SHOT, settings)
     assert replayed == generate(model, tokenizer, FEW_SHOT, settings)
+
+
+def test_eval_with_a_shared_prefix_records_it_and_equals_backend_hf(llama_dir, tmp_path, greedy):
+    import json
+
+    import yaml
+
+    from lorasoup.evaluation.runner import evaluate
+    from tests.evaluation.test_runner import config_for, write_task
+
+    task, _ = write_task(tmp_path, greedy)
+    spec = yaml.safe_load(task.read_text())
+    spec["prompt"] = DEMO + "{question}"  # every prompt now starts with the same ~60 tokens
+    task.write_text(yaml.safe_dump(spec))
+    hf = evaluate(config_for(llama_dir, task, tmp_path / "hf"))
+    graph = evaluate(config_for(llama_dir, task, tmp_path / "graph", backend="cudagraph"))
+    assert [r.generation for r in graph.results] == [r.generation for r in hf.results]
+    model = json.loads((tmp_path / "graph" / "run.json").read_text())["model"]
+    assert model["backend"] == "cudagraph" and model["shared_prefix_tokens"] >= len(DEMO) - 2
+    assert "shared_prefix_tokens" not in json.loads((tmp_path / "hf" / "run.json").read_text())["model"]

@@ -293,27 +293,40 @@ def load_generator(config: EvalRunConfig) -> tuple[GenerateFn, PreTrainedTokeniz
                 f"could not load adapter {config.adapter!r} onto {config.model!r}: {first}"
             ) from None
         model.eval()
-    return IN_PROCESS_BACKENDS[config.backend](model, tokenizer), tokenizer, facts
+    return IN_PROCESS_BACKENDS[config.backend](model, tokenizer, facts), tokenizer, facts
 
 
-def _hf_backend(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> GenerateFn:
+def _hf_backend(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: dict[str, Any]
+) -> GenerateFn:
     def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
         return generate(model, tokenizer, prompts, settings)
 
     return run
 
 
-def _cudagraph_backend(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> GenerateFn:
+def _cudagraph_backend(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: dict[str, Any]
+) -> GenerateFn:
     from lorasoup.evaluation.graph_decode import GraphGenerator
 
-    return GraphGenerator(model, tokenizer).generate  # keeps its KV cache and graphs across chunks
+    generator = GraphGenerator(model, tokenizer)  # keeps its KV cache, graphs and prefix across chunks
+
+    def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
+        generations = generator.generate(prompts, settings)
+        # for run.json: a shared prefix changes the order of attention's sums (bf16 may differ)
+        shared = max(facts.get("shared_prefix_tokens", 0), int(generator.stats["shared_prefix_tokens"]))
+        facts["shared_prefix_tokens"] = shared
+        return generations
+
+    return run
 
 
-IN_PROCESS_BACKENDS: dict[str, Callable[[PreTrainedModel, PreTrainedTokenizerBase], GenerateFn]] = {
-    "hf": _hf_backend,
-    "cudagraph": _cudagraph_backend,
-}
-"""Backends that generate with the loaded transformers model (vLLM loads its own engine)."""
+IN_PROCESS_BACKENDS: dict[
+    str, Callable[[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]], GenerateFn]
+] = {"hf": _hf_backend, "cudagraph": _cudagraph_backend}
+"""Backends that generate with the loaded transformers model (vLLM loads its own engine); each may
+add what its runs used to the run's model facts (written to run.json at the end)."""
 
 
 def _adapter_dir(source: str) -> Path:

@@ -9,7 +9,8 @@
 #    process, with a torch.profiler table per method;
 # 3. issue 6: bench/generate_throughput.py at GSM-Hard's proportions (1,186-token prompts of which
 #    1,114 are the shared 8-shot prefix, 128 new tokens), the cudagraph backend with and without
-#    sharing the prefix, batch 64 and 128, against the reference per-example loop.
+#    sharing the prefix (the step's split attention in torch operations, or in the two Triton
+#    kernels of shared_prefix.attend_decode_fused), batch 64 and 128, against the reference loop.
 #
 # Leaves in $OUT: env.txt, gpu-tests.txt, merge.json, merge-profile.txt, merge.log,
 # generate_shared_prefix.json, generate.log. Each step has its own time limit, so one that hangs
@@ -42,5 +43,5 @@ step gpu-tests.txt 120 "$PY" -m pytest -q -m gpu tests/merging tests/evaluation 
 step merge.log 230 "$PY" bench/merge.py --methods ties dare_linear dare_ties magnitude_prune \
   --profile "$out/merge-profile.txt" --out "$out/merge.json"
 step generate.log 220 "$PY" bench/generate_throughput.py --shape 7b --batch 64 128 --prompt-len 1186 \
-  --shared-prefix 1114 --new-tokens 128 --backends cudagraph --graph-prefix-sharing on off --repeats 2 \
-  --out "$out/generate_shared_prefix.json"
+  --shared-prefix 1114 --new-tokens 128 --backends cudagraph --graph-prefix-sharing on off \
+  --graph-prefix-kernel torch triton --repeats 2 --out "$out/generate_shared_prefix.json"

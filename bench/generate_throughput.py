@@ -19,7 +19,9 @@ evaluation: GSM-Hard's 8-shot prompt is ~1,000 shared tokens before a ~60-token 
   ``sdpa-efficient`` / ``sdpa-cudnn`` / ``sdpa-math`` = SDPA limited to one kernel, ``eager`` =
   transformers' matmul-softmax-matmul) and each ``--batch``: a warm-up call (captures the graphs),
   then ``--repeats`` timed calls; per ``--graph-prefix-sharing`` (``on``: a prefix shared by every
-  prompt is prefilled once and attended once per step, ``off``: every row on its own). Rows also
+  prompt is prefilled once and attended once per step, ``off``: every row on its own) and, with it
+  on, per ``--graph-prefix-kernel`` (the step's split attention in ``torch`` operations or in the
+  two ``triton`` kernels). Rows also
   give the prefill / decode split of the timed call and ``same_as_hf``: the share of rows whose
   text equals the ``lorasoup_hf`` static-cache row of the same batch (bf16 kernels differ, so a
   late divergence is not a bug; an early one would be).
@@ -112,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["on", "off"],
         default=["on"],
         help="cudagraph rows with a shared prefix prefilled once (on) and/or every row on its own (off)",
+    )
+    p.add_argument(
+        "--graph-prefix-kernel",
+        nargs="+",
+        choices=["torch", "triton"],
+        default=["torch"],
+        help="the decoding step's shared-prefix attention (with --graph-prefix-sharing on)",
     )
     p.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])
     p.add_argument("--reference-prompts", type=int, help="prompts the reference loop runs (default 3)")
@@ -385,9 +394,10 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
     plan = [("reference", 1, "dynamic")]
     if "cudagraph" in args.backends:
         plan += [
-            ("cudagraph", b, (a, sharing))
+            ("cudagraph", b, (a, sharing, kernel))
             for a in args.graph_attention
             for sharing in args.graph_prefix_sharing
+            for kernel in (args.graph_prefix_kernel if sharing == "on" else ["torch"])
             for b in args.batch
         ]
         plan += [("profile", max(args.batch), a) for a in args.graph_attention if args.profile_decode]
@@ -407,8 +417,7 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
                 continue
             elif kind == "cudagraph":
                 out = texts.setdefault((kind, batch, option), [])
-                attention, sharing = option
-                row = graph_variant(model, tokenizer, prompts[batch], args, device, attention, sharing, out)
+                row = graph_variant(model, tokenizer, prompts[batch], args, device, *option, out)
             else:
                 fn = lambda p, s: generate(model, tokenizer, p, s)  # noqa: E731
                 settings = settings_for(args, batch, option)
@@ -425,7 +434,9 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
     return reference
 
 
-def graph_variant(model, tokenizer, prompts, args, device, attention: str, sharing: str, texts: list) -> dict:
+def graph_variant(
+    model, tokenizer, prompts, args, device, attention: str, sharing: str, kernel: str, texts: list
+) -> dict:
     """The cudagraph backend: warm-up call (captures), timed calls; prefill/decode split of the last."""
     generator = GraphGenerator(
         model,
@@ -433,6 +444,7 @@ def graph_variant(model, tokenizer, prompts, args, device, attention: str, shari
         window_step=args.graph_window,
         check_every=args.graph_check_every,
         min_shared_prefix=32 if sharing == "on" else 0,
+        prefix_kernel=kernel,
         **GRAPH_ATTENTION[attention],
     )
     calls = []
@@ -450,9 +462,10 @@ def graph_variant(model, tokenizer, prompts, args, device, attention: str, shari
     last = calls[-1]
     shared = last.get("shared_prefix_tokens", 0)
     return row | {
-        "cache": f"graph/{attention}" + ("/shared-prefix" if shared else ""),
+        "cache": f"graph/{attention}" + (f"/shared-prefix/{kernel}" if shared else ""),
         "attention": attention,
         "prefix_sharing": sharing,
+        "prefix_kernel": kernel,
         "shared_prefix_tokens": shared,
         "floor_tokens_per_s": floor_tokens_per_s(model, args, len(prompts), shared),
         "floor_with_prefill_tokens_per_s": floor_with_prefill_tokens_per_s(model, args, len(prompts), shared),
@@ -530,7 +543,8 @@ def compare_with_hf(rows: list[dict], texts: dict) -> None:
     for row in rows:
         if row.get("variant") != "lorasoup_cudagraph" or "attention" not in row:
             continue
-        ours = texts.get(("cudagraph", row["batch"], (row["attention"], row["prefix_sharing"])))
+        option = (row["attention"], row["prefix_sharing"], row["prefix_kernel"])
+        ours = texts.get(("cudagraph", row["batch"], option))
         theirs = texts.get(("hf", row["batch"], "static")) or texts.get(("hf", row["batch"], "dynamic"))
         if not ours or not theirs:
             continue

@@ -1,13 +1,21 @@
 """Shared-prefix decoding: the split attention equals attention over the concatenation, and the
 ``cudagraph`` backend with a shared prefix makes the HF path's tokens."""
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorasoup.evaluation.generate import GenerationSettings, encode_prompt, generate
-from lorasoup.evaluation.shared_prefix import attend_with_prefix, common_prefix_length, prefix_attention
+from lorasoup.evaluation.shared_prefix import (
+    attend_decode_fused,
+    attend_with_prefix,
+    common_prefix_length,
+    fused_decode_supported,
+    prefix_attention,
+)
 from tests.conftest import build_llama, on_gpu
 from tests.evaluation.test_graph_decode import build, graphed
 from tests.evaluation.test_graph_decode import llama as llama  # a fixture
@@ -52,6 +60,46 @@ def test_split_attention_equals_attention_over_the_concatenation(
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4]),
+    dim=st.sampled_from([16, 32]),
+    shared=st.integers(1, 600),
+    width=st.integers(1, 150),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_decode_kernels_equal_the_split_attention(
+    triton_interpreter, batch, kv_heads, group, dim, shared, width, seed
+):
+    """The two Triton kernels (run by Triton's interpreter, float32) compute what the torch split
+    attention computes for one decoding step: prefixes across several chunks, windows across
+    several blocks, a cache longer than the window, masked columns."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g)
+    prefix_k, prefix_v = (torch.randn(kv_heads, shared, dim, generator=g) for _ in "kv")
+    cache_k, cache_v = (torch.randn(batch, kv_heads, width + 9, dim, generator=g) for _ in "kv")
+    hidden = torch.rand(batch, 1, 1, width + 9, generator=g) < 0.4
+    hidden[..., width - 1] = False  # the token being decoded sees itself
+    mask = torch.zeros(hidden.shape).masked_fill_(hidden, torch.finfo(torch.float32).min)[..., :width]
+    keys, values = cache_k[:, :, :width], cache_v[:, :, :width]
+    assert fused_decode_supported(query, prefix_k)
+    fused = attend_decode_fused(query, prefix_k, prefix_v, keys, values, mask, 0.3)
+    expected = attend_with_prefix(query, prefix_k, prefix_v, keys, values, mask, 0.3)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_serves_one_step_and_tl_dot_head_sizes():
+    prefix = torch.zeros(2, 5, 16)
+    assert fused_decode_supported(torch.zeros(1, 2, 1, 16), prefix) == (
+        importlib.util.find_spec("triton") is not None
+    )
+    assert not fused_decode_supported(torch.zeros(1, 2, 3, 16), prefix)  # a prefill, not one step
+    assert not fused_decode_supported(torch.zeros(1, 2, 1, 8), torch.zeros(2, 5, 8))  # tl.dot needs 16+
+    assert not fused_decode_supported(torch.zeros(1, 2, 1, 48), torch.zeros(2, 5, 48))  # not a power of 2
+
+
 @given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=6), min_size=1, max_size=4))
 def test_common_prefix_is_shared_by_all_and_leaves_each_row_a_token(rows):
     length = common_prefix_length(rows)
@@ -84,6 +132,8 @@ def test_prompts_sharing_a_prefix_make_the_hf_paths_tokens(arch, tokenizer):
     assert generator.stats["shared_prefix_tokens"] == shared >= len(DEMO) - 2
     # the per-row cache holds suffixes and continuations only
     assert generator.state.length < shared
+    # the Triton kernels serve CUDA only: on a CPU the same split attention runs
+    assert graphed(model, tokenizer, prefix_kernel="triton").generate(FEW_SHOT, settings) == expected
     off = graphed(model, tokenizer, min_shared_prefix=0)
     assert off.generate(FEW_SHOT, settings) == expected
     assert off.stats["shared_prefix_tokens"] == 0 and off.prefix is None
@@ -131,14 +181,26 @@ def test_peft_model_with_a_shared_prefix_equals_the_hf_path(tokenizer, make_lora
 
 
 @on_gpu
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_captured_graphs_with_a_shared_prefix_equal_the_hf_path_on_cuda(arch, tokenizer):
-    model = build(arch, len(tokenizer)).to("cuda")
+def test_captured_graphs_with_a_shared_prefix_equal_the_hf_path_on_cuda(arch, kernel, tokenizer):
+    """fp32 on a GPU, a head size of 16 (the fused kernels' smallest): captured steps with the shared
+    prefix, by torch operations or the Triton kernels, make the eager step's and the HF path's tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import TINY_DECODER
+
+    torch.manual_seed(0)
+    shape = {**TINY_DECODER, "hidden_size": 64, "intermediate_size": 128}  # 4 heads of 16
+    config = (LlamaConfig if arch == "llama" else Qwen2Config)(vocab_size=len(tokenizer), **shape)
+    model = (LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM)(config).eval().to("cuda")
+    model.generation_config.eos_token_id = 2
     settings = GenerationSettings(max_new_tokens=20, batch_size=2)
-    captured = graphed(model, tokenizer)
+    captured = graphed(model, tokenizer, prefix_kernel=kernel)
     replayed = captured.generate(FEW_SHOT, settings)
     assert captured.capture and captured.stats["shared_prefix_tokens"] > 0
-    assert replayed == graphed(model, tokenizer, capture=False).generate(FEW_SHOT, settings)
+    eager = graphed(model, tokenizer, capture=False, prefix_kernel=kernel).generate(FEW_SHOT, settings)
+    assert replayed == eager
     assert replayed == generate(model, tokenizer, FEW_SHOT, settings)
 
 

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 DecodeAttention = Literal["model", "sdpa", "eager"]
 SdpaBackend = Literal["default", "efficient", "cudnn", "math", "flash"]
+PrefixKernel = Literal["torch", "triton"]
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes do
 
 
@@ -223,8 +224,10 @@ class GraphGenerator:
     the decoding step (``model``: the model's own, ``sdpa`` or ``eager``; prefill always uses the
     model's own) and ``sdpa_backend`` the SDPA kernel it may use (``default``: PyTorch's choice); both
     are tuning knobs for benchmarks. ``min_shared_prefix``: the fewest prompt tokens common to every
-    prompt of a call that are prefilled once and shared (0: never share). :meth:`release` frees the
-    cache, graphs and shared prefix.
+    prompt of a call that are prefilled once and shared (0: never share); ``prefix_kernel``: the
+    decoding step's shared-prefix attention on CUDA, ``torch`` (split attention in torch operations)
+    or ``triton`` (two fused kernels, :func:`.shared_prefix.attend_decode_fused`; head sizes 16 to
+    256). :meth:`release` frees the cache, graphs and shared prefix.
     """
 
     def __init__(
@@ -238,9 +241,12 @@ class GraphGenerator:
         decode_attention: DecodeAttention = "model",
         sdpa_backend: SdpaBackend = "default",
         min_shared_prefix: int = 32,
+        prefix_kernel: PrefixKernel = "torch",
     ) -> None:
         if min_shared_prefix < 0:
             raise ConfigError(f"min_shared_prefix must be >= 0 (0: off), got {min_shared_prefix}")
+        if prefix_kernel not in ("torch", "triton"):
+            raise ConfigError(f"prefix_kernel must be 'torch' or 'triton', got {prefix_kernel!r}")
         if check_every < 1 or window_step < 0 or window_step % 16:
             raise ConfigError(
                 f"check_every must be >= 1 and window_step a multiple of 16 (0: off), got {check_every}, "
@@ -253,7 +259,7 @@ class GraphGenerator:
             raise ConfigError(f"capture=True needs the model on a CUDA device, it is on {self.device}")
         self.check_every, self.window_step = check_every, window_step
         self.decode_attention, self.sdpa_backend = decode_attention, sdpa_backend
-        self.min_shared_prefix = min_shared_prefix
+        self.min_shared_prefix, self.prefix_kernel = min_shared_prefix, prefix_kernel
         self.prefix: prefixes.SharedPrefix | None = None
         self.dtype = model.get_input_embeddings().weight.dtype
         self.min_value = torch.finfo(self.dtype).min
@@ -370,6 +376,7 @@ class GraphGenerator:
             tokens=tuple(tokens),
             keys=[layer.keys[0] for layer in cache.layers],
             values=[layer.values[0] for layer in cache.layers],
+            fused=self.prefix_kernel == "triton",
         )
         self.stats["prefill_s"] += time.perf_counter() - began
         return self.prefix

@@ -40,6 +40,7 @@ class SharedPrefix:
     tokens: tuple[int, ...]
     keys: list[Tensor]
     values: list[Tensor]
+    fused: bool = False  # decoding steps on CUDA through attend_decode_fused where it serves them
 
     @property
     def length(self) -> int:
@@ -104,6 +105,72 @@ def attend_with_prefix(
     return out.view(batch, heads, steps, dim).transpose(1, 2).to(query.dtype)
 
 
+PREFIX_CHUNK = 256
+"""Prefix keys per program of the fused kernel's first pass (its grid: KV heads × chunks × row tiles)."""
+
+
+def fused_decode_supported(query: Tensor, prefix_keys: Tensor) -> bool:
+    """Whether :func:`attend_decode_fused` serves these inputs: one query per row, a head size that
+    ``tl.dot`` takes (a power of two from 16 to 256), Triton importable."""
+    import importlib.util
+
+    dim = query.shape[-1]
+    return (
+        query.shape[2] == 1
+        and 16 <= dim <= 256
+        and dim & (dim - 1) == 0
+        and prefix_keys.shape[-1] == dim
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def attend_decode_fused(
+    query: Tensor,
+    prefix_keys: Tensor,
+    prefix_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    scaling: float,
+) -> Tensor:
+    """:func:`attend_with_prefix` for one decoding step (``T = 1``) in two Triton kernels
+    (``_prefix_kernels``): the prefix in chunks, each read once for every query of its KV head
+    (``tl.dot``), then each query's own columns and the join. Same shapes and result, up to the
+    order of floating-point sums; float32 inputs multiply in IEEE float32 (no TF32).
+    """
+    from lorasoup.evaluation import _prefix_kernels as kernels
+
+    batch, heads, _, dim = query.shape
+    kv_heads, shared, width = prefix_keys.shape[0], prefix_keys.shape[1], keys.shape[2]
+    group, rows = heads // kv_heads, batch * heads // kv_heads
+    chunks = -(-shared // PREFIX_CHUNK)
+    q = query[:, :, 0]  # (B, H, d): a view, head dimension contiguous
+    prefix_keys, prefix_values = prefix_keys.contiguous(), prefix_values.contiguous()
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1 or mask.stride(-1) != 1:
+        raise ValueError("attend_decode_fused needs the head dimension and mask columns contiguous")
+    partial_max = torch.empty(kv_heads, chunks, rows, dtype=torch.float32, device=query.device)
+    partial_sum = torch.empty_like(partial_max)
+    partial_acc = torch.empty(kv_heads, chunks, rows, dim, dtype=torch.float32, device=query.device)
+    tile = min(64, max(16, 1 << (rows - 1).bit_length()))
+    kernels.prefix_partials[(kv_heads, chunks, -(-rows // tile))](
+        q, prefix_keys, prefix_values, partial_max, partial_sum, partial_acc,
+        rows, group, shared, chunks, scaling,
+        q.stride(0), q.stride(1), prefix_keys.stride(0), prefix_keys.stride(1),
+        prefix_values.stride(0), prefix_values.stride(1),
+        HEAD_DIM=dim, BLOCK_M=tile, BLOCK_N=64, CHUNK=PREFIX_CHUNK, IEEE=query.dtype == torch.float32,
+    )  # fmt: skip
+    out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
+    kernels.own_and_combine[(batch, heads)](
+        q, keys, values, mask, partial_max, partial_sum, partial_acc, out,
+        group, width, rows, chunks, scaling,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
+        out.stride(0), out.stride(2),
+        HEAD_DIM=dim, BLOCK_W=64, BLOCKS_W=-(-width // 64), BLOCK_C=max(2, 1 << (chunks - 1).bit_length()),
+    )  # fmt: skip
+    return out
+
+
 def prefix_attention(
     module: Any,
     query: Tensor,
@@ -128,16 +195,11 @@ def prefix_attention(
         raise ValueError("shared-prefix attention computes plain softmax attention without dropout")
     layer = module.layer_idx
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    out = attend_with_prefix(
-        query,
-        shared_prefix.keys[layer],
-        shared_prefix.values[layer],
-        key,
-        value,
-        attention_mask[..., : key.shape[-2]],
-        scale,
-    )
-    return out, None
+    prefix_keys, prefix_values = shared_prefix.keys[layer], shared_prefix.values[layer]
+    mask = attention_mask[..., : key.shape[-2]]
+    fused = shared_prefix.fused and query.is_cuda and fused_decode_supported(query, prefix_keys)
+    attend = attend_decode_fused if fused else attend_with_prefix
+    return attend(query, prefix_keys, prefix_values, key, value, mask, scale), None
 
 
 @functools.cache

@@ -74,7 +74,7 @@ def own_and_combine(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCKS_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b · stride_kb passes 2³¹ on long caches at batch 128
     head = tl.program_id(1)
     kv_head = head // group
     dims = tl.arange(0, HEAD_DIM)

@@ -82,15 +82,24 @@ def merge_adapters(
             result = method.merge(factors, weight_tensor, params, module_generator(seed, path, target))
         except ValueError as err:
             raise LorasoupError(f"{method.name} at {path}: {err}") from None
-        merged[path] = (result.A.float().cpu(), result.B.float().cpu())
+        # copies that do not wait for the device: the next module's work is queued meanwhile
+        merged[path] = (_to_host(result.A), _to_host(result.B))
         facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
         if progress is not None:
             progress(done, len(modules))
+    if target.type == "cuda":
+        torch.cuda.synchronize(target)  # every copy to the host has landed before anyone reads one
     return merged, facts
 
 
+def _to_host(tensor: Tensor) -> Tensor:
+    return tensor.float().to("cpu", non_blocking=True)
+
+
 def _on(factors: LoraFactors, device: torch.device) -> LoraFactors:
-    return LoraFactors(A=factors.A.to(device), B=factors.B.to(device), scale=factors.scale)
+    # non_blocking: a host-to-device copy need not wait for the work already queued on the device
+    A, B = (t.to(device, non_blocking=True) for t in (factors.A, factors.B))
+    return LoraFactors(A=A, B=B, scale=factors.scale)
 
 
 def pad_all(

@@ -222,3 +222,32 @@ def test_eval_with_a_shared_prefix_records_it_and_equals_backend_hf(llama_dir, t
     model = json.loads((tmp_path / "graph" / "run.json").read_text())["model"]
     assert model["backend"] == "cudagraph" and model["shared_prefix_tokens"] >= len(DEMO) - 2
     assert "shared_prefix_tokens" not in json.loads((tmp_path / "hf" / "run.json").read_text())["model"]
+
+
+def test_a_model_that_keeps_keywords_from_its_attention_decodes_without_sharing(tokenizer):
+    """A forward that does not pass keyword arguments down cannot reach the shared-prefix attention:
+    the generator notices at the first prefill and decodes every row on its own from then on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_DECODER
+
+    class Swallowing(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **ignored):  # fmt: skip
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+            )
+
+    plain = build_llama(len(tokenizer))
+    model = Swallowing(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=0, **TINY_DECODER)).eval()
+    model.load_state_dict(plain.state_dict())
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2)
+    generator = graphed(model, tokenizer)
+    # (HF's own generate needs the keywords this forward drops: the plain model is the reference)
+    assert generator.generate(FEW_SHOT, settings) == generate(plain, tokenizer, FEW_SHOT, settings)
+    assert generator.stats["shared_prefix_tokens"] == 0 and generator.min_shared_prefix == 0

@@ -285,6 +285,19 @@ class GraphGenerator:
             )
         if not prompts:
             return []
+        try:
+            return self._generate(prompts, settings, progress)
+        except prefixes.PrefixNotReached:
+            if self.min_shared_prefix == 0:
+                raise
+            # this model cannot attend to a shared prefix (see PrefixNotReached): never try again
+            self.min_shared_prefix = 0
+            self.release()
+            return self._generate(prompts, settings, progress)
+
+    def _generate(
+        self, prompts: Sequence[str], settings: GenerationSettings, progress: Progress | None
+    ) -> list[Generation]:
         plan = plan_prompts(self.model, self.tokenizer, prompts, settings)
         shared = prefixes.common_prefix_length(plan.encoded)
         if self.min_shared_prefix == 0 or shared < self.min_shared_prefix:

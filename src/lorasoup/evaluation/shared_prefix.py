@@ -32,6 +32,12 @@ from torch import Tensor
 ATTENTION_NAME = "lorasoup_shared_prefix"
 
 
+class PrefixNotReached(ValueError):
+    """The model's attention cannot take the shared prefix: its forward does not pass keyword
+    arguments down to its attention, or it needs what this attention does not compute (dropout,
+    soft-capping, sinks). The caller decodes without sharing instead."""
+
+
 @dataclass(eq=False)
 class SharedPrefix:
     """The keys and values of ``tokens`` at positions ``0..P-1``, one ``(kv_heads, P, head_dim)``
@@ -190,9 +196,9 @@ def prefix_attention(
     soft-capping, attention sinks) rather than silently ignoring it.
     """
     if shared_prefix is None or attention_mask is None:
-        raise ValueError("shared-prefix attention needs the shared_prefix keyword and a 4D mask")
+        raise PrefixNotReached("shared-prefix attention needs the shared_prefix keyword and a 4D mask")
     if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("shared-prefix attention computes plain softmax attention without dropout")
+        raise PrefixNotReached("shared-prefix attention computes plain softmax attention without dropout")
     layer = module.layer_idx
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     prefix_keys, prefix_values = shared_prefix.keys[layer], shared_prefix.values[layer]

@@ -1,6 +1,7 @@
 """The command line: one library call per command, one-line errors, atomic artifacts."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -168,3 +169,28 @@ def test_error_messages_keep_their_brackets(tmp_path):
 
     result = CliRunner().invoke(probe, [])
     assert result.exit_code == 2 and "lorasoup[search]" in result.output
+
+
+def test_worker_processes_inherit_quiet_library_progress_bars() -> None:
+    """The demo's spawned workers import transformers afresh: after the CLI has started, a child
+    process has transformers' per-file progress bars off (they flooded non-interactive logs)."""
+    import subprocess
+    import sys
+
+    script = """
+import subprocess, sys
+from lorasoup import cli
+sys.argv = ["lorasoup", "--help"]
+try:
+    cli.main()
+except SystemExit:
+    pass
+child = "import transformers.utils.logging as l; print(l.is_progress_bar_enabled())"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout.strip())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -7,6 +7,7 @@ and exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -943,6 +944,8 @@ def main() -> None:
     # Our own progress bars and tables say what is happening; the libraries' per-file bars and
     # deprecation notices would bury them.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # and in the worker processes the demo spawns, which import transformers afresh: it reads this
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -423,8 +423,11 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
                 settings = settings_for(args, batch, option)
                 out = texts.setdefault((kind, batch, option), [])
                 row = lorasoup_variant(fn, prompts[batch], settings, args, device, "lorasoup_hf", out)
-            row["floor_tokens_per_s"] = floor_tokens_per_s(model, args, batch)
-            row["floor_with_prefill_tokens_per_s"] = floor_with_prefill_tokens_per_s(model, args, batch)
+            shared = row.get("shared_prefix_tokens", 0)  # prefilled once and read once per step
+            row["floor_tokens_per_s"] = floor_tokens_per_s(model, args, batch, shared)
+            row["floor_with_prefill_tokens_per_s"] = floor_with_prefill_tokens_per_s(
+                model, args, batch, shared
+            )
         except Exception as err:  # OOM at a large batch, say: record it and go on
             traceback.print_exc()
             row = {"variant": kind, "batch": batch, "cache": option, "error": repr(err)}
@@ -467,8 +470,6 @@ def graph_variant(
         "prefix_sharing": sharing,
         "prefix_kernel": kernel,
         "shared_prefix_tokens": shared,
-        "floor_tokens_per_s": floor_tokens_per_s(model, args, len(prompts), shared),
-        "floor_with_prefill_tokens_per_s": floor_with_prefill_tokens_per_s(model, args, len(prompts), shared),
         "window_step": args.graph_window,
         "prefill_s": last["prefill_s"],
         "decode_s": last["decode_s"],

@@ -29,6 +29,7 @@ from lorasoup.training.config import TrainRunConfig
 from lorasoup.training.data import IGNORE_INDEX
 from lorasoup.training.packing import pack_examples
 from lorasoup.training.skill import build_training_data, load_source, resolve_resume, train_skill
+from tests.conftest import TINY_DECODER
 
 runner = CliRunner()
 WORDS = [("cat", "mat"), ("sat", "dog"), ("mat", "sun"), ("the", "one"), ("what", "two")]
@@ -40,19 +41,13 @@ MAPPING = [{"instruction": word, "output": target} for word, target in WORDS]
 def base_dir(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama-03")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    # the shared tiny shape; these tests start from larger random weights (initializer_range 0.3)
+    config = LlamaConfig(vocab_size=len(tokenizer), **{**TINY_DECODER, "initializer_range": 0.3, **special})
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--graph-prefix-kernel",
         nargs="+",
         choices=["torch", "triton"],
-        default=["torch"],
+        default=["triton"],
         help="the decoding step's shared-prefix attention (with --graph-prefix-sharing on)",
     )
     p.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])

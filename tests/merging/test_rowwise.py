@@ -165,6 +165,33 @@ def test_dare_blocks_are_seeded_rescaled_and_keep_about_density(consensus) -> No
     assert torch.allclose(merged[kept], dense[kept] / 0.3, atol=1e-5)  # survivors rescaled by 1/density
     assert abs(kept.float().mean().item() - 0.3) < 0.02
     assert torch.allclose(run(5, 1.0), dense, atol=1e-5)  # density 1: nothing dropped, no rescale
+    # the mask is a hash of (seed, task, position): the row blocks do not change it
+    other_blocks = merge_rowwise(
+        tasks,
+        torch.tensor([0.7]),
+        sparsify="random",
+        consensus=consensus,
+        density=0.3,
+        sign_method="total",
+        generator=torch.Generator().manual_seed(5),
+        block_elements=37,
+    )
+    assert torch.equal(other_blocks != 0, kept)
+    assert torch.allclose(other_blocks, merged, atol=1e-6)
+
+
+def test_dare_hash_keeps_density_independently_per_task_and_seed() -> None:
+    positions = torch.arange(200_000)
+    threshold = rowwise.dare_threshold(0.25)
+    keys = rowwise.dare_task_keys(torch.Generator().manual_seed(1), 2)
+    first, second = (rowwise.dare_keep(positions, key, threshold) for key in keys)
+    assert keys == rowwise.dare_task_keys(torch.Generator().manual_seed(1), 2)
+    assert keys != rowwise.dare_task_keys(torch.Generator().manual_seed(2), 2)
+    for mask in (first, second):
+        assert abs(mask.float().mean().item() - 0.25) < 0.005
+    # independent tasks: both kept about 0.25² of the time; neighbours are not correlated either
+    assert abs((first & second).float().mean().item() - 0.0625) < 0.003
+    assert abs((first[1:] & first[:-1]).float().mean().item() - 0.0625) < 0.003
 
 
 def test_rowwise_merge_rejects_an_unknown_sign_method() -> None:

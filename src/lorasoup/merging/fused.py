@@ -41,6 +41,7 @@ def combine(
     first: int,
     consensus: bool,
     frequency: bool,
+    drop: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """Merge one row block: ``tasks (K, rows, in)`` (any stride between tasks, rows contiguous) →
     ``out (rows, in)``.
@@ -51,24 +52,31 @@ def combine(
     block's first entry is at position ``first``). Then entries are multiplied by ``weights[k]``;
     without ``consensus`` the results are summed, with it TIES' sign is elected (their sum, or with
     ``frequency`` the sum of their signs; ties go to +1) and the entries carrying it are averaged.
-    ``tasks`` is only read.
+    ``drop``: ``(keys (K,) int64, threshold)`` of DARE's hashed mask (``rowwise.dare_keep``),
+    computed here on the fly, instead of trimming. ``tasks`` is only read.
     """
     count, rows, columns = tasks.shape
     if tasks.stride(2) != 1 or tasks.stride(1) != columns or not out.is_contiguous():
         raise ValueError("combine needs each task's rows contiguous and a contiguous output")
     n = rows * columns
+    if cuts is not None and drop is not None:
+        raise ValueError("combine trims by magnitude or drops at random, not both")
     thresholds, last_equal = cuts if cuts is not None else (weights, _unused_positions(weights))
+    keys, keep_below = drop if drop is not None else (last_equal, 0)
     _kernel()[_grid(n)](
         tasks,
         thresholds,
         last_equal,
         weights,
+        keys,
+        keep_below,
         out,
         n,
         first,
         tasks.stride(0),
         K=count,
         TRIM=cuts is not None,
+        DROP=drop is not None,
         CONSENSUS=consensus,
         FREQUENCY=frequency,
         BLOCK=BLOCK,

@@ -22,8 +22,13 @@ holding a whole task either:
 
 None of this reads the device: a cut carries a 0-dim ``ok`` that is False when the bracket missed
 (the count shows it), and :func:`merge_rowwise` reads its tasks' flags once, redoing a missed cut
-with every entry a candidate. The sample only decides how fast this is, never the result, so it uses
-its own fixed-seed generator.
+with every entry a candidate. The sample only decides how fast this is, never the result, so it is
+not random at all: a golden-ratio (Weyl) sequence of positions, spread evenly over the module and the
+same every time, which also lets the whole cut run inside a captured CUDA graph.
+
+DARE's random drop is a hash of (seed, task, position) rather than a draw from a generator
+(:func:`dare_keep`): the mask of an entry does not depend on the block it falls in, on the device, or
+on whether the fused kernel computes it on the fly (it does, on a GPU, so the mask is never stored).
 """
 
 from __future__ import annotations
@@ -172,20 +177,69 @@ def _bracket(task: LoraFactors, k: int, sample_size: int) -> tuple[Tensor, Tenso
     ``share`` is the sample's fraction inside the bracket."""
     total = task.out_features * task.in_features
     device = task.A.device
-    generator = torch.Generator(device=device).manual_seed(0)
-    rows = torch.randint(task.out_features, (sample_size,), generator=generator, device=device)
-    cols = torch.randint(task.in_features, (sample_size,), generator=generator, device=device)
-    sample = task.delta_entries(rows, cols).abs_().sort().values
+    positions = sample_positions(total, sample_size, device)
+    sample = task.delta_entries(positions // task.in_features, positions % task.in_features).abs_()
+    sample = sample.sort().values
     below = 1.0 - k / total  # the fraction of entries under the cut
     # 4 standard errors of a sample quantile, plus two places for rounding: a miss costs a second
     # pass, never a wrong result.
     margin = 4.0 * math.sqrt(below * (1.0 - below) / sample_size) + 2.0 / sample_size
     lo = math.floor((below - margin) * sample_size)
     hi = math.ceil((below + margin) * sample_size)
-    infinity = torch.tensor(math.inf, device=device)
-    low = sample[lo] if lo >= 0 else -infinity
-    high = sample[hi] if hi < sample_size else infinity
+    # torch.full, not torch.tensor: a fill kernel, where a copy from the host could not be captured
+    low = sample[lo] if lo >= 0 else torch.full((), -math.inf, device=device)
+    high = sample[hi] if hi < sample_size else torch.full((), math.inf, device=device)
     return low, high, (min(hi, sample_size - 1) - max(lo, 0) + 1) / sample_size
+
+
+def sample_positions(total: int, size: int, device: torch.device) -> Tensor:
+    """``size`` distinct row-major positions in ``range(total)`` (``size ≤ total``), evenly spread:
+    ``j · step mod total`` with ``step ≈ total / φ`` coprime to ``total`` (a Weyl sequence)."""
+    step = max(1, round(total * (math.sqrt(5.0) - 1.0) / 2.0))
+    while math.gcd(step, total) != 1:
+        step += 1
+    return torch.arange(size, dtype=torch.int64, device=device).mul_(step).remainder_(total)
+
+
+UINT32 = (1 << 32) - 1
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (the "lowbias32" mixer of xorshifts and odd multiplies) of ``x`` (int64
+    holding values in ``[0, 2³²)``), elementwise: a bijection whose outputs look uniform. The
+    multiplications go through 16-bit halves so that nothing overflows int64; the Triton kernel
+    computes the same in uint32 arithmetic."""
+    x = x ^ (x >> 16)
+    x = _times32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _times32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _times32(x: Tensor, multiplier: int) -> Tensor:
+    """``x · multiplier mod 2³²`` for ``x, multiplier < 2³²``, by 16-bit halves (products < 2⁴⁸)."""
+    return ((x & 0xFFFF) * multiplier + (((x >> 16) * multiplier & 0xFFFF) << 16)) & UINT32
+
+
+def dare_task_keys(generator: torch.Generator, count: int) -> list[int]:
+    """One 32-bit key per task for :func:`dare_keep`, from the generator's seed (read on the host: a
+    module's masks are fixed by ``initial_seed()``, whatever was drawn from it before)."""
+    seed = generator.initial_seed()
+    tasks = [i * 0x9E3779B9 & UINT32 for i in range(count)]
+    words = torch.tensor([seed & UINT32, (seed >> 32) & UINT32, *tasks])
+    mixed = mix32(mix32(words[0:1] ^ mix32(words[1:2])) ^ words[2:])
+    return [int(key) for key in mixed]
+
+
+def dare_threshold(density: float) -> int:
+    """Entries whose hash is below this are kept: a share ``density`` of the 2³² hash values."""
+    return min(UINT32, round(density * 2.0**32))
+
+
+def dare_keep(positions: Tensor, key: int, threshold: int) -> Tensor:
+    """DARE's mask: which entries at row-major ``positions`` (int64, ``< 2³²``) a task of hash ``key``
+    keeps. Each entry independently, with probability ``threshold / 2³²``."""
+    return mix32(mix32(positions) ^ key) < threshold
 
 
 def trim_(block: Tensor, cut: MagnitudeCut, first: int) -> Tensor:
@@ -201,12 +255,12 @@ def trim_(block: Tensor, cut: MagnitudeCut, first: int) -> Tensor:
     return block.masked_fill_(drop, 0)
 
 
-def drop_random_(block: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """DARE's drop in place: zero each entry with probability ``1 − density`` (the ``1/density``
-    rescale is the caller's, folded into the block's GEMM). The mask is a bool tensor: a quarter of
-    a float mask's memory traffic."""
-    drop = torch.empty(block.shape, dtype=torch.bool, device=block.device)
-    return block.masked_fill_(drop.bernoulli_(1.0 - density, generator=generator), 0)
+def drop_hashed_(block: Tensor, first: int, key: int, threshold: int) -> Tensor:
+    """DARE's drop in place on ``block (rows, in)``, whose first entry has row-major position
+    ``first``: the entries :func:`dare_keep` drops are zeroed (the ``1/density`` rescale is the
+    caller's, folded into the block's GEMM)."""
+    positions = torch.arange(first, first + block.numel(), device=block.device).view(block.shape)
+    return block.masked_fill_(~dare_keep(positions, key, threshold), 0)
 
 
 def merge_rowwise(
@@ -225,36 +279,111 @@ def merge_rowwise(
 
     ``sparsify``: "none" | "magnitude" (top ``density`` by ``|τ|``) | "random" (DARE);
     ``consensus``: "none" (weighted sum) | "sign" (TIES' elected sign, signs elected on ``w_i τ̂_i``,
-    disjoint mean). Equals :func:`lorasoup.merging.task_arithmetic.merge_tasks` on the dense tasks;
-    DARE draws its masks block by block (task order within a block), so a seed gives one result.
-    ``block_elements``: entries per row block (default :data:`BLOCK_ELEMENTS`, read at call time so a
-    benchmark can vary it); DARE's draws depend on it, nothing else does. ``use_kernel``: combine
-    each block with :mod:`lorasoup.merging.fused`'s kernel (default: on CUDA with Triton); the
-    result is the same either way.
+    disjoint mean). Equals :func:`lorasoup.merging.task_arithmetic.merge_tasks` on the dense tasks,
+    except that DARE's masks are :func:`dare_keep`'s hash of the ``generator``'s seed, the task and
+    the position (the same on every device and for every block size). ``block_elements``: entries per
+    row block (default :data:`BLOCK_ELEMENTS`, read at call time so a benchmark can vary it).
+    ``use_kernel``: combine each block with :mod:`lorasoup.merging.fused`'s kernel (default: on CUDA
+    with Triton); the result is the same either way.
     """
+    plan = plan_rows(
+        tasks,
+        weights.tolist(),  # one read of the weights, as Python numbers
+        sparsify=sparsify,
+        consensus=consensus,
+        density=density,
+        sign_method=sign_method,
+        generator=generator,
+        block_elements=block_elements,
+        use_kernel=use_kernel,
+    )
+    cuts = None
+    if plan.keep is not None:
+        cuts = [unchecked_cut(task, plan.keep, plan.blocks, use_kernel=plan.kernel) for task in tasks]
+        missed = torch.stack([~cut.ok for cut in cuts]).tolist()  # the one read of the cuts
+        cuts = [
+            exact_cut(t, plan.keep, plan.blocks) if miss else c
+            for t, c, miss in zip(tasks, cuts, missed, strict=True)
+        ]
+    return combine_rows(tasks, plan, cuts)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What :func:`combine_rows` does to one module, decided on the host before any device work.
+
+    ``keep``: entries each task keeps by magnitude (``None``: no trimming); ``folded[i]``: the scalar
+    folded into task ``i``'s GEMM (DARE's ``w_i / density``; 1 where the cut must see ``|τ_i|``);
+    ``after[i]``: the weight the combine step applies (``w_i`` after trimming, else 1); ``dare``:
+    ``(task keys, threshold)`` of :func:`dare_keep`, or ``None``.
+    """
+
+    blocks: list[tuple[int, int]]
+    kernel: bool
+    keep: int | None
+    folded: tuple[float, ...]
+    after: tuple[float, ...]
+    dare: tuple[tuple[int, ...], int] | None
+    consensus: bool
+    frequency: bool
+
+
+def plan_rows(
+    tasks: Sequence[LoraFactors],
+    weights: Sequence[float],
+    *,
+    sparsify: str,
+    consensus: str,
+    density: float,
+    sign_method: SignMethod,
+    generator: torch.Generator,
+    block_elements: int | None = None,
+    use_kernel: bool | None = None,
+) -> RowPlan:
+    """The :class:`RowPlan` of :func:`merge_rowwise`'s arguments (validated here)."""
     check_density(density)
-    weights = weights.cpu()  # read one by one as Python numbers: no device sync per block
     if sign_method not in ("total", "frequency"):
         raise ValueError(f"majority sign method must be 'total' or 'frequency', got {sign_method!r}")
     out_features, in_features = tasks[0].out_features, tasks[0].in_features
-    device = tasks[0].A.device
-    blocks = row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
-    kernel = fused.available(device) if use_kernel is None else use_kernel
-    cuts = None
-    if sparsify == "magnitude" and density < 1.0:
-        k = max(1, int(density * out_features * in_features))
-        cuts = [unchecked_cut(task, k, blocks, use_kernel=kernel) for task in tasks]
-        missed = torch.stack([~cut.ok for cut in cuts]).tolist()  # the one read of the cuts
-        cuts = [
-            exact_cut(t, k, blocks) if miss else c for t, c, miss in zip(tasks, cuts, missed, strict=True)
-        ]
+    trims = sparsify == "magnitude" and density < 1.0
     dropping = sparsify == "random" and density < 1.0
-    # Scalars folded into each block's GEMM, and what the combine step still multiplies by: the
-    # magnitude cut is on |τ_i| itself, so those tasks are weighted after trimming.
-    folded = [1.0 if cuts else float(w) / (density if dropping else 1.0) for w in weights]
-    after = [float(w) if cuts else 1.0 for w in weights]
-    if kernel:
-        kernel_weights = torch.tensor(after, dtype=torch.float32, device=device)
+    if dropping and out_features * in_features > LOW_MASK:
+        raise ValueError(f"modules of more than {LOW_MASK} entries are not supported")
+    return RowPlan(
+        blocks=row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS),
+        kernel=fused.available(tasks[0].A.device) if use_kernel is None else use_kernel,
+        keep=max(1, int(density * out_features * in_features)) if trims else None,
+        # the magnitude cut is on |τ_i| itself, so those tasks are weighted after trimming
+        folded=tuple(1.0 if trims else float(w) / (density if dropping else 1.0) for w in weights),
+        after=tuple(float(w) if trims else 1.0 for w in weights),
+        dare=(tuple(dare_task_keys(generator, len(tasks))), dare_threshold(density)) if dropping else None,
+        consensus=consensus == "sign",
+        frequency=sign_method == "frequency",
+    )
+
+
+def combine_rows(
+    tasks: Sequence[LoraFactors],
+    plan: RowPlan,
+    cuts: Sequence[MagnitudeCut] | None,
+    *,
+    device_weights: Tensor | None = None,
+    device_keys: Tensor | None = None,
+) -> Tensor:
+    """The merged ``ΔW (out, in)`` of ``tasks`` by ``plan``, given each task's magnitude cut (where
+    ``plan.keep``). Reads nothing from the device. ``device_weights (K,)`` float32 and
+    ``device_keys (K,)`` int64 may hold ``plan.after`` and DARE's keys already on the device (a
+    captured graph's buffers); otherwise they are copied there."""
+    out_features, in_features = tasks[0].out_features, tasks[0].in_features
+    device = tasks[0].A.device
+    if plan.kernel:
+        if device_weights is None:
+            device_weights = torch.tensor(plan.after, dtype=torch.float32, device=device)
+        drop = None
+        if plan.dare is not None:
+            if device_keys is None:
+                device_keys = torch.tensor(plan.dare[0], dtype=torch.int64, device=device)
+            drop = (device_keys, plan.dare[1])
         kernel_cuts = None
         if cuts is not None:
             kernel_cuts = (
@@ -262,31 +391,35 @@ def merge_rowwise(
                 torch.stack([cut.last_equal for cut in cuts]),
             )
     merged = torch.empty(out_features, in_features, dtype=torch.float32, device=device)
-    widest = max(stop - start for start, stop in blocks)
+    widest = max(stop - start for start, stop in plan.blocks)
     buffer = torch.empty(len(tasks), widest, in_features, dtype=torch.float32, device=device)
-    for start, stop in blocks:
+    for start, stop in plan.blocks:
         parts = buffer[:, : stop - start]
+        first = start * in_features
         for i, task in enumerate(tasks):
-            task.delta_rows(start, stop, times=folded[i], out=parts[i])
-            if cuts is not None and not kernel:
-                trim_(parts[i], cuts[i], start * in_features)
-            elif dropping:
-                drop_random_(parts[i], density, generator)
+            task.delta_rows(start, stop, times=plan.folded[i], out=parts[i])
+            if plan.kernel:
+                continue
+            if cuts is not None:
+                trim_(parts[i], cuts[i], first)
+            elif plan.dare is not None:
+                drop_hashed_(parts[i], first, plan.dare[0][i], plan.dare[1])
         target = merged[start:stop]
-        if kernel:
+        if plan.kernel:
             fused.combine(
                 parts,
                 kernel_cuts,
-                kernel_weights,
+                device_weights,
                 target,
-                first=start * in_features,
-                consensus=consensus == "sign",
-                frequency=sign_method == "frequency",
+                first=first,
+                consensus=plan.consensus,
+                frequency=plan.frequency,
+                drop=drop,
             )
             continue
-        weighted = [part.mul_(w) if w != 1.0 else part for part, w in zip(parts, after, strict=True)]
-        if consensus == "sign":
-            _disjoint_mean_into(target, weighted, sign_method)
+        weighted = [part.mul_(w) if w != 1.0 else part for part, w in zip(parts, plan.after, strict=True)]
+        if plan.consensus:
+            _disjoint_mean_into(target, weighted, "frequency" if plan.frequency else "total")
         else:
             target.copy_(weighted[0])
             for part in weighted[1:]:

@@ -172,14 +172,21 @@ def dense_lowrank(
         )
     norm = torch.linalg.vector_norm(work)  # queued now, read after the SVD's own sync
     U, S, Vh = _randomized_svd(work, rank + oversample, power_iterations, generator, tf32=tf32)
+    return truncate_randomized(U, S, Vh, float(norm), rank=rank, energy=energy, dtype=delta.dtype)
+
+
+def truncate_randomized(
+    U: Tensor, S: Tensor, Vh: Tensor, norm: float, *, rank: int, energy: float | None, dtype: torch.dtype
+) -> LowRank:
+    """The rank-``k`` factors from a range finder's ``U (out, w)``, ``S (w,)``, ``Vh (w, in)``; the
+    discarded energy is measured against ``norm = ‖ΔW‖_F`` (no float64 copy of a module-sized
+    matrix), so it is that of the returned factors."""
     keep = choose_rank(S, rank, energy)
     A_k, B_k = _split_singular_values(U, S, Vh, keep, keep)
-    total = float(norm) ** 2  # no float64 copy of a module-sized matrix
+    total = norm**2
     kept = float(S[:keep].double().square().sum())
     discarded = max(0.0, 1.0 - kept / total) if total > 0 else 0.0
-    return LowRank(
-        A=A_k.to(delta.dtype), B=B_k.to(delta.dtype), singular_values=S, discarded_energy=discarded
-    )
+    return LowRank(A=A_k.to(dtype), B=B_k.to(dtype), singular_values=S, discarded_energy=discarded)
 
 
 def _randomized_svd(
@@ -203,11 +210,7 @@ def _randomized_svd(
     at most 1.1e-7 (the range finder itself is 2e-3 short of the optimum there). ``Y = Qᵀ M`` and
     everything after it stay in full precision.
     """
-    out_features, in_features = matrix.shape
-    width = min(width, out_features, in_features)
-    where = generator.device if generator is not None else torch.device("cpu")
-    probe = torch.randn(in_features, width, generator=generator, device=where, dtype=matrix.dtype)
-    probe = probe.to(matrix.device)
+    probe = range_probe(matrix, width, generator)
     if cholesky is None:
         cholesky = matrix.is_cuda
     fast = tf32 and matrix.is_cuda
@@ -216,6 +219,17 @@ def _randomized_svd(
         if bool(healthy):
             return U, S, Vh
     return _range_svd(matrix, probe, power_iterations, cholesky=False, tf32=fast)[:3]
+
+
+def range_probe(matrix: Tensor, width: int, generator: torch.Generator | None) -> Tensor:
+    """The range finder's Gaussian probe for ``matrix (out, in)``: ``(in, min(width, out, in))``,
+    drawn with ``generator`` on its own device (CPU when none is given). Only the matrix's shape,
+    dtype and device are used (a meta tensor will do)."""
+    out_features, in_features = matrix.shape
+    width = min(width, out_features, in_features)
+    where = generator.device if generator is not None else torch.device("cpu")
+    probe = torch.randn(in_features, width, generator=generator, device=where, dtype=matrix.dtype)
+    return probe if matrix.is_meta else probe.to(matrix.device)
 
 
 @contextmanager
@@ -239,6 +253,20 @@ def _range_svd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One pass of the range finder from ``probe (in, w)``: ``U, S, Vh`` and a 0-dim bool, healthy
     (when it is False the three are placeholders: the caller redoes the pass)."""
+    Q, healthy = range_basis(matrix, probe, power_iterations, cholesky=cholesky, tf32=tf32)
+    Y = Q.T @ matrix  # (w, in), in full precision: the factors are the exact projection onto Q
+    if cholesky and not bool(healthy):  # read now (the SVD below reads back anyway): no NaN past here
+        return Q, Y.new_zeros(0), Y, healthy
+    U_small, S, Vh = _svd_of_wide(Y)  # (w, w), (w,), (w, in)
+    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
+
+
+def range_basis(
+    matrix: Tensor, probe: Tensor, power_iterations: int, *, cholesky: bool, tf32: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The range finder's orthonormal basis ``Q (out, w)`` of ``matrix (out, in)`` from ``probe (in,
+    w)``, and a 0-dim bool, healthy (always True without ``cholesky``). Reads nothing from the
+    device, so it can be captured in a CUDA graph."""
     healthy = torch.ones((), dtype=torch.bool, device=matrix.device)
     failures = torch.zeros((), dtype=torch.int32, device=matrix.device)
 
@@ -262,11 +290,7 @@ def _range_svd(
         for step in range(power_iterations):  # re-orthonormalise each pass to keep small values accurate
             Z = orthonormal(matrix.T @ Q, last=False)
             Q = orthonormal(matrix @ Z, last=step == power_iterations - 1)
-    Y = Q.T @ matrix  # (w, in), in full precision: the factors are the exact projection onto Q
-    if cholesky and not bool(healthy):  # read now (the SVD below reads back anyway): no NaN past here
-        return Q, Y.new_zeros(0), Y, healthy
-    U_small, S, Vh = _svd_of_wide(Y)  # (w, w), (w,), (w, in)
-    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
+    return Q, healthy
 
 
 def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
@@ -277,14 +301,24 @@ def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tenso
     nothing that matters: values below ``cutoff · σ₁`` (at most 1e-12 of the energy) get zero rows
     in ``Vh`` instead of amplified round-off.
     """
+    return svd_from_gram(Y, wide_gram(Y).cpu(), cutoff)
+
+
+def wide_gram(Y: Tensor) -> Tensor:
+    """``Y Yᵀ`` in float64 where ``Y (w, n)`` lives: ``(w, w)``."""
     wide = Y.double()
-    values, vectors = torch.linalg.eigh((wide @ wide.T).cpu())  # ascending
+    return wide @ wide.T
+
+
+def svd_from_gram(Y: Tensor, gram: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_svd_of_wide` given ``gram = Y Yᵀ (w, w)`` on the CPU (see there)."""
+    values, vectors = torch.linalg.eigh(gram)  # ascending
     S = values.flip(0).clamp(min=0).sqrt()
     U = vectors.flip(1)
     live = cutoff * S[0] < S
     inverse = torch.where(live, 1.0 / torch.where(live, S, 1.0), 0.0)
     U = U.to(Y.device)
-    Vh = (U.T @ wide) * inverse.to(Y.device)[:, None]
+    Vh = (U.T @ Y.double()) * inverse.to(Y.device)[:, None]
     return U, S.to(Y.device), Vh
 
 

@@ -73,6 +73,9 @@ class MergeMethod:
     uses_density: bool = False
     uses_sign: bool = False
     random: bool = False
+    streaming: Callable[[torch.device], MergeFunction] | None = None
+    """A merge function for every module of one run on a CUDA device, keeping state between them
+    (captured graphs); it gives ``merge``'s results. ``None``: ``merge`` everywhere."""
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")

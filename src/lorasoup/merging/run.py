@@ -71,7 +71,11 @@ def merge_adapters(
     """Merge ``adapters`` module by module: ``{path: (A (k, in), B (out, k))}`` on the CPU in float32,
     plus per-module facts (rank, discarded energy). Only one module is on ``device`` at a time."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    weight_tensor = torch.tensor(weights, dtype=torch.float32, device=target)
+    # on the host: methods read weights as numbers, which would be a device read per module
+    weight_tensor = torch.tensor(weights, dtype=torch.float32)
+    merge = method.merge
+    if method.streaming is not None and target.type == "cuda":
+        merge = method.streaming(target)
     merged: dict[str, tuple[Tensor, Tensor]] = {}
     facts: dict[str, dict[str, Any]] = {}
     for done, path in enumerate(modules, start=1):
@@ -79,7 +83,7 @@ def merge_adapters(
             _on(a.modules[path], target) if path in a.modules else None for a in adapters
         ]
         try:
-            result = method.merge(factors, weight_tensor, params, module_generator(seed, path, target))
+            result = merge(factors, weight_tensor, params, module_generator(seed, path, target))
         except ValueError as err:
             raise LorasoupError(f"{method.name} at {path}: {err}") from None
         # copies that do not wait for the device: the next module's work is queued meanwhile

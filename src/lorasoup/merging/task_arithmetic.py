@@ -21,7 +21,7 @@ a block of rows at a time (``lorasoup.merging.rowwise``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
 from lorasoup.lowrank import dense_lowrank
-from lorasoup.merging.base import MergeMethod, MergeParams, ModuleMerge, present, register
+from lorasoup.merging.base import MergeFunction, MergeMethod, MergeParams, ModuleMerge, present, register
 from lorasoup.merging.ops import (
     SignMethod,
     disjoint_mean,
@@ -92,6 +92,35 @@ def merge_tasks(
     return disjoint_mean(weighted, sign_agreement(voters, sign))
 
 
+def merge_delta(
+    recipe: Recipe,
+    factors: Sequence[LoraFactors | None],
+    weights: Tensor,
+    params: MergeParams,
+    generator: torch.Generator,
+) -> ModuleMerge:
+    """One preset on one module, eagerly: the merged ``ΔW`` row block by row block, then its low-rank
+    factors (at ``params.rank``, default the sum of the input ranks)."""
+    kept, w = present(factors, weights)
+    merged = merge_rowwise(
+        kept,
+        w,
+        sparsify=recipe.sparsify,
+        consensus=recipe.consensus,
+        density=params.density,
+        sign_method=params.majority_sign,
+        generator=generator,
+    )
+    low = dense_lowrank(
+        merged, rank=output_rank(kept, params), energy=params.energy, mode=params.svd, generator=generator
+    )
+    return ModuleMerge(A=low.A, B=low.B, discarded_energy=low.discarded_energy)
+
+
+def output_rank(kept: Sequence[LoraFactors], params: MergeParams) -> int:
+    return params.rank if params.rank is not None else sum(f.rank for f in kept)
+
+
 def _delta_merge(name: str) -> object:
     recipe = RECIPES[name]
 
@@ -101,23 +130,20 @@ def _delta_merge(name: str) -> object:
         params: MergeParams,
         generator: torch.Generator,
     ) -> ModuleMerge:
-        kept, w = present(factors, weights)
-        merged = merge_rowwise(
-            kept,
-            w,
-            sparsify=recipe.sparsify,
-            consensus=recipe.consensus,
-            density=params.density,
-            sign_method=params.majority_sign,
-            generator=generator,
-        )
-        rank = params.rank if params.rank is not None else sum(f.rank for f in kept)
-        low = dense_lowrank(merged, rank=rank, energy=params.energy, mode=params.svd, generator=generator)
-        return ModuleMerge(A=low.A, B=low.B, discarded_energy=low.discarded_energy)
+        return merge_delta(recipe, factors, weights, params, generator)
 
     merge.__name__ = f"merge_{name}"
     merge.__doc__ = f"``{name}`` on ΔW ({recipe.sparsify} sparsification, {recipe.consensus} consensus)."
     return merge
+
+
+def _graphed(name: str) -> Callable[[torch.device], MergeFunction]:
+    def start(device: torch.device) -> MergeFunction:
+        from lorasoup.merging.graphed import GraphedDeltaMerge
+
+        return GraphedDeltaMerge(RECIPES[name], device)
+
+    return start
 
 
 _PRESETS = {
@@ -138,5 +164,6 @@ for _name, (_summary, _reference) in _PRESETS.items():
             uses_density=True,
             uses_sign=RECIPES[_name].consensus == "sign",
             random=RECIPES[_name].sparsify == "random",
+            streaming=_graphed(_name),
         )
     )

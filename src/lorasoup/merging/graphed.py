@@ -1,0 +1,242 @@
+"""The ΔW-space merges on a GPU as one captured CUDA graph per kind of module.
+
+A 7B adapter pair is 160 modules of three shapes, and the eager merge of one module launches a few
+hundred small kernels (the row blocks' GEMMs, the magnitude cut, the fused combine, the range
+finder's GEMMs and CholeskyQR passes). Launched one by one from Python, they keep the host busier
+than the GPU: on an H200 the eager ``ties`` took 1.22 s for 0.43 s of kernels. None of that work
+reads the device until the range finder's small Gram matrix is formed, so :class:`GraphedDeltaMerge`
+captures it once per module signature (shape, ranks, method and its parameters) and replays it:
+
+1. the module's factors are copied into the graph's input buffers (``B`` already times the scalar
+   that the eager path folds into each block's GEMM), the range finder's probe is drawn from the
+   module's generator as the eager path draws it;
+2. the graph runs: magnitude cuts, the merged ``ΔW``, its norm, the orthonormal basis ``Q``,
+   ``Y = QᵀΔW`` and the ``w × w`` Gram matrix ``Y Yᵀ``;
+3. one packet comes back (the Gram matrix, ``‖ΔW‖`` and whether every cut and the basis were sound),
+   and the host finishes the SVD (:func:`lorasoup.lowrank.svd_from_gram`, as the eager path does).
+
+The same functions run in the same order as :func:`lorasoup.merging.task_arithmetic.merge_delta`,
+so the factors are the eager ones. A module whose packet reports a missed magnitude bracket or an
+unhealthy CholeskyQR basis is redone eagerly, which handles both exactly. A signature's first module
+runs eagerly (on the capture stream: it compiles the Triton kernels and sets up cuBLAS there); the
+second captures. A capture that fails (a kernel that cannot be captured on this stack) is warned
+about once and its signature stays eager. All graphs share one memory pool, which holds about the
+peak of one eager module; their outputs are consumed before the next replay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lorasoup.adapters import LoraFactors
+from lorasoup.lowrank import range_basis, range_probe, svd_from_gram, truncate_randomized, wide_gram
+from lorasoup.merging import rowwise
+from lorasoup.merging.base import MergeParams, ModuleMerge, present
+from lorasoup.merging.task_arithmetic import Recipe, merge_delta, output_rank
+
+OVERSAMPLE = 16  # dense_lowrank's defaults, which the eager path uses
+POWER_ITERATIONS = 2
+
+
+@dataclass
+class _Graph:
+    """A captured module merge: its input buffers, its outputs, and the graph that links them."""
+
+    A: list[Tensor]  # (r_i, in) float32
+    B: list[Tensor]  # (out, r_i) float32, times the folded scalar
+    weights: Tensor  # (K,) float32: the plan's weights after trimming
+    keys: Tensor  # (K,) int64: DARE's task keys
+    probe: Tensor  # (in, w) float32
+    Q: Tensor | None = None  # (out, w)
+    Y: Tensor | None = None  # (w, in)
+    packet: Tensor | None = None  # (w·w + 2,) float64: Gram matrix, ‖ΔW‖, sound (1) or not (0)
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class GraphedDeltaMerge:
+    """``merge(factors, weights, params, generator) → ModuleMerge`` for the modules of one run of a
+    ΔW-space preset on ``device``; equal to :func:`merge_delta` (see the module docstring).
+
+    ``capture=False`` runs the same split (device part, one read, host finish) without capturing:
+    the decomposition can then be checked on any device.
+    """
+
+    def __init__(self, recipe: Recipe, device: torch.device, *, capture: bool | None = None) -> None:
+        self.recipe, self.device = recipe, torch.device(device)
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.graphs: dict[tuple, _Graph] = {}
+        self.warmed: set[tuple] = set()  # signatures whose first module ran eagerly
+        self.uncapturable: set[tuple] = set()
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(self.device)
+        self.stats = {"replayed": 0, "eager": 0, "redone": 0}
+
+    def __call__(
+        self,
+        factors: Sequence[LoraFactors | None],
+        weights: Tensor,
+        params: MergeParams,
+        generator: torch.Generator,
+    ) -> ModuleMerge:
+        kept, w = present(factors, weights)
+        plan = rowwise.plan_rows(
+            kept,
+            w.tolist(),
+            sparsify=self.recipe.sparsify,
+            consensus=self.recipe.consensus,
+            density=params.density,
+            sign_method=params.majority_sign,
+            generator=generator,
+        )
+        total = kept[0].out_features * kept[0].in_features
+        if params.svd != "randomized" or (plan.keep is not None and total <= 4 * rowwise.SAMPLE_SIZE):
+            # exact SVDs read the device; small modules are cut exactly by a pass that does too
+            return self._eager(factors, weights, params, generator)
+        signature = (
+            kept[0].out_features,
+            kept[0].in_features,
+            tuple(f.rank for f in kept),
+            params.density,
+            params.majority_sign,
+            output_rank(kept, params),
+            rowwise.SAMPLE_SIZE,
+            plan.blocks[0],
+            plan.kernel,
+        )
+        if not self.capture:
+            graph = self._buffers(kept, output_rank(kept, params))
+            drawn = generator.get_state()
+            self._fill(graph, kept, plan, generator)
+            graph.Q, graph.Y, graph.packet = self._device_part(graph, plan)
+            return self._finish(graph, kept, params, (factors, weights, params, generator), drawn)
+        if signature in self.uncapturable:
+            return self._eager(factors, weights, params, generator)
+        graph = self.graphs.get(signature)
+        if graph is None:
+            if signature not in self.warmed:
+                self.warmed.add(signature)
+                return self._on_capture_stream(lambda: self._eager(factors, weights, params, generator))
+            graph = self._capture(kept, plan, params, signature)
+            if graph is None:
+                self.uncapturable.add(signature)
+                return self._eager(factors, weights, params, generator)
+            self.graphs[signature] = graph
+        drawn = generator.get_state()  # a host-side copy of the seed and offset
+        self._fill(graph, kept, plan, generator)
+        graph.graph.replay()
+        self.stats["replayed"] += 1
+        return self._finish(graph, kept, params, (factors, weights, params, generator), drawn)
+
+    def _eager(self, *arguments) -> ModuleMerge:
+        self.stats["eager"] += 1
+        return merge_delta(self.recipe, *arguments)
+
+    def _buffers(self, kept: Sequence[LoraFactors], rank: int) -> _Graph:
+        out_features, in_features = kept[0].out_features, kept[0].in_features
+        width = min(rank + OVERSAMPLE, out_features, in_features)
+        empty = lambda *shape, dtype=torch.float32: torch.empty(shape, dtype=dtype, device=self.device)  # noqa: E731
+        return _Graph(
+            A=[empty(f.rank, in_features) for f in kept],
+            B=[empty(out_features, f.rank) for f in kept],
+            weights=empty(len(kept)),
+            keys=empty(len(kept), dtype=torch.int64),
+            probe=empty(in_features, width),
+        )
+
+    def _fill(
+        self, graph: _Graph, kept: Sequence[LoraFactors], plan: rowwise.RowPlan, generator: torch.Generator
+    ) -> None:
+        """This module's inputs into the graph's buffers (copies queued, nothing read back)."""
+        for i, task in enumerate(kept):
+            graph.A[i].copy_(task.A)
+            # fp32 first, then the scalar: the eager path's B[rows].to(float32) * (scale * times)
+            graph.B[i].copy_(task.B).mul_(task.scale * plan.folded[i])
+        graph.weights.copy_(torch.tensor(plan.after, dtype=torch.float32), non_blocking=True)
+        keys = plan.dare[0] if plan.dare is not None else (0,) * len(kept)
+        graph.keys.copy_(torch.tensor(keys, dtype=torch.int64), non_blocking=True)
+        shape = torch.empty(kept[0].out_features, kept[0].in_features, device="meta")
+        graph.probe.copy_(range_probe(shape, graph.probe.shape[1], generator))
+
+    def _device_part(self, graph: _Graph, plan: rowwise.RowPlan) -> tuple[Tensor, Tensor, Tensor]:
+        """Steps 2 of the module docstring, from the buffers: ``Q``, ``Y`` and the packet."""
+        tasks = [LoraFactors(A=A, B=B, scale=1.0) for A, B in zip(graph.A, graph.B, strict=True)]
+        plan = dataclasses.replace(plan, folded=(1.0,) * len(tasks))  # the buffers hold B times it
+        sound = torch.ones((), dtype=torch.bool, device=self.device)
+        cuts = None
+        if plan.keep is not None:
+            cuts = [rowwise.unchecked_cut(t, plan.keep, plan.blocks, use_kernel=plan.kernel) for t in tasks]
+            for cut in cuts:
+                sound = sound & cut.ok
+        merged = rowwise.combine_rows(tasks, plan, cuts, device_weights=graph.weights, device_keys=graph.keys)
+        norm = torch.linalg.vector_norm(merged)
+        # as dense_lowrank: CholeskyQR2 and TF32 subspace products on a GPU, Householder elsewhere
+        cuda = merged.is_cuda
+        Q, healthy = range_basis(merged, graph.probe, POWER_ITERATIONS, cholesky=cuda, tf32=cuda)
+        Y = Q.T @ merged
+        flags = [norm.double().reshape(1), (sound & healthy).double().reshape(1)]
+        packet = torch.cat([wide_gram(Y).reshape(-1), *flags])
+        return Q, Y, packet
+
+    def _finish(
+        self,
+        graph: _Graph,
+        kept: Sequence[LoraFactors],
+        params: MergeParams,
+        arguments: tuple,
+        drawn: Tensor,
+    ) -> ModuleMerge:
+        """Step 3: read the packet, finish the SVD, truncate. An unsound module is redone eagerly, from
+        the generator's state ``drawn`` before this module's probe (so it draws the same one)."""
+        packet = graph.packet.cpu()
+        if packet[-1] != 1.0:
+            self.stats["redone"] += 1
+            arguments[-1].set_state(drawn)
+            return self._eager(*arguments)
+        width = graph.Y.shape[0]
+        U_small, S, Vh = svd_from_gram(graph.Y, packet[: width * width].view(width, width))
+        U = graph.Q @ U_small.to(torch.float32)
+        low = truncate_randomized(
+            U,
+            S.to(torch.float32),
+            Vh.to(torch.float32),
+            float(packet[-2]),
+            rank=output_rank(kept, params),
+            energy=params.energy,
+            dtype=torch.float32,
+        )
+        return ModuleMerge(A=low.A, B=low.B, discarded_energy=low.discarded_energy)
+
+    def _on_capture_stream(self, work):
+        """Run ``work`` on the capture stream, ordered after everything queued before it and before
+        everything queued after it (as PyTorch's notes on warming up before a capture do)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            result = work()
+        current.wait_stream(self.stream)
+        return result
+
+    def _capture(
+        self, kept: Sequence[LoraFactors], plan: rowwise.RowPlan, params: MergeParams, signature: tuple
+    ) -> _Graph | None:
+        graph = self._buffers(kept, output_rank(kept, params))
+        graph.graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.graph(graph.graph, pool=self.pool, stream=self.stream):
+                graph.Q, graph.Y, graph.packet = self._device_part(graph, plan)
+        except Exception as err:
+            warnings.warn(
+                f"merging modules of shape {signature[:2]} eagerly: CUDA graph capture failed ({err})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        return graph

@@ -178,11 +178,11 @@ def dense_lowrank(
 def truncate_randomized(
     U: Tensor, S: Tensor, Vh: Tensor, norm: float, *, rank: int, energy: float | None, dtype: torch.dtype
 ) -> LowRank:
-    """The rank-``k`` factors from a range finder's ``U (out, w)``, ``S (w,)``, ``Vh (w, in)``; the
-    discarded energy is measured against ``norm = ‖ΔW‖_F`` (no float64 copy of a module-sized
-    matrix), so it is that of the returned factors."""
+    """The rank-``k`` factors from a range finder's ``U (out, w)``, ``S (w,)`` (on the host: nothing
+    here waits for the device), ``Vh (w, in)``; the discarded energy is measured against ``norm =
+    ‖ΔW‖_F`` (no float64 copy of a module-sized matrix), so it is that of the returned factors."""
     keep = choose_rank(S, rank, energy)
-    A_k, B_k = _split_singular_values(U, S, Vh, keep, keep)
+    A_k, B_k = _split_singular_values(U, S.to(U.device), Vh, keep, keep)
     total = norm**2
     kept = float(S[:keep].double().square().sum())
     discarded = max(0.0, 1.0 - kept / total) if total > 0 else 0.0
@@ -294,7 +294,8 @@ def range_basis(
 
 
 def _svd_of_wide(Y: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of a wide ``Y (w, n)``, ``w ≤ n``, in float64: ``U (w, w)``, ``S (w,)``, ``Vh (w, n)``.
+    """SVD of a wide ``Y (w, n)``, ``w ≤ n``, in float64: ``U (w, w)``, ``S (w,)`` (on the CPU),
+    ``Vh (w, n)``.
 
     Through the Gram matrix: ``Y Yᵀ = U S² Uᵀ`` (a w×w eigenproblem, solved on the CPU) and
     ``Vh = S⁻¹ Uᵀ Y`` (one GEMM where ``Y`` lives). In float64 the squared condition number costs
@@ -311,7 +312,8 @@ def wide_gram(Y: Tensor) -> Tensor:
 
 
 def svd_from_gram(Y: Tensor, gram: Tensor, cutoff: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_svd_of_wide` given ``gram = Y Yᵀ (w, w)`` on the CPU (see there)."""
+    """:func:`_svd_of_wide` given ``gram = Y Yᵀ (w, w)`` on the CPU (see there); ``S`` stays on the
+    CPU, where the rank is chosen, and nothing waits for the device."""
     values, vectors = torch.linalg.eigh(gram)  # ascending
     S = values.flip(0).clamp(min=0).sqrt()
     U = vectors.flip(1)
@@ -319,7 +321,7 @@ def svd_from_gram(Y: Tensor, gram: Tensor, cutoff: float = 1e-6) -> tuple[Tensor
     inverse = torch.where(live, 1.0 / torch.where(live, S, 1.0), 0.0)
     U = U.to(Y.device)
     Vh = (U.T @ Y.double()) * inverse.to(Y.device)[:, None]
-    return U, S.to(Y.device), Vh
+    return U, S, Vh
 
 
 def _thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]:

@@ -41,23 +41,30 @@ def _run_layers(name: str, device: str, layers: int, **options):
     merger = GraphedDeltaMerge(RECIPES[name], torch.device(device), **options)
     params = MergeParams(density=0.4, rank=8, svd="randomized")
     weights = torch.tensor([0.7, -0.5])
-    pairs = []
+    eager, graphed, order = {}, {}, []
     for layer in range(layers):
         for j, shape in enumerate(SHAPES):
             path = f"layers.{layer}.{j}"
             factors = _module(shape, seed=10 * layer + j, device=device)
-            graphed = merger(factors, weights, params, module_generator(3, path, torch.device(device)))
-            eager = merge_delta(
+            eager[path] = merge_delta(
                 RECIPES[name], factors, weights, params, module_generator(3, path, torch.device(device))
             )
-            pairs.append((graphed, eager))
-    return pairs, merger
+            finished = merger.submit(
+                path, factors, weights, params, module_generator(3, path, torch.device(device))
+            )
+            graphed.update(finished)
+            order += [done for done, _ in finished]
+    finished = merger.finish()
+    graphed.update(finished)
+    order += [done for done, _ in finished]
+    assert order == list(eager)  # every module once, in the order submitted
+    return [(graphed[path], eager[path]) for path in eager], merger
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_the_split_merge_is_the_eager_merge(name: str, small_modules) -> None:
     """Device part, one read of the packet, host finish: the eager path's factors exactly (CPU)."""
-    pairs, merger = _run_layers(name, "cpu", layers=1, capture=False)
+    pairs, merger = _run_layers(name, "cpu", layers=2, capture=False)
     for graphed, eager in pairs:
         assert torch.equal(graphed.A, eager.A) and torch.equal(graphed.B, eager.B)
         assert graphed.discarded_energy == eager.discarded_energy
@@ -76,8 +83,8 @@ def test_an_unsound_module_is_redone_eagerly(small_modules, monkeypatch) -> None
     expected = merge_delta(RECIPES["ties"], factors, torch.ones(2), params, torch.Generator().manual_seed(0))
     monkeypatch.setattr(rowwise, "_bracket", wrong)
     merger = GraphedDeltaMerge(RECIPES["ties"], torch.device("cpu"), capture=False)
-    result = merger(factors, torch.ones(2), params, torch.Generator().manual_seed(0))
-    assert merger.stats["redone"] == 1
+    [(name, result)] = merger.submit("m", factors, torch.ones(2), params, torch.Generator().manual_seed(0))
+    assert name == "m" and merger.stats["redone"] == 1 and merger.finish() == []
     assert torch.equal(result.A, expected.A) and torch.equal(result.B, expected.B)
 
 
@@ -93,6 +100,7 @@ def test_replayed_graphs_give_the_eager_factors(name: str, small_modules) -> Non
     # per shape: the first module warms up eagerly, the second captures, all later ones replay
     assert merger.stats["replayed"] == 3 * 3 and not merger.uncapturable
     for graphed, eager in pairs:
-        product, expected = graphed.B @ graphed.A, eager.B @ eager.A
+        assert graphed.A.device.type == "cpu" and graphed.B.device.type == "cpu"
+        product, expected = graphed.B @ graphed.A, (eager.B @ eager.A).cpu()
         torch.testing.assert_close(product, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
         assert graphed.discarded_energy == pytest.approx(eager.discarded_energy, abs=1e-6)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -55,6 +55,27 @@ class ModuleMerge:
 MergeFunction = Callable[[Sequence[LoraFactors | None], Tensor, MergeParams, torch.Generator], ModuleMerge]
 
 
+class StreamingMerge(Protocol):
+    """A merge that takes the modules of one run one after another and may finish them later (to
+    overlap one module's host work with the next one's device work). Results come back in the order
+    submitted, ``A`` and ``B`` on the host."""
+
+    def submit(
+        self,
+        name: str,
+        factors: Sequence[LoraFactors | None],
+        weights: Tensor,
+        params: MergeParams,
+        generator: torch.Generator,
+    ) -> list[tuple[str, ModuleMerge]]:
+        """Start module ``name``; returns the modules finished meanwhile."""
+        ...
+
+    def finish(self) -> list[tuple[str, ModuleMerge]]:
+        """Complete every module submitted; returns those not returned yet."""
+        ...
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge. ``merge(factors, weights (K,), params, generator)`` handles one module.
@@ -73,9 +94,9 @@ class MergeMethod:
     uses_density: bool = False
     uses_sign: bool = False
     random: bool = False
-    streaming: Callable[[torch.device], MergeFunction] | None = None
-    """A merge function for every module of one run on a CUDA device, keeping state between them
-    (captured graphs); it gives ``merge``'s results. ``None``: ``merge`` everywhere."""
+    streaming: Callable[[torch.device], StreamingMerge] | None = None
+    """Makes a :class:`StreamingMerge` for the modules of one run on a CUDA device (captured graphs,
+    pipelined); it gives ``merge``'s results. ``None``: ``merge`` everywhere."""
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")

@@ -57,14 +57,48 @@ class _Graph:
     Y: Tensor | None = None  # (w, in)
     packet: Tensor | None = None  # (w·w + 2,) float64: Gram matrix, ‖ΔW‖, sound (1) or not (0)
     graph: torch.cuda.CUDAGraph | None = None
+    # copies outside the graph's memory pool, made after each replay: another graph's replay may
+    # reuse the pool while the host still finishes this module
+    kept_Q: Tensor | None = None
+    kept_Y: Tensor | None = None
+    host_packet: Tensor | None = None  # pinned
+
+
+@dataclass
+class _Pending:
+    """A replayed module whose packet is on its way to the host."""
+
+    name: str
+    graph: _Graph
+    kept: Sequence[LoraFactors]
+    params: MergeParams
+    arguments: tuple  # merge_delta's, for an eager redo
+    drawn: Tensor  # the generator's state before the module's probe
+    landed: torch.cuda.Event
+
+
+@dataclass
+class _Landing:
+    """A finished module whose factors are being copied into the pinned staging buffer."""
+
+    name: str
+    shapes: tuple[tuple[int, int], tuple[int, int]]  # A's, B's
+    discarded_energy: float
+
+
+Finished = list[tuple[str, ModuleMerge]]
 
 
 class GraphedDeltaMerge:
-    """``merge(factors, weights, params, generator) → ModuleMerge`` for the modules of one run of a
-    ΔW-space preset on ``device``; equal to :func:`merge_delta` (see the module docstring).
+    """A :class:`lorasoup.merging.base.StreamingMerge` of one ΔW-space preset on ``device``: the
+    modules of one run go through :meth:`submit` and :meth:`finish`; each result equals
+    :func:`merge_delta`'s (see the module docstring), with ``A`` and ``B`` on the host.
 
-    ``capture=False`` runs the same split (device part, one read, host finish) without capturing:
-    the decomposition can then be checked on any device.
+    Modules are pipelined one deep: :meth:`submit` replays a module's graph, then finishes the
+    previous module on the host while the GPU runs it, and returns whatever has completed (the
+    module before that, whose factors have reached the host). ``capture=False`` runs the same split
+    (device part, one read, host finish) one module at a time without capturing: the decomposition
+    can then be checked on any device.
     """
 
     def __init__(self, recipe: Recipe, device: torch.device, *, capture: bool | None = None) -> None:
@@ -73,18 +107,24 @@ class GraphedDeltaMerge:
         self.graphs: dict[tuple, _Graph] = {}
         self.warmed: set[tuple] = set()  # signatures whose first module ran eagerly
         self.uncapturable: set[tuple] = set()
+        self.pending: _Pending | None = None
+        self.landing: _Landing | None = None
+        self.staging: Tensor | None = None  # pinned float32, reused for every module's factors
         if self.capture:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(self.device)
         self.stats = {"replayed": 0, "eager": 0, "redone": 0}
 
-    def __call__(
+    def submit(
         self,
+        name: str,
         factors: Sequence[LoraFactors | None],
         weights: Tensor,
         params: MergeParams,
         generator: torch.Generator,
-    ) -> ModuleMerge:
+    ) -> Finished:
+        """Start merging module ``name``; returns the modules finished meanwhile, in order."""
+        arguments = (factors, weights, params, generator)
         kept, w = present(factors, weights)
         plan = rowwise.plan_rows(
             kept,
@@ -98,7 +138,17 @@ class GraphedDeltaMerge:
         total = kept[0].out_features * kept[0].in_features
         if params.svd != "randomized" or (plan.keep is not None and total <= 4 * rowwise.SAMPLE_SIZE):
             # exact SVDs read the device; small modules are cut exactly by a pass that does too
-            return self._eager(factors, weights, params, generator)
+            return [*self.finish(), (name, self._eager(*arguments))]
+        if not self.capture:
+            graph = self._buffers(kept, output_rank(kept, params))
+            drawn = generator.get_state()
+            self._fill(graph, kept, plan, generator)
+            graph.Q, graph.Y, graph.packet = self._device_part(graph, plan)
+            finished = self._finish_module(graph.Q, graph.Y, graph.packet, kept, params)
+            if finished is None:
+                return [(name, self._redo(arguments, drawn))]
+            A, B, discarded = finished
+            return [(name, ModuleMerge(A=A, B=B, discarded_energy=discarded))]
         signature = (
             kept[0].out_features,
             kept[0].in_features,
@@ -110,33 +160,84 @@ class GraphedDeltaMerge:
             plan.blocks[0],
             plan.kernel,
         )
-        if not self.capture:
-            graph = self._buffers(kept, output_rank(kept, params))
-            drawn = generator.get_state()
-            self._fill(graph, kept, plan, generator)
-            graph.Q, graph.Y, graph.packet = self._device_part(graph, plan)
-            return self._finish(graph, kept, params, (factors, weights, params, generator), drawn)
-        if signature in self.uncapturable:
-            return self._eager(factors, weights, params, generator)
+        done: Finished = []
         graph = self.graphs.get(signature)
         if graph is None:
+            done = self.finish()  # a warm-up or a capture needs the device to itself
+            if signature in self.uncapturable:
+                return [*done, (name, self._eager(*arguments))]
             if signature not in self.warmed:
                 self.warmed.add(signature)
-                return self._on_capture_stream(lambda: self._eager(factors, weights, params, generator))
+                return [*done, (name, self._on_capture_stream(lambda: self._eager(*arguments)))]
             graph = self._capture(kept, plan, params, signature)
             if graph is None:
                 self.uncapturable.add(signature)
-                return self._eager(factors, weights, params, generator)
+                return [*done, (name, self._eager(*arguments))]
             self.graphs[signature] = graph
         drawn = generator.get_state()  # a host-side copy of the seed and offset
         self._fill(graph, kept, plan, generator)
         graph.graph.replay()
         self.stats["replayed"] += 1
-        return self._finish(graph, kept, params, (factors, weights, params, generator), drawn)
+        done += self._complete_pending()  # on the host while the GPU runs this module's graph
+        graph.kept_Q.copy_(graph.Q)
+        graph.kept_Y.copy_(graph.Y)
+        graph.host_packet.copy_(graph.packet, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        self.pending = _Pending(name, graph, kept, params, arguments, drawn, landed)
+        return done
+
+    def finish(self) -> Finished:
+        """Complete every submitted module; returns those not returned yet, in order."""
+        done = self._complete_pending()
+        if self.landing is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+            done.append(self._take_landing())
+        return done
+
+    def _complete_pending(self) -> Finished:
+        """Wait for the pending module's packet; hand over the module before it (its factors landed
+        with that packet); finish the pending one, its copy to the host queued behind the GPU's work."""
+        if self.pending is None:
+            return []
+        pending, self.pending = self.pending, None
+        pending.landed.synchronize()
+        done = [self._take_landing()] if self.landing is not None else []
+        graph = pending.graph
+        finished = self._finish_module(
+            graph.kept_Q, graph.kept_Y, graph.host_packet, pending.kept, pending.params
+        )
+        if finished is None:
+            done.append((pending.name, self._redo(pending.arguments, pending.drawn)))
+            return done
+        A, B, discarded = finished
+        needed = A.numel() + B.numel()
+        if self.staging is None or self.staging.numel() < needed:
+            self.staging = torch.empty(needed, dtype=torch.float32, pin_memory=True)
+        self.staging[: A.numel()].view(A.shape).copy_(A, non_blocking=True)
+        self.staging[A.numel() : needed].view(B.shape).copy_(B, non_blocking=True)
+        self.landing = _Landing(pending.name, (tuple(A.shape), tuple(B.shape)), discarded)
+        return done
+
+    def _take_landing(self) -> tuple[str, ModuleMerge]:
+        landing, self.landing = self.landing, None
+        (a_rows, a_cols), (b_rows, b_cols) = landing.shapes
+        a_size = a_rows * a_cols
+        A = self.staging[:a_size].view(a_rows, a_cols).clone()
+        B = self.staging[a_size : a_size + b_rows * b_cols].view(b_rows, b_cols).clone()
+        return landing.name, ModuleMerge(A=A, B=B, discarded_energy=landing.discarded_energy)
 
     def _eager(self, *arguments) -> ModuleMerge:
         self.stats["eager"] += 1
-        return merge_delta(self.recipe, *arguments)
+        result = merge_delta(self.recipe, *arguments)
+        return ModuleMerge(A=result.A.cpu(), B=result.B.cpu(), discarded_energy=result.discarded_energy)
+
+    def _redo(self, arguments: tuple, drawn: Tensor) -> ModuleMerge:
+        """An unsound module (a missed bracket, an unhealthy basis) merged eagerly, which handles both
+        exactly; its generator is put back to draw the same probe."""
+        self.stats["redone"] += 1
+        arguments[-1].set_state(drawn)
+        return self._eager(*arguments)
 
     def _buffers(self, kept: Sequence[LoraFactors], rank: int) -> _Graph:
         out_features, in_features = kept[0].out_features, kept[0].in_features
@@ -165,7 +266,7 @@ class GraphedDeltaMerge:
         graph.probe.copy_(range_probe(shape, graph.probe.shape[1], generator))
 
     def _device_part(self, graph: _Graph, plan: rowwise.RowPlan) -> tuple[Tensor, Tensor, Tensor]:
-        """Steps 2 of the module docstring, from the buffers: ``Q``, ``Y`` and the packet."""
+        """Step 2 of the module docstring, from the buffers: ``Q``, ``Y`` and the packet."""
         tasks = [LoraFactors(A=A, B=B, scale=1.0) for A, B in zip(graph.A, graph.B, strict=True)]
         plan = dataclasses.replace(plan, folded=(1.0,) * len(tasks))  # the buffers hold B times it
         sound = torch.ones((), dtype=torch.bool, device=self.device)
@@ -184,26 +285,17 @@ class GraphedDeltaMerge:
         packet = torch.cat([wide_gram(Y).reshape(-1), *flags])
         return Q, Y, packet
 
-    def _finish(
-        self,
-        graph: _Graph,
-        kept: Sequence[LoraFactors],
-        params: MergeParams,
-        arguments: tuple,
-        drawn: Tensor,
-    ) -> ModuleMerge:
-        """Step 3: read the packet, finish the SVD, truncate. An unsound module is redone eagerly, from
-        the generator's state ``drawn`` before this module's probe (so it draws the same one)."""
-        packet = graph.packet.cpu()
-        if packet[-1] != 1.0:
-            self.stats["redone"] += 1
-            arguments[-1].set_state(drawn)
-            return self._eager(*arguments)
-        width = graph.Y.shape[0]
-        U_small, S, Vh = svd_from_gram(graph.Y, packet[: width * width].view(width, width))
-        U = graph.Q @ U_small.to(torch.float32)
+    def _finish_module(
+        self, Q: Tensor, Y: Tensor, packet: Tensor, kept: Sequence[LoraFactors], params: MergeParams
+    ) -> tuple[Tensor, Tensor, float] | None:
+        """Step 3 from the packet on the host: ``(A, B, discarded energy)`` on the device (queued, not
+        waited for), or ``None`` for an unsound module."""
+        if float(packet[-1]) != 1.0:
+            return None
+        width = Y.shape[0]
+        U_small, S, Vh = svd_from_gram(Y, packet[: width * width].view(width, width))
         low = truncate_randomized(
-            U,
+            Q @ U_small.to(torch.float32),
             S.to(torch.float32),
             Vh.to(torch.float32),
             float(packet[-2]),
@@ -211,7 +303,7 @@ class GraphedDeltaMerge:
             energy=params.energy,
             dtype=torch.float32,
         )
-        return ModuleMerge(A=low.A, B=low.B, discarded_energy=low.discarded_energy)
+        return low.A, low.B, low.discarded_energy
 
     def _on_capture_stream(self, work):
         """Run ``work`` on the capture stream, ordered after everything queued before it and before
@@ -239,4 +331,6 @@ class GraphedDeltaMerge:
                 stacklevel=3,
             )
             return None
+        graph.kept_Q, graph.kept_Y = torch.empty_like(graph.Q), torch.empty_like(graph.Y)
+        graph.host_packet = torch.empty(graph.packet.shape, dtype=graph.packet.dtype, pin_memory=True)
         return graph

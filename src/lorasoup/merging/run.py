@@ -29,7 +29,7 @@ from lorasoup.cat.fold import pad_rank
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import ConfigError, LorasoupError
 from lorasoup.lowrank import recompress_modules
-from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams
+from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
 from lorasoup.merging.config import MergeRunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,31 +69,40 @@ def merge_adapters(
     progress: ModuleProgress | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
     """Merge ``adapters`` module by module: ``{path: (A (k, in), B (out, k))}`` on the CPU in float32,
-    plus per-module facts (rank, discarded energy). Only one module is on ``device`` at a time."""
+    plus per-module facts (rank, discarded energy). At most two modules are on ``device`` at a time
+    (a streaming method overlaps one module's host work with the next one's device work)."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # on the host: methods read weights as numbers, which would be a device read per module
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
-    merge = method.merge
-    if method.streaming is not None and target.type == "cuda":
-        merge = method.streaming(target)
+    streaming = method.streaming(target) if method.streaming is not None and target.type == "cuda" else None
     merged: dict[str, tuple[Tensor, Tensor]] = {}
     facts: dict[str, dict[str, Any]] = {}
-    for done, path in enumerate(modules, start=1):
+
+    def record(finished: list[tuple[str, ModuleMerge]]) -> None:
+        for path, result in finished:
+            # copies that do not wait for the device: the next module's work is queued meanwhile
+            merged[path] = (_to_host(result.A), _to_host(result.B))
+            facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
+            if progress is not None:
+                progress(len(merged), len(modules))
+
+    for path in modules:
         factors: list[LoraFactors | None] = [
             _on(a.modules[path], target) if path in a.modules else None for a in adapters
         ]
+        generator = module_generator(seed, path, target)
         try:
-            result = merge(factors, weight_tensor, params, module_generator(seed, path, target))
+            if streaming is None:
+                record([(path, method.merge(factors, weight_tensor, params, generator))])
+            else:
+                record(streaming.submit(path, factors, weight_tensor, params, generator))
         except ValueError as err:
             raise LorasoupError(f"{method.name} at {path}: {err}") from None
-        # copies that do not wait for the device: the next module's work is queued meanwhile
-        merged[path] = (_to_host(result.A), _to_host(result.B))
-        facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
-        if progress is not None:
-            progress(done, len(modules))
+    if streaming is not None:
+        record(streaming.finish())
     if target.type == "cuda":
         torch.cuda.synchronize(target)  # every copy to the host has landed before anyone reads one
-    return merged, facts
+    return {path: merged[path] for path in modules}, {path: facts[path] for path in modules}
 
 
 def _to_host(tensor: Tensor) -> Tensor:

@@ -30,7 +30,14 @@ from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
 from lorasoup.lowrank import dense_lowrank
-from lorasoup.merging.base import MergeFunction, MergeMethod, MergeParams, ModuleMerge, present, register
+from lorasoup.merging.base import (
+    MergeMethod,
+    MergeParams,
+    ModuleMerge,
+    StreamingMerge,
+    present,
+    register,
+)
 from lorasoup.merging.ops import (
     SignMethod,
     disjoint_mean,
@@ -137,8 +144,8 @@ def _delta_merge(name: str) -> object:
     return merge
 
 
-def _graphed(name: str) -> Callable[[torch.device], MergeFunction]:
-    def start(device: torch.device) -> MergeFunction:
+def _graphed(name: str) -> Callable[[torch.device], StreamingMerge]:
+    def start(device: torch.device) -> StreamingMerge:
         from lorasoup.merging.graphed import GraphedDeltaMerge
 
         return GraphedDeltaMerge(RECIPES[name], device)

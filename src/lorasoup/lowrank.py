@@ -182,7 +182,7 @@ def truncate_randomized(
     here waits for the device), ``Vh (w, in)``; the discarded energy is measured against ``norm =
     ‖ΔW‖_F`` (no float64 copy of a module-sized matrix), so it is that of the returned factors."""
     keep = choose_rank(S, rank, energy)
-    A_k, B_k = _split_singular_values(U, S.to(U.device), Vh, keep, keep)
+    A_k, B_k = _split_singular_values(U, S.to(U.device, non_blocking=True), Vh, keep, keep)
     total = norm**2
     kept = float(S[:keep].double().square().sum())
     discarded = max(0.0, 1.0 - kept / total) if total > 0 else 0.0
@@ -319,8 +319,10 @@ def svd_from_gram(Y: Tensor, gram: Tensor, cutoff: float = 1e-6) -> tuple[Tensor
     U = vectors.flip(1)
     live = cutoff * S[0] < S
     inverse = torch.where(live, 1.0 / torch.where(live, S, 1.0), 0.0)
-    U = U.to(Y.device)
-    Vh = (U.T @ Y.double()) * inverse.to(Y.device)[:, None]
+    # non_blocking: a copy from pageable host memory is staged before the call returns, and a
+    # blocking one would also wait for all the work queued on the device
+    U = U.to(Y.device, non_blocking=True)
+    Vh = (U.T @ Y.double()) * inverse.to(Y.device, non_blocking=True)[:, None]
     return U, S, Vh
 
 

@@ -187,6 +187,9 @@ def test_dare_hash_keeps_density_independently_per_task_and_seed() -> None:
     first, second = (rowwise.dare_keep(positions, key, threshold) for key in keys)
     assert keys == rowwise.dare_task_keys(torch.Generator().manual_seed(1), 2)
     assert keys != rowwise.dare_task_keys(torch.Generator().manual_seed(2), 2)
+    # the hash of Python ints (the keys) is the hash of tensors (the masks)
+    values = [0, 1, 12345, 2**31, 2**32 - 1]
+    assert rowwise.mix32(torch.tensor(values)).tolist() == [rowwise.mix32(v) for v in values]
     for mask in (first, second):
         assert abs(mask.float().mean().item() - 0.25) < 0.005
     # independent tasks: both kept about 0.25² of the time; neighbours are not correlated either

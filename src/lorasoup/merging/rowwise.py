@@ -204,11 +204,11 @@ def sample_positions(total: int, size: int, device: torch.device) -> Tensor:
 UINT32 = (1 << 32) - 1
 
 
-def mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (the "lowbias32" mixer of xorshifts and odd multiplies) of ``x`` (int64
-    holding values in ``[0, 2³²)``), elementwise: a bijection whose outputs look uniform. The
-    multiplications go through 16-bit halves so that nothing overflows int64; the Triton kernel
-    computes the same in uint32 arithmetic."""
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (the "lowbias32" mixer of xorshifts and odd multiplies) of ``x``: an int64
+    tensor holding values in ``[0, 2³²)``, elementwise, or a Python int. A bijection whose outputs
+    look uniform. The multiplications go through 16-bit halves so that nothing overflows int64; the
+    Triton kernel computes the same in uint32 arithmetic."""
     x = x ^ (x >> 16)
     x = _times32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -216,19 +216,18 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _times32(x: Tensor, multiplier: int) -> Tensor:
+def _times32(x: Any, multiplier: int) -> Any:
     """``x · multiplier mod 2³²`` for ``x, multiplier < 2³²``, by 16-bit halves (products < 2⁴⁸)."""
     return ((x & 0xFFFF) * multiplier + (((x >> 16) * multiplier & 0xFFFF) << 16)) & UINT32
 
 
 def dare_task_keys(generator: torch.Generator, count: int) -> list[int]:
     """One 32-bit key per task for :func:`dare_keep`, from the generator's seed (read on the host: a
-    module's masks are fixed by ``initial_seed()``, whatever was drawn from it before)."""
+    module's masks are fixed by ``initial_seed()``, whatever was drawn from it before). Python
+    integers: no tensor operations per module."""
     seed = generator.initial_seed()
-    tasks = [i * 0x9E3779B9 & UINT32 for i in range(count)]
-    words = torch.tensor([seed & UINT32, (seed >> 32) & UINT32, *tasks])
-    mixed = mix32(mix32(words[0:1] ^ mix32(words[1:2])) ^ words[2:])
-    return [int(key) for key in mixed]
+    base = mix32(seed & UINT32 ^ mix32((seed >> 32) & UINT32))
+    return [mix32(base ^ (i * 0x9E3779B9 & UINT32)) for i in range(count)]
 
 
 def dare_threshold(density: float) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues wait for, in one device call (under 10 minutes):
+# The GPU measurements of issues 4 and 6 (their session-6 figures), in one device call (under 10 minutes):
 #
 #   bash bench/device_open_issues.sh            # device tool, any one-GPU kind; nothing to carry
 #

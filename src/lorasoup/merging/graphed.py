@@ -136,8 +136,10 @@ class GraphedDeltaMerge:
             generator=generator,
         )
         total = kept[0].out_features * kept[0].in_features
-        if params.svd != "randomized" or (plan.keep is not None and total <= 4 * rowwise.SAMPLE_SIZE):
-            # exact SVDs read the device; small modules are cut exactly by a pass that does too
+        small = plan.keep is not None and total <= 4 * rowwise.SAMPLE_SIZE
+        if params.svd != "randomized" or small or (self.capture and not plan.kernel):
+            # exact SVDs read the device; so do the exact cut of small modules and the torch trim
+            # (without Triton): none of them can be captured
             return [*self.finish(), (name, self._eager(*arguments))]
         if not self.capture:
             graph = self._buffers(kept, output_rank(kept, params))

@@ -26,6 +26,7 @@ peak of one eager module; their outputs are consumed before the next replay.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Sequence
@@ -124,7 +125,25 @@ class GraphedDeltaMerge:
         generator: torch.Generator,
     ) -> Finished:
         """Start merging module ``name``; returns the modules finished meanwhile, in order."""
-        arguments = (factors, weights, params, generator)
+        with self._on_device():
+            return self._submit(name, (factors, weights, params, generator))
+
+    def finish(self) -> Finished:
+        """Complete every submitted module; returns those not returned yet, in order."""
+        with self._on_device():
+            done = self._complete_pending()
+            if self.landing is not None:
+                torch.cuda.current_stream(self.device).synchronize()
+                done.append(self._take_landing())
+            return done
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """The merge's GPU as the current device: replays, events and the default stream are
+        per device, and the caller's current device may be another one."""
+        return torch.cuda.device(self.device) if self.capture else contextlib.nullcontext()
+
+    def _submit(self, name: str, arguments: tuple) -> Finished:
+        factors, weights, params, generator = arguments
         kept, w = present(factors, weights)
         plan = rowwise.plan_rows(
             kept,
@@ -187,14 +206,6 @@ class GraphedDeltaMerge:
         landed = torch.cuda.Event()
         landed.record()
         self.pending = _Pending(name, graph, kept, params, arguments, drawn, landed)
-        return done
-
-    def finish(self) -> Finished:
-        """Complete every submitted module; returns those not returned yet, in order."""
-        done = self._complete_pending()
-        if self.landing is not None:
-            torch.cuda.current_stream(self.device).synchronize()
-            done.append(self._take_landing())
         return done
 
     def _complete_pending(self) -> Finished:

@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 SvdMode = Literal["exact", "randomized"]
+OVERSAMPLE = 16
+"""Extra columns of the randomized range finder (:func:`dense_lowrank`'s default)."""
+POWER_ITERATIONS = 2
+"""Subspace iterations of the randomized range finder (:func:`dense_lowrank`'s default)."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,8 @@ def dense_lowrank(
     energy: float | None = None,
     mode: SvdMode = "exact",
     generator: torch.Generator | None = None,
-    oversample: int = 16,
-    power_iterations: int = 2,
+    oversample: int = OVERSAMPLE,
+    power_iterations: int = POWER_ITERATIONS,
     tf32: bool = True,
 ) -> LowRank:
     """Best rank-``k`` factors of a dense ``ΔW (out, in)`` (e.g. after TIES or DARE).
@@ -210,7 +214,9 @@ def _randomized_svd(
     at most 1.1e-7 (the range finder itself is 2e-3 short of the optimum there). ``Y = Qᵀ M`` and
     everything after it stay in full precision.
     """
-    probe = range_probe(matrix, width, generator)
+    out_features, in_features = matrix.shape
+    width = min(width, out_features, in_features)
+    probe = range_probe(in_features, width, generator, matrix.dtype).to(matrix.device)
     if cholesky is None:
         cholesky = matrix.is_cuda
     fast = tf32 and matrix.is_cuda
@@ -221,15 +227,13 @@ def _randomized_svd(
     return _range_svd(matrix, probe, power_iterations, cholesky=False, tf32=fast)[:3]
 
 
-def range_probe(matrix: Tensor, width: int, generator: torch.Generator | None) -> Tensor:
-    """The range finder's Gaussian probe for ``matrix (out, in)``: ``(in, min(width, out, in))``,
-    drawn with ``generator`` on its own device (CPU when none is given). Only the matrix's shape,
-    dtype and device are used (a meta tensor will do)."""
-    out_features, in_features = matrix.shape
-    width = min(width, out_features, in_features)
+def range_probe(
+    in_features: int, width: int, generator: torch.Generator | None, dtype: torch.dtype
+) -> Tensor:
+    """The range finder's Gaussian probe ``(in, width)``, drawn with ``generator`` on its own device
+    (CPU when none is given)."""
     where = generator.device if generator is not None else torch.device("cpu")
-    probe = torch.randn(in_features, width, generator=generator, device=where, dtype=matrix.dtype)
-    return probe if matrix.is_meta else probe.to(matrix.device)
+    return torch.randn(in_features, width, generator=generator, device=where, dtype=dtype)
 
 
 @contextmanager
@@ -257,8 +261,15 @@ def _range_svd(
     Y = Q.T @ matrix  # (w, in), in full precision: the factors are the exact projection onto Q
     if cholesky and not bool(healthy):  # read now (the SVD below reads back anyway): no NaN past here
         return Q, Y.new_zeros(0), Y, healthy
-    U_small, S, Vh = _svd_of_wide(Y)  # (w, w), (w,), (w, in)
-    return Q @ U_small.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype), healthy
+    return (*range_svd_from_gram(Q, Y, wide_gram(Y).cpu()), healthy)
+
+
+def range_svd_from_gram(Q: Tensor, Y: Tensor, gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The range finder's ``U (out, w)``, ``S (w,)`` (on the CPU), ``Vh (w, in)`` in ``Q``'s dtype, from
+    its basis ``Q (out, w)``, ``Y = QᵀM (w, in)`` and ``gram = Y Yᵀ`` on the CPU (see
+    :func:`_svd_of_wide`). Nothing here waits for the device."""
+    U_small, S, Vh = svd_from_gram(Y, gram)  # (w, w), (w,), (w, in)
+    return Q @ U_small.to(Q.dtype), S.to(Q.dtype), Vh.to(Q.dtype)
 
 
 def range_basis(

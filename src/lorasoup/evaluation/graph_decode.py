@@ -228,7 +228,8 @@ class GraphGenerator:
     decoding step's shared-prefix attention on CUDA, ``triton`` (two fused kernels,
     :func:`.shared_prefix.attend_decode_fused`; 1.19× the torch path at batch 64 on an H200; where
     Triton or the head size (a power of two, 16 to 256) does not allow it, the torch path is used) or
-    ``torch`` (split attention in torch operations). :meth:`release` frees the cache, graphs and shared prefix.
+    ``torch`` (split attention in torch operations). :meth:`release` frees the cache, graphs and
+    shared prefix.
     """
 
     def __init__(

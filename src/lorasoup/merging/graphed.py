@@ -13,7 +13,8 @@ captures it once per module signature (shape, ranks, method and its parameters) 
 2. the graph runs: magnitude cuts, the merged ``ΔW``, its norm, the orthonormal basis ``Q``,
    ``Y = QᵀΔW`` and the ``w × w`` Gram matrix ``Y Yᵀ``;
 3. one packet comes back (the Gram matrix, ``‖ΔW‖`` and whether every cut and the basis were sound),
-   and the host finishes the SVD (:func:`lorasoup.lowrank.svd_from_gram`, as the eager path does).
+   and the host finishes the SVD (:func:`lorasoup.lowrank.range_svd_from_gram`, as the eager path
+   does).
 
 The same functions run in the same order as :func:`lorasoup.merging.task_arithmetic.merge_delta`,
 so the factors are the eager ones. A module whose packet reports a missed magnitude bracket or an
@@ -21,7 +22,7 @@ unhealthy CholeskyQR basis is redone eagerly, which handles both exactly. A sign
 runs eagerly (on the capture stream: it compiles the Triton kernels and sets up cuBLAS there); the
 second captures. A capture that fails (a kernel that cannot be captured on this stack) is warned
 about once and its signature stays eager. All graphs share one memory pool, which holds about the
-peak of one eager module; their outputs are consumed before the next replay.
+peak of one eager module; each replay's outputs are copied out of it before another graph runs.
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ import torch
 from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
-from lorasoup.lowrank import range_basis, range_probe, svd_from_gram, truncate_randomized, wide_gram
+from lorasoup.lowrank import (
+    OVERSAMPLE,
+    POWER_ITERATIONS,
+    range_basis,
+    range_probe,
+    range_svd_from_gram,
+    truncate_randomized,
+    wide_gram,
+)
 from lorasoup.merging import rowwise
 from lorasoup.merging.base import MergeParams, ModuleMerge, present
 from lorasoup.merging.task_arithmetic import Recipe, merge_delta, output_rank
-
-OVERSAMPLE = 16  # dense_lowrank's defaults, which the eager path uses
-POWER_ITERATIONS = 2
 
 
 @dataclass
@@ -275,8 +281,7 @@ class GraphedDeltaMerge:
         graph.weights.copy_(torch.tensor(plan.after, dtype=torch.float32), non_blocking=True)
         keys = plan.dare[0] if plan.dare is not None else (0,) * len(kept)
         graph.keys.copy_(torch.tensor(keys, dtype=torch.int64), non_blocking=True)
-        shape = torch.empty(kept[0].out_features, kept[0].in_features, device="meta")
-        graph.probe.copy_(range_probe(shape, graph.probe.shape[1], generator))
+        graph.probe.copy_(range_probe(*graph.probe.shape, generator, torch.float32))
 
     def _device_part(self, graph: _Graph, plan: rowwise.RowPlan) -> tuple[Tensor, Tensor, Tensor]:
         """Step 2 of the module docstring, from the buffers: ``Q``, ``Y`` and the packet."""
@@ -306,11 +311,11 @@ class GraphedDeltaMerge:
         if float(packet[-1]) != 1.0:
             return None
         width = Y.shape[0]
-        U_small, S, Vh = svd_from_gram(Y, packet[: width * width].view(width, width))
+        U, S, Vh = range_svd_from_gram(Q, Y, packet[: width * width].view(width, width))
         low = truncate_randomized(
-            Q @ U_small.to(torch.float32),
-            S.to(torch.float32),
-            Vh.to(torch.float32),
+            U,
+            S,
+            Vh,
             float(packet[-2]),
             rank=output_rank(kept, params),
             energy=params.energy,

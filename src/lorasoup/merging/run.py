@@ -102,7 +102,7 @@ def merge_adapters(
         record(streaming.finish())
     if target.type == "cuda":
         torch.cuda.synchronize(target)  # every copy to the host has landed before anyone reads one
-    return {path: merged[path] for path in modules}, {path: facts[path] for path in modules}
+    return merged, facts  # in module order: a streaming merge returns modules in the order submitted
 
 
 def _to_host(tensor: Tensor) -> Tensor:

@@ -1,7 +1,6 @@
-"""The command line: one library call per command, one-line errors, atomic artifacts."""
+"""`lorasoup cat`: one library call, one-line errors, atomic artifacts."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ def write_config(tmp_path, llama_dir, adapters, data, **extra):
         "adapters": adapters,
         "data": {"train": [str(data)], "template": "plain", "cutoff_len": 64},
         "output": str(tmp_path / "out"),
-        "train": {"learning_rate": 0.05, "max_steps": 4, "batch_size": 4, "save_every": 2},
+        "train": {"learning_rate": 0.05, "max_steps": 4, "batch_size": 4, "save_steps": 2},
         **extra,
     }
     path = tmp_path / "cat.yaml"
@@ -34,20 +33,6 @@ def data_file(tmp_path):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps(RECORDS))
     return path
-
-
-def test_inspect_reports_and_exit_codes(make_lora, gpt2_dir, tmp_path):
-    from tests.conftest import make_peft_lora
-
-    a = make_lora("a", r=4, targets=["q_proj", "v_proj"])
-    b = make_lora("b", r=2, use_rslora=True)
-    result = runner.invoke(app, ["inspect", str(a), str(b)])
-    assert result.exit_code == 0, result.output
-    assert "composable" in result.output and "rsLoRA" in result.output and "zero block" in result.output
-
-    g = make_peft_lora(gpt2_dir, tmp_path / "g", targets=["c_attn"], fan_in_fan_out=True)
-    result = runner.invoke(app, ["inspect", str(a), str(g)])
-    assert result.exit_code != 0
 
 
 def test_cat_command_writes_a_complete_artifact(make_lora, llama_dir, tmp_path, data_file):
@@ -147,50 +132,3 @@ def test_shape_mismatch_with_base_model(make_lora, gpt2_dir, tmp_path, data_file
     result = runner.invoke(app, ["cat", str(config)])
     assert result.exit_code == 2 and "another model" in result.output
     assert not (tmp_path / "out").exists()
-
-
-def test_help_explains():
-    result = runner.invoke(app, ["cat", "--help"])
-    assert result.exit_code == 0 and "--set" in result.output and "PEFT adapter" in result.output
-
-
-def test_error_messages_keep_their_brackets(tmp_path):
-    """An error naming an extra (lorasoup[search]) must print it, not swallow it as rich markup."""
-    import typer
-    from typer.testing import CliRunner
-
-    from lorasoup.cli import _fail
-
-    probe = typer.Typer()
-
-    @probe.command()
-    def run() -> None:
-        _fail("install it: pip install 'lorasoup[search]'")
-
-    result = CliRunner().invoke(probe, [])
-    assert result.exit_code == 2 and "lorasoup[search]" in result.output
-
-
-def test_worker_processes_inherit_quiet_library_progress_bars() -> None:
-    """The demo's spawned workers import transformers afresh: after the CLI has started, a child
-    process has transformers' per-file progress bars off (they flooded non-interactive logs)."""
-    import subprocess
-    import sys
-
-    script = """
-import subprocess, sys
-from lorasoup import cli
-sys.argv = ["lorasoup", "--help"]
-try:
-    cli.main()
-except SystemExit:
-    pass
-child = "import transformers.utils.logging as l; print(l.is_progress_bar_enabled())"
-print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout.strip())
-"""
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -1,0 +1,1 @@
+"""One module per command family; each command parses, loads its config, makes one library call, prints."""

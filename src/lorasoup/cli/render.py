@@ -1,0 +1,257 @@
+"""What the CLI prints after the one library call: result tables and the closing "wrote" line.
+
+Each printer takes the console it writes to and a library result, and prints; none computes
+anything a library result does not already hold. Tables of learned weights (CAT, search, distilled
+MoE) are one table, :func:`weights_table`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_notices(console: Console, notices: Iterable[str]) -> None:
+    for notice in notices:
+        console.print(f"[yellow]notice:[/] {notice}", highlight=False)
+
+
+def weights_table(title: str, adapter_names: Sequence[str], weights: Any) -> Table:
+    """Mean, min and max over groups (modules, layers) of each adapter's weight; ``weights`` is (G, K)."""
+    table = Table(title=title)
+    for name in ("adapter", "mean", "min", "max"):
+        table.add_column(name)
+    for k, name in enumerate(adapter_names):
+        column = weights[:, k]
+        table.add_row(name, f"{column.mean():.3f}", f"{column.min():.3f}", f"{column.max():.3f}")
+    return table
+
+
+def adapters_table(loaded: Sequence[Any]) -> Table:
+    """``lorasoup inspect``: one row per adapter."""
+    table = Table(title="Adapters", show_lines=False)
+    columns = ("name", "base model", "ranks", "alpha", "scaling", "targets", "modules", "dtype", "params")
+    for column in columns:
+        table.add_column(column)
+    for a in loaded:
+        config = a.peft_config
+        scaling = "rsLoRA alpha/sqrt(r)" if a.use_rslora else "alpha/r"
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            scaling += " + patterns"
+        table.add_row(
+            a.name,
+            str(a.base_model),
+            ",".join(map(str, a.ranks)),
+            str(config.get("lora_alpha")),
+            scaling,
+            ",".join(a.target_names),
+            str(len(a.modules)),
+            str(a.dtype).replace("torch.", ""),
+            f"{a.num_parameters:,}",
+        )
+    return table
+
+
+def print_cat_result(console: Console, result: Any) -> None:
+    fit = result.fit
+    print_notices(console, result.notices)
+    if fit.first_loss is not None:
+        console.print(
+            f"loss {fit.first_loss:.4f} -> {fit.last_loss:.4f} over {fit.steps} steps ({fit.seconds:.1f} s)"
+        )
+    composition = result.composition
+    weights = composition.effective_weights()
+    console.print(weights_table("CAT weights (mean over groups)", composition.adapter_names, weights))
+    console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
+
+
+def print_search_result(console: Console, result: Any) -> None:
+    found = result.search
+    print_notices(console, result.notices)
+    console.print(
+        f"objective {found.start_objective:.4f} -> {found.objective:.4f} (loss {found.loss:.4f}) after "
+        f"{found.trace.evaluations} candidates, {found.candidates_per_second:.1f}/s; "
+        f"stopped: {found.trace.stop_reason}",
+        highlight=False,
+    )
+    names = result.composition.adapter_names
+    console.print(weights_table("searched weights (over groups)", names, found.weights))
+    console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
+
+
+def print_moe_result(console: Console, result: Any) -> None:
+    fit = result.trained.fit
+    print_notices(console, result.notices)
+    if fit.first_loss is not None:
+        console.print(
+            f"loss {fit.first_loss:.4f} -> {fit.last_loss:.4f} over {fit.steps} steps "
+            f"(balance {fit.balance_losses[0]:.3f} -> {fit.balance_losses[-1]:.3f}, {fit.seconds:.1f} s)"
+        )
+    composition = result.trained.composition
+    gating = "soft" if composition.top_k is None else f"top-{composition.top_k}"
+    console.print(
+        f"[bold green]wrote[/] {result.output} ({len(composition.routers)} {composition.granularity} "
+        f"routers, {gating} gating over {len(composition.adapters)} adapters)"
+    )
+
+
+def print_distill_result(console: Console, result: Any) -> None:
+    composition = result.composition
+    title = f"distilled CAT weights (mean over {len(result.weights)} modules)"
+    console.print(weights_table(title, composition.adapter_names, composition.effective_weights()))
+    console.print(
+        f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.rank}; gates averaged over "
+        f"{result.tokens} tokens)"
+    )
+
+
+def merge_methods_table(methods: Any) -> Table:
+    """``lorasoup merge --list``: the registry's entries."""
+    table = Table(title="merge methods")
+    for column in ("name", "space", "what it does", "reference"):
+        table.add_column(column)
+    for name in methods:
+        entry = methods.get(name)
+        table.add_row(name, entry.space, entry.summary, entry.reference)
+    return table
+
+
+def print_merge_result(console: Console, result: Any) -> None:
+    """``lorasoup merge`` and ``lorasoup compress``."""
+    print_notices(console, result.notices)
+    lost = result.max_discarded_energy
+    detail = "exact" if lost is None else f"largest discarded energy {lost:.2%} of a module's ‖ΔW‖²"
+    console.print(
+        f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.rank}, {len(result.modules)} "
+        f"modules, {detail}, {result.seconds:.1f} s)"
+    )
+
+
+def print_train_result(console: Console, result: Any) -> None:
+    print_notices(console, result.notices)
+
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    table = Table(title="LoRA training")
+    table.add_column("")
+    table.add_column("value")
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    table.add_row("steps", f"{result.steps}{resumed}")
+    table.add_row("first loss", loss(result.first_loss))
+    table.add_row("last loss", loss(result.last_loss))
+    table.add_row("eval loss", loss(result.eval_loss))
+    per_source = ", ".join(f"{name} {count}" for name, count in result.examples_per_source.items())
+    table.add_row("train examples", f"{result.train_examples} ({per_source})")
+    table.add_row("eval examples", str(result.eval_examples))
+    table.add_row("seconds", f"{result.seconds:.1f}")
+    table.add_row("output", str(result.output))
+    console.print(table)
+    console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter + run.json)")
+
+
+def eval_table(task: str, summary: dict[str, Any]) -> Table:
+    metrics = list(summary["metrics"])
+    table = Table(title=f"lorasoup eval: {task}")
+    for column in ("subset", "examples", "accuracy", *metrics):
+        table.add_column(column)
+
+    def row(name: str, block: dict[str, Any]) -> list[str]:
+        values = [f"{block['metrics'][m]:.4f}" for m in metrics]
+        return [name, str(block["examples"]), f"{block['accuracy']:.4f}", *values]
+
+    if len(summary["subsets"]) > 1:
+        for name, block in summary["subsets"].items():
+            table.add_row(*row(name, block))
+    table.add_row(*row("[bold]all[/]", summary))
+    return table
+
+
+def print_eval_result(console: Console, task: str, result: Any) -> None:
+    summary = result.summary
+    console.print(eval_table(task, summary))
+    if "across_subsets" in summary:
+        across = summary["across_subsets"]
+        console.print(
+            f"across subsets: mean {across['mean']:.4f}, worst {across['worst']:.4f} "
+            f"({across['worst_subset']}), spread {across['spread']:.4f}",
+            highlight=False,
+        )
+    console.print(
+        "verdicts: " + ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items()), highlight=False
+    )
+    speed = result.throughput
+    if speed.get("examples"):
+        console.print(
+            f"throughput: {speed['examples_per_s']:.2f} examples/s, {speed['tokens_per_s']:.1f} tokens/s",
+            highlight=False,
+        )
+    if result.resumed:
+        console.print(f"resumed: {result.resumed} examples were already done", highlight=False)
+    console.print(f"[bold green]wrote[/] {result.output}")
+
+
+def print_report_result(console: Console, result: Any) -> None:
+    console.print(f"sections: {', '.join(result.sections)}", highlight=False)
+    console.print(f"[bold green]wrote[/] {result.output}/report.md and report.html ({result.seconds:.1f} s)")
+
+
+def accuracy_cell(value: dict[str, float] | None, several: bool) -> str:
+    """``12.5`` for one seed, ``12.5 ± 1.2`` for several, ``–`` where nothing finished."""
+    if value is None:
+        return "–"
+    return f"{100 * value['mean']:.1f}" + (f" ± {100 * value['std']:.1f}" if several else "")
+
+
+def print_demo_result(console: Console, summary: Any) -> None:
+    several = len(summary.seeds) > 1
+    table = Table(
+        title=f"lorasoup demo: composite task and skill retention, accuracy % (seeds {summary.seeds})"
+    )
+    for column in ("method", "composite task", "math skill", "code skill"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in summary.table:
+        cells = [accuracy_cell(row[task], several) for task in ("composite", "math", "code")]
+        style = "bold" if row["method"] == "CAT (trained)" else None
+        table.add_row(row["method"], *cells, style=style)
+    console.print(table)
+    console.print(
+        f"[bold green]wrote[/] {summary.output}/report.md, report.html and results.json "
+        f"({summary.seconds:.0f} s)"
+    )
+
+
+def print_saved_benchmark(console: Console, saved: dict[str, Any]) -> None:
+    counts = ", ".join(f"seed {s}: {n:,}" for s, n in saved["records"].items())
+    console.print(
+        f"[bold green]wrote[/] {saved['path']} ({counts} records, {saved['seconds']:.0f} s); "
+        f"run with --set benchmark_file={saved['path']}"
+    )
+
+
+def print_study_result(console: Console, summary: Any) -> None:
+    from lorasoup.demo.scale_report import human_count
+
+    data = summary.scaling
+    several = max(len(size["seeds"]) for size in data["sizes"]) > 1
+    names = [size["name"] for size in data["sizes"]]
+    table = Table(title="lorasoup study: composite task accuracy % per base model size")
+    table.add_column("method")
+    for size in data["sizes"]:
+        table.add_column(f"{size['name']} ({human_count(size['parameters'])})", justify="right")
+    for method in data["methods"]:
+        cells = [accuracy_cell(value, several) for value in data["accuracy"][method]["composite"]]
+        table.add_row(method, *cells, style="bold" if method == "CAT (trained)" else None)
+    console.print(table)
+    if summary.kept:
+        console.print(f"kept finished sizes: {', '.join(summary.kept)}")
+    if data["missing"]:
+        console.print(f"[yellow]not finished yet:[/] {', '.join(data['missing'])}", highlight=False)
+    ran = f"ran {', '.join(summary.ran)}; " if summary.ran else ""
+    console.print(
+        f"[bold green]wrote[/] {summary.output}/scaling.md, scaling.html, scaling.json and scaling.png "
+        f"({ran}sizes {', '.join(names)}; {summary.seconds:.0f} s)"
+    )

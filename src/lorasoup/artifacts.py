@@ -58,18 +58,38 @@ def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> It
         raise
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace`` (atomic on POSIX)."""
+@contextmanager
+def atomic_file(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; if the block succeeds it replaces ``path`` (``os.replace``,
+    atomic on POSIX), otherwise it is removed. The one atomic writer: every file lorasoup writes goes
+    through it (or through :func:`atomic_output_dir` for a whole directory). ``suffix`` keeps an
+    extension for writers that read it (matplotlib picks the format from ``.png``)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(to_jsonable(payload), handle, indent=2, sort_keys=False)
-            handle.write("\n")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON (indented, one trailing newline) atomically."""
+    write_text_atomic(path, json.dumps(to_jsonable(payload), indent=2, sort_keys=False) + "\n")
 
 
 def to_jsonable(value: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -19,6 +20,9 @@ import yaml
 from lorasoup.errors import ConfigError
 
 T = TypeVar("T")
+
+RENAMED_KEYS = {"warmup_ratio": "warmup", "save_every": "save_steps", "log_every": "logging_steps"}
+"""Option names retired when the two training vocabularies became one: an old key names its new one."""
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -61,6 +65,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+def apply_values(data: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed Python values at dotted keys (``{"export.merge": True}``) into a copy of ``data``, never
+    parsed as YAML; ``None`` values are skipped; missing sections are created."""
+    result = _deep_copy(data)
+    for key, value in values.items():
+        if value is None:
+            continue
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
 def _deep_copy(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: _deep_copy(v) for k, v in data.items()}
@@ -77,7 +99,8 @@ def build(cls: type[T], data: Any, where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            renamed = RENAMED_KEYS.get(str(key))
+            close = [renamed] if renamed in fields else difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown key {_join(where, key)!r}{hint}")
     values = {}
@@ -158,12 +181,14 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> T:
-    """Read YAML (if given) over ``base``, apply ``--set`` overrides, validate into ``cls``."""
+    """Read YAML (if given) over ``base``, apply ``--set`` overrides, then typed ``values`` (a command's
+    flags, never parsed as YAML; see :func:`apply_values`), validate into ``cls``."""
     data = _deep_copy(base or {})
     if path is not None:
         data.update(read_yaml(path))
-    return build(cls, apply_overrides(data, overrides or []))
+    return build(cls, apply_values(apply_overrides(data, overrides or []), values or {}))
 
 
 def require(condition: bool, message: str) -> None:

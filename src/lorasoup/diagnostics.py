@@ -333,8 +333,8 @@ def _with_adapter(
     """``model`` wrapped by a PEFT adapter made of ``factors`` (scale 1); unloaded on exit."""
     from peft import PeftModel
 
-    from lorasoup.cat.fold import pad_rank
     from lorasoup.export.peft import save_peft_adapter
+    from lorasoup.export.serving import pad_rank
 
     rank = max(A.shape[0] for A, _ in factors.values())
     dtype = next(model.parameters()).dtype

@@ -1,18 +1,8 @@
-"""The ``lorasoup cat`` config: what to compose, on which data, how to train the weights, what to write.
+"""Option types shared by several commands: adapters to compose, CAT-style training data, the fit
+loop's options, and how a composed adapter is exported.
 
-Defaults and why:
-- ``cat.parameterisation: softmax`` and ``cat.granularity: module``: the paper's code.
-- ``train.learning_rate: 0.02``: CAT trains only a few hundred scalars. The paper's 1e-4 for ~1,700
-  Adam steps moves each weight by at most ~0.17 from its random start; our small studies needed 1e-2
-  to 5e-2 before the weights learned anything. ``run.json`` records how far they moved.
-- ``data.train_on_inputs: false``: loss on response tokens only (the paper's code used the whole
-  sequence; set it to true to reproduce that).
-- ``cat.init_from: null``: start from θ0 as above. A path to a ``search_weights.json`` (``lorasoup
-  search``) or ``cat_weights.json`` starts from those weights instead (``free``: any values; ``softmax``:
-  positive rows summing to 1).
-- ``data.formats: []``: one template (``data.template``) for every example, as the paper. A list of
-  formats makes the training format-robust: each example is rendered in a format dealt to it from
-  the list (``lorasoup.training.formats``; ``data.format_seed``, default ``train.seed``).
+``lorasoup cat``, ``lorasoup search`` and ``lorasoup moe`` read these sections under the same names
+with the same checks; a command's own sections live in its package (``cat/config.py``, ...).
 """
 
 from __future__ import annotations
@@ -86,29 +76,23 @@ class DataConfig:
 
 
 @dataclass
-class CatOptions:
-    granularity: Literal["module", "layer", "global"] = "module"
-    parameterisation: Literal["softmax", "free"] = "softmax"
-    dropout: float = 0.0
-    init_from: str | None = None
+class FitOptions:
+    """How to fit a few weights on a frozen model with our own loop (``lorasoup.training.loop``): CAT's
+    weights, the MoE baseline's routers. The names follow ``lorasoup.training.config.TrainOptions``
+    (the Trainer's vocabulary): ``warmup`` is a step count (int) or a fraction of all steps (float in
+    [0, 1)); ``save_steps`` 0 saves only at the end; ``logging_steps`` spaces the log lines."""
 
-    def validate(self) -> None:
-        require(0.0 <= self.dropout < 1.0, f"cat.dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class TrainOptions:
     learning_rate: float = 2e-2
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    warmup_ratio: float = 0.05
+    warmup: int | float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    save_every: int = 0
-    log_every: int = 10
+    save_steps: int = 0
+    logging_steps: int = 10
     dtype: Dtype = "float32"
     device: str | None = None
     # torch.compile of each decoder layer (regional: one graph serves every layer, seconds to build).
@@ -128,10 +112,15 @@ class TrainOptions:
             self.batch_size >= 1 and self.grad_accum >= 1,
             "train.batch_size and train.grad_accum must be >= 1",
         )
-        require(
-            0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
-        )
-        require(self.save_every >= 0, "train.save_every must be >= 0 (0 saves only at the end)")
+        if isinstance(self.warmup, float):
+            require(
+                0 <= self.warmup < 1,
+                f"train.warmup: a fraction must be in [0, 1), got {self.warmup}; use an integer for steps",
+            )
+        else:
+            require(self.warmup >= 0, f"train.warmup must be >= 0 steps, got {self.warmup}")
+        require(self.save_steps >= 0, "train.save_steps must be >= 0 (0 saves only at the end)")
+        require(self.logging_steps >= 1, "train.logging_steps must be >= 1")
 
 
 @dataclass
@@ -150,22 +139,3 @@ class ExportOptions:
 
     def validate(self) -> None:
         require(self.rank is None or self.rank >= 1, f"export.rank must be at least 1, got {self.rank}")
-
-
-@dataclass
-class CatRunConfig:
-    """Everything ``lorasoup cat`` needs; see ``configs/cat-example.yaml``."""
-
-    base_model: str
-    adapters: list[AdapterRef]
-    data: DataConfig
-    output: str
-    cat: CatOptions = field(default_factory=CatOptions)
-    train: TrainOptions = field(default_factory=TrainOptions)
-    export: ExportOptions = field(default_factory=ExportOptions)
-    allow_base_mismatch: bool = False
-    resume_from: str | None = None
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        require(bool(self.adapters), "adapters: list at least one adapter directory")

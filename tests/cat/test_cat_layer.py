@@ -7,9 +7,10 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from lorasoup.adapters import load_adapter
-from lorasoup.cat.fold import fold_composition, next_bucket, pad_rank
+from lorasoup.cat.fold import fold_composition
 from lorasoup.cat.inject import compose_cat, remove_cat
 from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+from lorasoup.export.serving import next_bucket, pad_rank
 
 
 def logits(model, ids):

@@ -35,7 +35,7 @@ def test_two_processes_learn_the_weights_of_one(make_lora, llama_dir: Path, tmp_
         "adapters": [str(make_lora("a", seed=1)), str(make_lora("b", r=2, seed=2))],
         "data": {"train": [str(data)], "template": "plain", "cutoff_len": 32},
         "output": str(tmp_path / "one"),
-        "train": {"learning_rate": 0.05, "epochs": 2, "batch_size": 8, "warmup_ratio": 0.25, "device": "cpu"},
+        "train": {"learning_rate": 0.05, "epochs": 2, "batch_size": 8, "warmup": 0.25, "device": "cpu"},
     }
     path = tmp_path / "cat.yaml"
     path.write_text(yaml.safe_dump(config))

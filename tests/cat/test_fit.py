@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorasoup.adapters import load_adapter
-from lorasoup.cat.config import TrainOptions
 from lorasoup.cat.fit import fit_cat_weights
 from lorasoup.cat.inject import compose_cat
+from lorasoup.options import FitOptions
 from lorasoup.training.data import build_dataset, collate
 
 RECORDS = [
@@ -48,7 +48,7 @@ def test_training_lowers_the_loss_and_moves_only_theta(setup, parameterisation):
     layer = next(iter(composition.layers().values()))
     A_before = layer.A.clone()
     before = full_loss(composition, dataset, collate_fn)
-    options = TrainOptions(learning_rate=0.1, epochs=6, batch_size=8, warmup_ratio=0.0)
+    options = FitOptions(learning_rate=0.1, epochs=6, batch_size=8, warmup=0.0)
     result = fit_cat_weights(composition, dataset, collate_fn, options)
     after = full_loss(composition, dataset, collate_fn)
     assert result.steps == 6 * 3
@@ -63,7 +63,7 @@ def test_training_lowers_the_loss_and_moves_only_theta(setup, parameterisation):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_resume_matches_uninterrupted(setup, tmp_path, dropout):
     fresh, dataset, collate_fn = setup
-    options = TrainOptions(learning_rate=0.05, epochs=2, batch_size=5, grad_accum=2, save_every=2, seed=3)
+    options = FitOptions(learning_rate=0.05, epochs=2, batch_size=5, grad_accum=2, save_steps=2, seed=3)
     torch.manual_seed(0)
     full = fresh(dropout=dropout)
     fit_cat_weights(full, dataset, collate_fn, options, checkpoint_dir=tmp_path / "ckpt")
@@ -79,7 +79,7 @@ def test_resume_matches_uninterrupted(setup, tmp_path, dropout):
 
 def test_same_seed_same_weights(setup):
     fresh, dataset, collate_fn = setup
-    options = TrainOptions(learning_rate=0.05, max_steps=4, batch_size=6)
+    options = FitOptions(learning_rate=0.05, max_steps=4, batch_size=6)
     first, second = fresh(), fresh()
     fit_cat_weights(first, dataset, collate_fn, options)
     fit_cat_weights(second, dataset, collate_fn, options)
@@ -90,14 +90,14 @@ def test_compiled_training_learns_the_eager_weights(setup, tokenizer):
     """train.compile compiles each decoder layer (regionally); padded to fixed widths, the θ it learns
     equals eager training's, and padding itself changes nothing (it is masked out of the loss)."""
     fresh, dataset, collate_fn = setup
-    options = TrainOptions(learning_rate=0.1, max_steps=4, batch_size=8, warmup_ratio=0.0)
+    options = FitOptions(learning_rate=0.1, max_steps=4, batch_size=8, warmup=0.0)
     eager = fresh()
     fit_cat_weights(eager, dataset, collate_fn, options)
     padded = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=32)
     assert padded(list(dataset)[:3])["input_ids"].shape[1] % 32 == 0
     compiled = fresh()
     torch._dynamo.reset()
-    fit_cat_weights(compiled, dataset, padded, TrainOptions(**{**vars(options), "compile": "default"}))
+    fit_cat_weights(compiled, dataset, padded, FitOptions(**{**vars(options), "compile": "default"}))
     torch.testing.assert_close(compiled.weights.theta, eager.weights.theta, rtol=1e-4, atol=1e-5)
     assert not torch.equal(eager.weights.theta, eager.theta_init)
     # The composition's own model stays plain (the compiled view is only used for training).

@@ -16,7 +16,7 @@ WORKER = (
     FSDP_WORKER
     + """
 from lorasoup.adapters import LoraAdapter, LoraFactors
-from lorasoup.cat.config import ExportOptions
+from lorasoup.options import ExportOptions
 from lorasoup.cat.inject import compose_cat
 from lorasoup.cat.run import export_factors
 

@@ -7,10 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorasoup.adapters import load_adapter
-from lorasoup.cat.config import AdapterRef, CatOptions, CatRunConfig, DataConfig, TrainOptions
+from lorasoup.cat.config import CatOptions, CatRunConfig
 from lorasoup.cat.inject import compose_cat, start_from_file, weights_from_file
 from lorasoup.cat.run import run_cat
 from lorasoup.errors import ConfigError
+from lorasoup.options import AdapterRef, DataConfig, FitOptions
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_run_cat_starts_from_init_from(tmp_path, llama_dir, adapters):
         data=DataConfig(train=[str(data)], template="plain", cutoff_len=32),
         output=str(tmp_path / "out"),
         cat=CatOptions(parameterisation="free", init_from=str(path)),
-        train=TrainOptions(max_steps=1, batch_size=4, learning_rate=1e-3, device="cpu"),
+        train=FitOptions(max_steps=1, batch_size=4, learning_rate=1e-3, device="cpu"),
     )
     run_cat(config)
     saved = json.loads((tmp_path / "out" / "cat_weights.json").read_text())

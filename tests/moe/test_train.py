@@ -21,7 +21,7 @@ def test_training_lowers_the_loss_and_moves_only_the_routers(compose, data, gran
     frozen = {n: p.detach().clone() for n, p in composition.model.named_parameters() if not p.requires_grad}
     routers = [p.detach().clone() for p in composition.routers.parameters()]
     before = lm_loss(composition, dataset, collate_fn)
-    options = MoeTrainOptions(learning_rate=0.1, epochs=4, batch_size=8, warmup_ratio=0.0)
+    options = MoeTrainOptions(learning_rate=0.1, epochs=4, batch_size=8, warmup=0.0)
     result = train_routers(composition, dataset, collate_fn, options, balance_coef=0.01)
     after = lm_loss(composition, dataset, collate_fn)
     assert result.steps == 4 * 3 and len(result.balance_losses) == 12
@@ -66,7 +66,7 @@ def test_a_strong_balance_term_evens_out_the_routing(compose, data):
         for router in composition.routers:
             router.bias.copy_(torch.tensor([3.0, 0.0]))  # everything goes to adapter 0
     assert routed_share(composition) == 1.0
-    options = MoeTrainOptions(learning_rate=0.05, epochs=6, batch_size=8, warmup_ratio=0.0)
+    options = MoeTrainOptions(learning_rate=0.05, epochs=6, batch_size=8, warmup=0.0)
     result = train_routers(composition, dataset, collate_fn, options, balance_coef=10.0)
     assert result.balance_losses[-1] < result.balance_losses[0]
     assert 0.2 < routed_share(composition) < 0.8
@@ -74,7 +74,7 @@ def test_a_strong_balance_term_evens_out_the_routing(compose, data):
 
 def test_resume_matches_uninterrupted(compose, data, tmp_path):
     dataset, collate_fn = data
-    options = MoeTrainOptions(learning_rate=0.05, epochs=2, batch_size=5, grad_accum=2, save_every=2, seed=3)
+    options = MoeTrainOptions(learning_rate=0.05, epochs=2, batch_size=5, grad_accum=2, save_steps=2, seed=3)
     full = compose(top_k=1, seed=4)
     train_routers(full, dataset, collate_fn, options, checkpoint_dir=tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "step-2" / "moe_state.pt").is_file()

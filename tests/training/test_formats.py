@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from lorasoup.cat.config import DataConfig
 from lorasoup.config import build
 from lorasoup.errors import ConfigError, DataError
+from lorasoup.options import DataConfig
 from lorasoup.registry import Registry
 from lorasoup.training.data import IGNORE_INDEX, build_dataset
 from lorasoup.training.formats import (

@@ -11,37 +11,12 @@ import torch
 from torch import Tensor
 
 from lorasoup.cat.inject import CatComposition
-
-VLLM_RANK_BUCKETS = (8, 16, 32, 64, 128, 256, 320, 512)
+from lorasoup.export.serving import pad_rank
 
 
 def fold_factors(A: Tensor, B: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
     """``A (R, in)``, ``B (out, R)``, ``c (R,)`` → ``(diag(c) A, B)``; inputs are not modified."""
     return coefficients.to(A.dtype)[:, None] * A, B.clone()
-
-
-def pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Zero rank rows up to ``rank``, leaving ``B A`` unchanged.
-
-    ``A (r, in) → (rank, in)``, ``B (out, r) → (out, rank)``.
-    """
-    extra = rank - A.shape[0]
-    if extra < 0:
-        raise ValueError(f"cannot pad rank {A.shape[0]} down to {rank}")
-    if extra == 0:
-        return A, B
-    return (
-        torch.cat([A, A.new_zeros(extra, A.shape[1])], dim=0),
-        torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1),
-    )
-
-
-def next_bucket(rank: int, buckets: tuple[int, ...] = VLLM_RANK_BUCKETS) -> int:
-    """The smallest serving bucket that holds ``rank``; ``ValueError`` if none does."""
-    for bucket in buckets:
-        if bucket >= rank:
-            return bucket
-    raise ValueError(f"rank {rank} exceeds the largest bucket {buckets[-1]}")
 
 
 def fold_composition(

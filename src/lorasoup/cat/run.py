@@ -25,17 +25,19 @@ from lorasoup.artifacts import (
     run_record,
     write_json_atomic,
 )
-from lorasoup.cat.config import CatRunConfig, DataConfig, ExportOptions
-from lorasoup.cat.fit import FitResult, ProgressHook, fit_cat_weights
-from lorasoup.cat.fold import fold_composition, next_bucket, pad_rank
+from lorasoup.cat.config import CatRunConfig
+from lorasoup.cat.fit import fit_cat_weights
+from lorasoup.cat.fold import fold_composition
 from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat, start_from_file
 from lorasoup.compat import check_compatibility
+from lorasoup.devices import DTYPES
 from lorasoup.errors import LorasoupError
+from lorasoup.export.serving import next_bucket, pad_rank
 from lorasoup.lowrank import recompress_modules
+from lorasoup.options import DataConfig, ExportOptions
 from lorasoup.resources import resource_record
 from lorasoup.training.formats import FormatReport
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from lorasoup.training.loop import FitResult, ProgressHook
 
 
 @dataclass

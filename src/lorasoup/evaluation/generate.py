@@ -120,6 +120,10 @@ class Generation:
     finish_reason: FinishReason
 
 
+GenerateFn = Callable[[Sequence[str], GenerationSettings], list[Generation]]
+"""What every evaluation backend hands the runner: ``(prompts, settings) -> generations``."""
+
+
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` cut before the earliest occurrence of any stop string, and whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)

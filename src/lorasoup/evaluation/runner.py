@@ -38,9 +38,9 @@ from lorasoup.artifacts import (
     to_jsonable,
     write_json_atomic,
 )
-from lorasoup.errors import AdapterError, ConfigError, DataError
+from lorasoup.errors import ConfigError, DataError
 from lorasoup.evaluation.config import EvalRunConfig
-from lorasoup.evaluation.generate import Generation, GenerationSettings, generate
+from lorasoup.evaluation.generate import GenerateFn, Generation, GenerationSettings, generate
 from lorasoup.evaluation.results import ExampleResult, markdown_report, summarise
 from lorasoup.evaluation.tasks import Example, SandboxOptions, Task, get_task_spec, resolve_inputs
 
@@ -51,7 +51,6 @@ EXAMPLES_FILE = "examples.jsonl"
 FINGERPRINT_FILE = "fingerprint.json"
 ProgressHook = Callable[[int, int, float], None]
 """``(examples done, examples total, accuracy so far)``."""
-GenerateFn = Callable[[Sequence[str], GenerationSettings], list[Generation]]
 
 
 @dataclass
@@ -261,78 +260,13 @@ def _run_missing(
 
 def load_generator(config: EvalRunConfig) -> tuple[GenerateFn, PreTrainedTokenizerBase, dict[str, Any]]:
     """The tokenizer and a ``(prompts, settings) -> generations`` function for the config's backend."""
-    import torch
-
-    from lorasoup.models import load_base_model, load_tokenizer, model_fingerprint, parse_model_spec
+    from lorasoup.evaluation.backends import BACKENDS
+    from lorasoup.models import load_tokenizer, parse_model_spec
 
     model_spec = parse_model_spec(config.model)
     tokenizer = load_tokenizer(model_spec, padding_side="left")
-    if config.backend == "vllm":
-        from lorasoup.evaluation.vllm_backend import VllmGenerator, import_vllm
-
-        import_vllm()  # the install hint before any other complaint
-        if model_spec.gguf_file is not None:
-            raise ConfigError(
-                "backend 'vllm' needs a transformers checkpoint directory or hub id, not a .gguf file"
-            )
-        adapter = str(_adapter_dir(config.adapter)) if config.adapter else None
-        engine = VllmGenerator(model_spec.path, tokenizer, adapter=adapter, dtype=config.dtype)
-        return (lambda prompts, settings: engine.generate(prompts, settings)), tokenizer, {"backend": "vllm"}
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_base_model(model_spec, dtype=dtypes[config.dtype], device=device)
-    facts = {"backend": config.backend, "device": device, **model_fingerprint(model)}
-    if config.adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(_adapter_dir(config.adapter)), is_trainable=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            first = " ".join(str(exc).split())[:240]
-            raise AdapterError(
-                f"could not load adapter {config.adapter!r} onto {config.model!r}: {first}"
-            ) from None
-        model.eval()
-    return IN_PROCESS_BACKENDS[config.backend](model, tokenizer, facts), tokenizer, facts
-
-
-def _hf_backend(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: dict[str, Any]
-) -> GenerateFn:
-    def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
-        return generate(model, tokenizer, prompts, settings)
-
-    return run
-
-
-def _cudagraph_backend(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: dict[str, Any]
-) -> GenerateFn:
-    from lorasoup.evaluation.graph_decode import GraphGenerator
-
-    generator = GraphGenerator(model, tokenizer)  # keeps its KV cache, graphs and prefix across chunks
-
-    def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
-        generations = generator.generate(prompts, settings)
-        # for run.json: a shared prefix changes the order of attention's sums (bf16 may differ)
-        shared = max(facts.get("shared_prefix_tokens", 0), int(generator.stats["shared_prefix_tokens"]))
-        facts["shared_prefix_tokens"] = shared
-        return generations
-
-    return run
-
-
-IN_PROCESS_BACKENDS: dict[
-    str, Callable[[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]], GenerateFn]
-] = {"hf": _hf_backend, "cudagraph": _cudagraph_backend}
-"""Backends that generate with the loaded transformers model (vLLM loads its own engine); each may
-add what its runs used to the run's model facts (written to run.json at the end)."""
-
-
-def _adapter_dir(source: str) -> Path:
-    from lorasoup.adapters import resolve_adapter_dir
-
-    return resolve_adapter_dir(source)
+    generate_fn, facts = BACKENDS.get(config.backend)(config, model_spec, tokenizer)
+    return generate_fn, tokenizer, facts
 
 
 def _fingerprint(

@@ -72,7 +72,7 @@ class VllmGenerator:
         engine_args: dict[str, Any] | None = None,
         sampling_args: dict[str, Any] | None = None,
     ) -> None:
-        from lorasoup.cat.fold import next_bucket
+        from lorasoup.export.serving import next_bucket
 
         vllm = import_vllm()
         self.tokenizer = tokenizer

@@ -25,14 +25,14 @@ from lorasoup.artifacts import (
     run_record,
     write_json_atomic,
 )
-from lorasoup.cat.fold import pad_rank
 from lorasoup.compat import check_compatibility
+from lorasoup.devices import DTYPES, default_device
 from lorasoup.errors import ConfigError, LorasoupError
+from lorasoup.export.serving import pad_rank
 from lorasoup.lowrank import recompress_modules
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
 from lorasoup.merging.config import MergeRunConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ModuleProgress = Callable[[int, int], None]
 
 
@@ -71,7 +71,7 @@ def merge_adapters(
     """Merge ``adapters`` module by module: ``{path: (A (k, in), B (out, k))}`` on the CPU in float32,
     plus per-module facts (rank, discarded energy). At most two modules are on ``device`` at a time
     (a streaming method overlaps one module's host work with the next one's device work)."""
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = torch.device(default_device(device))
     # on the host: methods read weights as numbers, which would be a device read per module
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
     streaming = method.streaming(target) if method.streaming is not None and target.type == "cuda" else None

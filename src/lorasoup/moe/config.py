@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lorasoup.cat.config import AdapterRef, Dtype, TrainOptions
 from lorasoup.config import require
+from lorasoup.options import AdapterRef, Dtype, FitOptions
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RouterOptions:
 
 
 @dataclass
-class MoeTrainOptions(TrainOptions):
+class MoeTrainOptions(FitOptions):
     """CAT's training options with a router-sized default learning rate."""
 
     learning_rate: float = 1e-3

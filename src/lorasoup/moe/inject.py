@@ -1,6 +1,6 @@
 """Put gated LoRA layers and their routers into a base model, and take them out again.
 
-``compose_moe`` concatenates each module's adapter factors once (CAT's ``_concat_site``), wraps the
+``compose_moe`` concatenates each module's adapter factors once (``lorasoup.sites.concat_site``), wraps the
 module in a ``GatedLoraLinear`` and registers every router once at the model root
 (``model.lorasoup_moe_routers``, a ``ModuleList``). Router granularity:
 
@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from lorasoup.adapters import LoraAdapter
-from lorasoup.cat.inject import WEIGHTS_ATTR, CatSite, _base_shape, _concat_site, plan_sites
+from lorasoup.cat.inject import WEIGHTS_ATTR, CatSite
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import CompatibilityError, ConfigError, ModelError
 from lorasoup.moe.layer import GatedLoraLinear, RouterRecord, TokenRouter, load_balancing_loss
+from lorasoup.sites import base_shape, concat_site, plan_sites
 
 Granularity = Literal["module", "layer"]
 ROUTERS_ATTR = "lorasoup_moe_routers"
@@ -196,7 +197,7 @@ def _build_routers(
     seed: int,
 ) -> nn.ModuleList:
     generator = torch.Generator().manual_seed(seed)
-    widths = {path: _base_shape(base, path)[1] for path, base in plan}
+    widths = {path: base_shape(base, path)[1] for path, base in plan}
     routers = nn.ModuleList()
     for g, name in enumerate(group_names):
         width = widths[name] if granularity == "module" else hidden_size(model)
@@ -242,7 +243,7 @@ def compose_moe(
     model.requires_grad_(False)
     sites = []
     for path, base in plan:
-        A, B, owner, ranks, scales = _concat_site(adapters, path, device, dtype)
+        A, B, owner, ranks, scales = concat_site(adapters, path, device, dtype)
         group = group_names.index(path if granularity == "module" else block_path(path))
         scale_tensor = torch.tensor(scales, device=device)
         layer = GatedLoraLinear(

@@ -26,16 +26,16 @@ from lorasoup.artifacts import (
     run_record,
     write_json_atomic,
 )
-from lorasoup.cat.fit import ProgressHook
 from lorasoup.cat.fold import fold_composition
 from lorasoup.cat.inject import CatComposition
-from lorasoup.cat.run import DTYPES
+from lorasoup.devices import DTYPES
 from lorasoup.errors import ConfigError
 from lorasoup.moe.config import MoeDataConfig, MoeDistillConfig, MoeRunConfig, MoeTrainOptions, RouterOptions
 from lorasoup.moe.distill import CountHook, distill_to_cat, mean_gates
 from lorasoup.moe.inject import MoeComposition, compose_moe
 from lorasoup.moe.io import load_moe, read_moe_config, save_moe
 from lorasoup.moe.train import MoeFitResult, train_routers
+from lorasoup.training.loop import ProgressHook
 
 DataSource = str | Path | Mapping[str, Any]
 

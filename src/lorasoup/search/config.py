@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lorasoup.cat.config import AdapterRef, DataConfig, Dtype, ExportOptions
 from lorasoup.config import require
+from lorasoup.options import AdapterRef, DataConfig, Dtype, ExportOptions
 
 
 @dataclass

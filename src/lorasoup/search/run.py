@@ -35,8 +35,9 @@ from lorasoup.artifacts import (
     write_json_atomic,
 )
 from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat, weights_from_file
-from lorasoup.cat.run import DTYPES, ExportedFactors, export_factors, load_training_data, weights_payload
+from lorasoup.cat.run import ExportedFactors, export_factors, load_training_data, weights_payload
 from lorasoup.compat import check_compatibility
+from lorasoup.devices import DTYPES, default_device
 from lorasoup.errors import DataError
 from lorasoup.search.config import SearchOptions, SearchRunConfig
 from lorasoup.search.optimise import OptimiserSpec, ProgressHook, SearchTrace, minimise
@@ -159,7 +160,7 @@ def _load_inputs(config: SearchRunConfig) -> _Inputs:
     spec = parse_model_spec(config.base_model)
     tokenizer = load_tokenizer(spec)
     dataset, formats = load_training_data(config.data, tokenizer, seed=config.search.seed)
-    device = config.search.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.search.device)
     model = load_base_model(spec, dtype=DTYPES[config.search.dtype], device=device)
     composition = compose_cat(
         model,

@@ -40,6 +40,7 @@ from lorasoup.artifacts import (
     run_record,
     write_json_atomic,
 )
+from lorasoup.devices import DTYPES, cuda_available
 from lorasoup.errors import DataError, LorasoupError
 from lorasoup.resources import StepClock, resource_record, synchronizer
 from lorasoup.training.config import DataSource, LoraOptions, TrainRunConfig
@@ -58,7 +59,6 @@ from lorasoup.training.templates import check_record
 ProgressHook = Callable[[int, int, float], None]
 """``(step, total_steps, latest_logged_loss)``; called on the main process only."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNLIMITED = 1 << 62  # tokenisation length when packing: blocks, not examples, are cut to cutoff_len
 
 
@@ -301,7 +301,7 @@ def training_arguments(config: TrainRunConfig, *, has_eval: bool, quiet: bool) -
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=quiet,
-        use_cpu=t.use_cpu or not torch.cuda.is_available(),
+        use_cpu=t.use_cpu or not cuda_available(),
         remove_unused_columns=False,  # the collator already returns exactly the model's inputs
     )
     return TrainingArguments(**_for_installed_transformers(kwargs))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from lorasoup.devices import cuda_available
 from lorasoup.config import require
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +33,7 @@ def resolve_device(device: str) -> str:
     """``"cpu"`` or ``"cuda"`` for the setting ``device`` on this machine; a one-line ``ConfigError``
     if it cannot run here (no GPU for ``cuda``, or several visible)."""
     check_device(device)
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     require(
         device != "cuda" or cuda,
         "device: 'cuda' asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "

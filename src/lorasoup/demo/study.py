@@ -278,8 +278,9 @@ def train_cat(
     formats: list[str] | None = None,
 ) -> Any:
     """CAT through ``run_cat``; ``formats``: format-robust CAT, each example in a frame dealt from them."""
-    from lorasoup.cat.config import AdapterRef, CatRunConfig, DataConfig, TrainOptions
+    from lorasoup.cat.config import CatRunConfig
     from lorasoup.cat.run import run_cat
+    from lorasoup.options import AdapterRef, DataConfig, FitOptions
     from lorasoup.training.formats import as_format_specs
 
     config = CatRunConfig(
@@ -289,13 +290,13 @@ def train_cat(
             train=data, template=template, cutoff_len=cutoff_len, formats=as_format_specs(formats or [])
         ),
         output=str(out),
-        train=TrainOptions(
+        train=FitOptions(
             learning_rate=settings.cat_learning_rate,
             max_steps=settings.cat_steps,
             epochs=100,
             batch_size=settings.batch_size,
             seed=seed,
-            log_every=50,
+            logging_steps=50,
             device=resolve_device(settings.device),
         ),
     )
@@ -357,7 +358,7 @@ def fit_moe(
         epochs=100,
         batch_size=settings.batch_size,
         seed=seed,
-        log_every=50,
+        logging_steps=50,
         device=resolve_device(settings.device),
     )
     return train_moe(base_dir, adapters, data, train=options, template=template, cutoff_len=cutoff_len)

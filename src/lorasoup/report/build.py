@@ -15,7 +15,7 @@ when ``rank_sweep`` is given, on each CAT run (the demo's own composite task for
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from lorasoup.config import require
 from lorasoup.errors import ConfigError
 from lorasoup.report.page import Page, SkillSet
 from lorasoup.report.runs import Run, label_runs, load_skills, read_run, skill_refs, ties_density
+from lorasoup.report.sweep import SweepProvider
 from lorasoup.report.sections import (
     angles_section,
     cat_weights_section,
@@ -77,7 +78,12 @@ class ReportResult:
     seconds: float
 
 
-def build_report(config: ReportConfig, *, progress: Progress | None = None) -> ReportResult:
+def build_report(
+    config: ReportConfig,
+    *,
+    progress: Progress | None = None,
+    sweep_inputs: Mapping[str, SweepProvider] | None = None,
+) -> ReportResult:
     """Read ``config.runs``, compute the diagnostics and write the report (see the module doc)."""
     from lorasoup.artifacts import atomic_output_dir, require_free_output, run_record, write_json_atomic
     from lorasoup.report.markdown import markdown_to_html
@@ -91,7 +97,7 @@ def build_report(config: ReportConfig, *, progress: Progress | None = None) -> R
     label_runs(runs)
     every = [c for r in runs for c in (r, *r.children)]
     cat_runs = [r for r in every if r.kind == "cat"]
-    _check_sweep(config, runs, cat_runs)
+    _check_sweep(config, runs, cat_runs, sweep_inputs or {})
     skill_sets = _skill_sets(config, every)
     timings: dict[str, float] = {}
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
@@ -123,7 +129,7 @@ def build_report(config: ReportConfig, *, progress: Progress | None = None) -> R
         if targets:
             section("recompression energy", "energy", lambda: energy_section(page, targets))
         if config.rank_sweep:
-            sweeps = _rank_sweeps(config, runs, cat_runs, say)
+            sweeps = _rank_sweeps(config, runs, cat_runs, say, sweep_inputs or {})
             section("accuracy vs rank", "rank_sweep", lambda: rank_sweep_section(page, sweeps))
         (staging / "report.md").write_text(page.markdown, encoding="utf-8")
         html = markdown_to_html(page.markdown, title="lorasoup report", images=page.images)
@@ -145,13 +151,16 @@ def build_report(config: ReportConfig, *, progress: Progress | None = None) -> R
     return ReportResult(output=output, runs=runs, sections=sections, seconds=seconds)
 
 
-def _check_sweep(config: ReportConfig, runs: list[Run], cat_runs: list[Run]) -> None:
-    """Before any work: a rank sweep needs a CAT run, and a task unless every CAT run is a demo's."""
+def _check_sweep(
+    config: ReportConfig, runs: list[Run], cat_runs: list[Run], providers: Mapping[str, SweepProvider]
+) -> None:
+    """Before any work: a rank sweep needs a CAT run, and a task unless every CAT run is inside a run
+    whose kind brings its own (a demo's, with the demo's provider)."""
     if not config.rank_sweep:
         return
     if not cat_runs:
         raise ConfigError("--rank-sweep recompresses a CAT run's adapter: give a cat or demo run directory")
-    in_demos = {id(child) for run in runs if run.kind == "demo" for child in run.children}
+    in_demos = {id(child) for run in runs if run.kind in providers for child in run.children}
     outside = [run for run in cat_runs if id(run) not in in_demos]
     if outside and config.task is None:
         raise ConfigError(
@@ -199,19 +208,24 @@ def _energy_targets(cat_runs: list[Run], skill_sets: list[SkillSet]) -> list[tup
 
 
 def _rank_sweeps(
-    config: ReportConfig, runs: list[Run], cat_runs: list[Run], say: Progress
+    config: ReportConfig,
+    runs: list[Run],
+    cat_runs: list[Run],
+    say: Progress,
+    providers: Mapping[str, SweepProvider],
 ) -> list[tuple[str, str, list[Any]]]:
-    """Accuracy vs rank for each CAT run: the demo's composite task for a demo's, else ``--task``."""
+    """Accuracy vs rank for each CAT run: its parent run kind's provider (the demo's composite task
+    for a demo's), else ``--task``."""
     from lorasoup.adapters import load_adapter
     from lorasoup.diagnostics import accuracy_vs_rank
-    from lorasoup.report.sweep import demo_sweep_inputs, task_sweep_inputs
+    from lorasoup.report.sweep import task_sweep_inputs
 
     parents = {id(child): run for run in runs for child in run.children}
     sweeps = []
     for run in cat_runs:
         parent = parents.get(id(run))
-        if parent is not None and parent.kind == "demo":
-            inputs = demo_sweep_inputs(parent, run)
+        if parent is not None and parent.kind in providers:
+            inputs = providers[parent.kind](parent, run)
         else:
             inputs = task_sweep_inputs(config, run)
         adapter = load_adapter(run.path, name=run.label)

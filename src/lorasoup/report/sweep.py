@@ -1,17 +1,19 @@
 """What an accuracy-vs-rank sweep scores on: a model, a tokenizer, a task and its examples.
 
-For a demo's CAT run: the demo's own composite task and test set, rebuilt from the seed and the
-settings in ``results.json`` (the benchmark is a pure function of them), on that seed's base model.
 For a CAT run: ``--task`` and ``--data`` as ``lorasoup eval`` takes them, on the run's base model
-(``--base-model`` overrides it).
+(``--base-model`` overrides it). An application whose runs carry their own task (the demo) passes a
+:data:`SweepProvider` for its run kind to ``build_report`` (``sweep_inputs={"demo": ...}``): the library
+never imports the application.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lorasoup.devices import default_device
 from lorasoup.errors import ConfigError
 from lorasoup.report.runs import Run
 
@@ -26,36 +28,12 @@ class SweepInputs:
     sandbox: Any = None
 
 
-def demo_sweep_inputs(demo: Run, cat_run: Run) -> SweepInputs:
-    """The demo's composite task on the CAT run's seed, scored as the demo scores it."""
-    from lorasoup.config import load_config
-    from lorasoup.demo.benchmark import build_benchmark, build_tokenizer
-    from lorasoup.demo.study import DemoSettings, Scorer
-    from lorasoup.evaluation.tasks import SandboxOptions
-    from lorasoup.models import load_base_model, parse_model_spec
-
-    results = demo.json("results.json")
-    settings = load_config(DemoSettings, base={**results["settings"], "device": "cpu"})  # as the model below
-    seed_dir = cat_run.path.parent
-    seed = int(seed_dir.name.removeprefix("seed-"))
-    tokenizer = build_tokenizer()
-    scorer = Scorer(build_benchmark(seed, settings.sizes), tokenizer, settings, seed_dir / "eval")
-    name = "composite" if "composite" in scorer.tasks else next(iter(scorer.tasks))
-    model = load_base_model(parse_model_spec(str(seed_dir / "base")), device="cpu")
-    return SweepInputs(
-        model=model,
-        tokenizer=tokenizer,
-        task=scorer.tasks[name],
-        examples=scorer.examples[name],
-        settings=scorer.settings,
-        sandbox=SandboxOptions(timeout_s=2.0, memory_mb=256),
-    )
+SweepProvider = Callable[[Run, Run], SweepInputs]
+"""``(parent run, CAT run) -> SweepInputs`` for the CAT runs inside a parent run of one kind."""
 
 
 def task_sweep_inputs(config: Any, cat_run: Run) -> SweepInputs:
     """``config.task`` on ``config.data`` (``ReportConfig``), on the CAT run's base model."""
-    import torch
-
     from lorasoup.evaluation.runner import task_settings
     from lorasoup.evaluation.tasks import Task, get_task_spec, resolve_inputs
     from lorasoup.models import load_base_model, load_tokenizer, parse_model_spec
@@ -69,7 +47,7 @@ def task_sweep_inputs(config: Any, cat_run: Run) -> SweepInputs:
         settings = dataclasses.replace(settings, batch_size=config.batch_size)
     base = config.base_model or _recorded_base(cat_run)
     model_spec = parse_model_spec(base)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     return SweepInputs(
         model=load_base_model(model_spec, device=device),
         tokenizer=load_tokenizer(model_spec, padding_side="left"),

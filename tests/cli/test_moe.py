@@ -94,3 +94,13 @@ def test_bad_configs_fail_in_one_line(tmp_path, llama_dir, adapter_dirs, data_fi
 def test_distill_of_something_else_fails_in_one_line(tmp_path):
     result = runner.invoke(app, ["moe", "distill", str(tmp_path), "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "no moe_config.json" in result.output
+
+
+def test_distill_takes_set_checked_before_any_work(tmp_path):
+    args = ["moe", "distill", str(tmp_path), "--output", str(tmp_path / "x")]
+    result = runner.invoke(app, [*args, "--set", "batch_size=0"])
+    assert result.exit_code == 2 and "batch_size must be at least 1" in result.output
+    result = runner.invoke(app, [*args, "--set", "export_dtype=float8"])
+    assert result.exit_code == 2 and "export_dtype: 'float8' is not allowed" in result.output
+    result = runner.invoke(app, [*args, "--set", "batch_size=0", "--batch-size", "2"])  # the flag wins
+    assert result.exit_code == 2 and "no moe_config.json" in result.output

@@ -1,0 +1,33 @@
+"""One bar builder: each callback shape drives it; a study's bar ends as "DESCRIPTION: done"."""
+
+import io
+
+from rich.console import Console
+
+from lorasoup.cli.progress import count_progress, score_progress, stage_progress, step_progress
+
+
+def console() -> Console:
+    return Console(file=io.StringIO(), width=120, force_terminal=False)
+
+
+def test_each_callback_shape_drives_the_bar():
+    out = console()
+    with step_progress(out, "training") as update:
+        update(1, 4, 2.5)
+        update(4, 4, 0.125)
+    with count_progress(out, "merging") as update:
+        update(3, 3)
+    with score_progress(out, "eval qa") as update:
+        update(2, 2, 0.5)
+    text = out.file.getvalue()
+    assert "training" in text and "4/4" in text and "loss 0.1250" in text
+    assert "merging" in text and "3/3" in text
+    assert "eval qa" in text and "accuracy 0.500" in text
+
+
+def test_stage_progress_shows_the_running_stage_then_done():
+    out = console()
+    with stage_progress(out, "demo") as stage:
+        stage("seed 0: training skills", 1, 3)
+    assert "demo: done" in out.file.getvalue() and "3/3" in out.file.getvalue()

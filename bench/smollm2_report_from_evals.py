@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lorasoup.demo.study import TASKS, slug
+from lorasoup.demo.scoring import slug
+from lorasoup.demo.settings import TASKS
 from lorasoup.report import markdown_table, methods_bar_chart, weights_heatmap
 
 # The methods of the real demo, in its order, with their kinds (demo/compose.py, demo/real_study.py).

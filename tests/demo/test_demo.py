@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from lorasoup.cli import app
 from lorasoup.demo.benchmark import MUL_STORIES, BenchmarkSizes, build_benchmark, build_tokenizer
 from lorasoup.demo.robustness import BASE_FORMATS, STATS, held_out_stats
-from lorasoup.demo.study import TASKS, TASKS_K3, slug
+from lorasoup.demo.scoring import slug
+from lorasoup.demo.settings import TASKS, TASKS_K3
 from lorasoup.training.templates import TEMPLATES
 from tests.conftest import TINY_DEMO
 

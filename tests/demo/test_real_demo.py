@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lorasoup.cli import app
-from lorasoup.demo.study import TASKS, slug
+from lorasoup.demo.scoring import slug
+from lorasoup.demo.settings import TASKS
 
 pytestmark = pytest.mark.real_model
 

@@ -18,7 +18,7 @@ from lorasoup.demo import DemoSettings, run_demo
 from lorasoup.demo.base import BaseModelSize
 from lorasoup.demo.scale import StudyConfig
 from lorasoup.demo.scale_report import overtaking
-from lorasoup.demo.study import TASKS
+from lorasoup.demo.settings import TASKS
 from tests.conftest import TINY_DEMO, on_gpu
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "study"

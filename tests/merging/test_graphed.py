@@ -7,9 +7,9 @@ import torch
 
 from lorasoup.adapters import LoraFactors
 from lorasoup.merging import MERGE_METHODS, MergeParams, rowwise
+from lorasoup.merging.delta import RECIPES, merge_delta
 from lorasoup.merging.graphed import GraphedDeltaMerge
 from lorasoup.merging.run import module_generator
-from lorasoup.merging.task_arithmetic import RECIPES, merge_delta
 from tests.conftest import on_gpu
 
 PRESETS = [name for name in RECIPES if RECIPES[name].sparsify != "none"]

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from lorasoup.adapters import LoraFactors
 from lorasoup.lowrank import dense_lowrank
 from lorasoup.merging import MERGE_METHODS, MergeParams
+from lorasoup.merging.delta import RECIPES, merge_tasks
 from lorasoup.merging.ops import disjoint_mean, elect_sign, keep_top_magnitude, sign_agreement
 from lorasoup.merging.rowwise import merge_rowwise
-from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
 from tests.conftest import on_gpu
 
 DELTA_METHODS = [n for n in MERGE_METHODS if MERGE_METHODS.get(n).space == "delta"]

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from lorasoup.adapters import LoraFactors
 from lorasoup.merging import rowwise
+from lorasoup.merging.delta import RECIPES, merge_tasks
 from lorasoup.merging.ops import keep_top_magnitude
 from lorasoup.merging.rowwise import magnitude_cut, merge_rowwise, row_blocks
-from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
 from tests.conftest import on_gpu
 
 

@@ -17,21 +17,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorasoup.demo.benchmark import Benchmark
-from lorasoup.demo.study import (
-    TASKS_K3,
-    DemoSettings,
-    MethodResult,
-    Scorer,
+from lorasoup.demo.methods import (
     distil_moe,
     fit_moe,
     load_study_model,
     merge_skills,
     search_skill_weights,
-    task_specs,
     train_cat,
     train_lora,
     untrained_cat,
 )
+from lorasoup.demo.scoring import Scorer, format_specs, task_specs
+from lorasoup.demo.settings import TASKS_K3, DemoSettings, MethodResult
 
 if TYPE_CHECKING:
     from lorasoup.demo.real_study import RealDemoSettings
@@ -204,3 +201,43 @@ def three_skills(study: SeedStudy, adapters: dict[str, Path]) -> list[MethodResu
 
 STEPS = 17
 """Progress steps of :func:`compose_methods`."""
+
+
+def format_rows(
+    study: SeedStudy, adapters: dict[str, Path], artifacts: dict[str, Path]
+) -> list[MethodResult]:
+    """Train format-robust CAT, then score it, plain CAT, DATA-MIX and the oracle in every frame.
+
+    ``adapters``: the K = 2 skill LoRAs; ``artifacts``: the K = 2 study's ``datamix``, ``cat`` and
+    ``oracle`` (:func:`~lorasoup.demo.compose.compose_methods`). Rows' accuracies are keyed by frame.
+    """
+    s, settings = study, study.settings
+    pool = list(settings.train_formats)
+    s.step("training format-robust CAT weights")
+    data = [s.files[name] for name in adapters]
+    robust = train_cat(
+        s.base_dir, adapters, data, s.out / "cat-format-robust", settings, s.seed, formats=pool
+    )
+    frames = ["plain", *settings.held_out_formats]
+    scorer = Scorer(
+        s.benchmark,
+        s.tokenizer,
+        settings,
+        s.out / "eval-formats",
+        specs=format_specs(frames),
+        splits=dict.fromkeys(frames, "composite"),
+    )
+    models = [
+        ("CAT (trained)", "CAT", artifacts["cat"], "plain CAT: weights trained in the plain frame only"),
+        ("CAT, format-robust", "CAT", Path(robust.output), f"weights trained in {', '.join(pool)}"),
+        ("DATA-MIX", "baseline", artifacts["datamix"], "one LoRA on the skills' mixed data, plain frame"),
+        ("oracle (composite data)", "ceiling", artifacts["oracle"], "composite data, plain frame"),
+    ]
+    rows: list[MethodResult] = []
+    for method, kind, path, detail in models:
+        s.add(rows, scorer, method, kind, load_study_model(s.base_dir, path), path, detail)
+    return rows
+
+
+FORMAT_STEPS = 5
+"""Progress steps of :func:`format_rows`."""

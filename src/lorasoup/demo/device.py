@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from lorasoup.devices import cuda_available
 from lorasoup.config import require
+from lorasoup.devices import cuda_available
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -26,8 +26,10 @@ from lorasoup.config import require
 from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.compose import STEPS as COMPOSE_STEPS
 from lorasoup.demo.compose import SeedStudy, compose_methods
+from lorasoup.demo.methods import load_study_model
 from lorasoup.demo.real import PROGRAM_REQUEST, RealSizes, build_real_benchmark
-from lorasoup.demo.study import MethodResult, Scorer, StageHook, load_study_model, write_records
+from lorasoup.demo.scoring import Scorer, write_records
+from lorasoup.demo.settings import MethodResult, StageHook
 from lorasoup.evaluation.generate import GenerationOptions
 from lorasoup.evaluation.tasks import TaskSpec
 

@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lorasoup.training.formats  # noqa: F401  (registers fmt1 … fmt10 and verbatim as templates)
 from lorasoup.training.formats import deal_formats
 from lorasoup.training.templates import TEMPLATES
-
-if TYPE_CHECKING:
-    from lorasoup.demo.compose import SeedStudy
-    from lorasoup.demo.study import MethodResult
 
 BASE_FORMATS = ("plain", "fmt1", "fmt2", "fmt3", "fmt4", "fmt7", "fmt8", "fmt10")
 """The frames the base model learns its language in (every built-in one)."""
@@ -91,45 +86,3 @@ def format_table(
         row["held_out"] = {stat: summarise([s[stat] for s in stats]) for stat in STATS}
         table.append(row)
     return table
-
-
-def format_rows(
-    study: SeedStudy, adapters: dict[str, Path], artifacts: dict[str, Path]
-) -> list[MethodResult]:
-    """Train format-robust CAT, then score it, plain CAT, DATA-MIX and the oracle in every frame.
-
-    ``adapters``: the K = 2 skill LoRAs; ``artifacts``: the K = 2 study's ``datamix``, ``cat`` and
-    ``oracle`` (:func:`~lorasoup.demo.compose.compose_methods`). Rows' accuracies are keyed by frame.
-    """
-    from lorasoup.demo.study import Scorer, format_specs, load_study_model, train_cat
-
-    s, settings = study, study.settings
-    pool = list(settings.train_formats)
-    s.step("training format-robust CAT weights")
-    data = [s.files[name] for name in adapters]
-    robust = train_cat(
-        s.base_dir, adapters, data, s.out / "cat-format-robust", settings, s.seed, formats=pool
-    )
-    frames = ["plain", *settings.held_out_formats]
-    scorer = Scorer(
-        s.benchmark,
-        s.tokenizer,
-        settings,
-        s.out / "eval-formats",
-        specs=format_specs(frames),
-        splits=dict.fromkeys(frames, "composite"),
-    )
-    models = [
-        ("CAT (trained)", "CAT", artifacts["cat"], "plain CAT: weights trained in the plain frame only"),
-        ("CAT, format-robust", "CAT", Path(robust.output), f"weights trained in {', '.join(pool)}"),
-        ("DATA-MIX", "baseline", artifacts["datamix"], "one LoRA on the skills' mixed data, plain frame"),
-        ("oracle (composite data)", "ceiling", artifacts["oracle"], "composite data, plain frame"),
-    ]
-    rows: list[MethodResult] = []
-    for method, kind, path, detail in models:
-        s.add(rows, scorer, method, kind, load_study_model(s.base_dir, path), path, detail)
-    return rows
-
-
-STEPS = 5
-"""Progress steps of :func:`format_rows`."""

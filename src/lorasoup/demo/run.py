@@ -1,26 +1,6 @@
-"""The embedded default, ``lorasoup demo``: a skill-composition study that runs in minutes on a CPU.
+"""``lorasoup demo``: run the seeds (here or in worker processes), aggregate them, write the report.
 
-A miniature of the LoRA Soups GSM-Hard experiment (https://arxiv.org/abs/2410.13025), built from a
-seed with no download: see ``benchmark.py`` for the task design, ``study.py`` for the methods, and
-docs/demo.md for what the numbers mean. The output directory (written atomically) holds:
-
-- ``report.md`` / ``report.html``: the results table (mean ± std over seeds), the methods' bar chart
-  and a heatmap of CAT's learned weights per layer and module;
-- ``results.json``: every number, per seed and aggregated; ``run.json``: settings, versions, timings;
-- ``seed-N/``: that seed's base model, adapters, merges, CAT artifact and per-example results
-  (``eval/<method>/<task>.jsonl``) from which the table is computed.
-
-With ``--set skills=3`` the report adds the K = 3 table and how each method scales with K
-(``scaling.png``; per-example files in ``eval-k3/``); with ``--set format_robust=true`` the
-format-robustness table (``formats.png``; ``eval-formats/<method>/<frame>.jsonl``). See ``tables.py``.
-
-``model="smollm2"`` (``lorasoup demo --model smollm2``) runs the same study on the real
-SmolLM2-135M-Instruct with reasoning-gym data (``real.py``, ``real_study.py``); its converted base
-checkpoint is ``base/``, shared by the seeds.
-
-The settings' ``device`` picks where everything runs (``device.py``: a CUDA GPU when there is one);
-``jobs`` runs seeds side by side in worker processes (``seeds.py``). ``scale.py`` runs the whole
-study over a ladder of base model sizes (``lorasoup study``, docs/study.md).
+The package docstring (``lorasoup/demo/__init__.py``) says what the output directory holds.
 """
 
 from __future__ import annotations
@@ -34,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from lorasoup.demo.real_study import STAGES as REAL_STAGES
 from lorasoup.demo.real_study import RealDemoSettings, SeedRunner, report_header, seed_runner
-from lorasoup.demo.study import TASKS, DemoSettings, MethodResult, StageHook, aggregate, run_seed
+from lorasoup.demo.settings import TASKS, DemoSettings, MethodResult, StageHook, aggregate
+from lorasoup.demo.study import run_seed
 from lorasoup.demo.tables import extra_results, extra_sections
 from lorasoup.errors import ConfigError
 
 if TYPE_CHECKING:
     from lorasoup.demo.seeds import Unit
-
-__all__ = ["MODES", "DemoSettings", "DemoSummary", "RealDemoSettings", "run_demo"]
 
 
 @dataclass
@@ -139,7 +118,7 @@ def write_demo(
     ``folder``; returns the table (mean ± std over seeds)."""
     from lorasoup.artifacts import run_record, write_json_atomic
     from lorasoup.demo.device import device_facts
-    from lorasoup.demo.study import settings_record
+    from lorasoup.demo.settings import settings_record
 
     hardware = device_facts(settings.device)
     per_seed: list[list[MethodResult]] = [rows for rows, _ in outcomes]

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from lorasoup.config import build, require
-from lorasoup.demo.study import DemoSettings, StageHook
+from lorasoup.demo.scale_report import comparable, write_scaling
+from lorasoup.demo.settings import DemoSettings, StageHook
 from lorasoup.errors import ConfigError, LorasoupError
 
 RESERVED = ("scaling.md", "scaling.html", "scaling.json", "scaling.png", "run.json")
@@ -66,7 +67,7 @@ class StudyConfig:
     output: str = "runs/study"
 
     def validate(self) -> None:
-        from lorasoup.demo import seed_list
+        from lorasoup.demo.run import seed_list
 
         require(bool(self.sizes), "sizes: list at least one size")
         require(self.jobs >= 1, f"jobs must be at least 1, got {self.jobs}")
@@ -87,7 +88,7 @@ class StudyConfig:
 
     @property
     def seed_list(self) -> list[int]:
-        from lorasoup.demo import seed_list
+        from lorasoup.demo.run import seed_list
 
         return seed_list(self.seed, self.seeds)
 
@@ -167,7 +168,6 @@ def run_study(
     ``report_only``: run nothing; rebuild ``scaling.*`` and ``run.json`` from the finished sizes.
     """
     from lorasoup.demo.device import resolve_device
-    from lorasoup.demo.scale_report import write_scaling
 
     started = time.perf_counter()
     out = Path(output or config.output)
@@ -191,7 +191,7 @@ def _plan(
 ) -> tuple[list[SizePreset], list[str]]:
     """Which sizes to run and which finished ones to keep; refuses, before any work, to replace a
     finished size whose settings or seeds differ unless ``overwrite``."""
-    from lorasoup.demo.study import settings_record
+    from lorasoup.demo.settings import settings_record
 
     todo, kept = [], []
     for preset in chosen:
@@ -223,19 +223,13 @@ def _finished(folder: Path) -> dict[str, Any] | None:
     return {"settings": comparable(results.get("settings") or {}), "seeds": results.get("seeds")}
 
 
-def comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A size's settings as compared between a config and a finished run: all but ``device``
-    (where it ran does not change what it is, and ``auto`` and ``cuda`` name the same GPU)."""
-    return {key: value for key, value in settings.items() if key != "device"}
-
-
 def _run_sizes(
     out: Path, config: StudyConfig, todo: list[SizePreset], *, overwrite: bool, stage: StageHook | None
 ) -> list[str]:
     """Run every seed of every size in ``todo``, in that order; each size's folder appears when its
     seeds are done, and a failure removes the unfinished sizes' staging folders."""
     from lorasoup.artifacts import atomic_output_dir
-    from lorasoup.demo import seed_units, write_demo
+    from lorasoup.demo.run import seed_units, write_demo
     from lorasoup.demo.seeds import run_units
 
     seeds = config.seed_list

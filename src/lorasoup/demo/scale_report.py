@@ -13,11 +13,11 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorasoup.demo.study import TASKS
+from lorasoup.demo.settings import TASKS
 from lorasoup.errors import LorasoupError
 
 if TYPE_CHECKING:
@@ -41,10 +41,15 @@ Cell = dict[str, Any] | None
 """One size's ``{"mean", "std", "values"}`` of a method on a task; None where the method did not run."""
 
 
+def comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A size's settings as compared between a config and a finished run: all but ``device``
+    (where it ran does not change what it is, and ``auto`` and ``cuda`` name the same GPU)."""
+    return {key: value for key, value in settings.items() if key != "device"}
+
+
 def collect(out: Path, config: StudyConfig) -> dict[str, Any]:
     """``scaling.json``'s content: every finished size of ``config`` in ``out``, in the config's order."""
-    from lorasoup.demo.scale import comparable
-    from lorasoup.demo.study import settings_record
+    from lorasoup.demo.settings import settings_record
 
     sizes, missing, notices = [], [], []
     for preset in config.sizes:

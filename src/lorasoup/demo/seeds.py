@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lorasoup.demo.real_study import SeedRunner
-from lorasoup.demo.study import MethodResult, StageHook
+from lorasoup.demo.settings import MethodResult, StageHook
 
 Outcome = tuple[list[MethodResult], dict[str, Any]]
 """A seed's rows and facts, as ``run_seed`` returns them."""

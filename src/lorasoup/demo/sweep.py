@@ -15,7 +15,8 @@ def demo_sweep_inputs(demo: Run, cat_run: Run) -> SweepInputs:
     """The demo's composite task on the CAT run's seed, scored as the demo scores it."""
     from lorasoup.config import load_config
     from lorasoup.demo.benchmark import build_benchmark, build_tokenizer
-    from lorasoup.demo.study import DemoSettings, Scorer
+    from lorasoup.demo.scoring import Scorer
+    from lorasoup.demo.settings import DemoSettings
     from lorasoup.evaluation.tasks import SandboxOptions
     from lorasoup.models import load_base_model, parse_model_spec
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasoup.demo.robustness import STATS, format_table
-from lorasoup.demo.study import TASKS_K3, aggregate
+from lorasoup.demo.settings import TASKS_K3, aggregate
 
 K_COLUMNS = ("K=2", "K=3")
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
 from lorasoup.merging.base import MergeMethod, MergeParams, ModuleMerge, present, register
-from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
+from lorasoup.merging.delta import RECIPES, merge_tasks
 
 PEFT = (
     "PEFT `LoraModel.add_weighted_adapter`, https://huggingface.co/docs/peft/developer_guides/model_merging"

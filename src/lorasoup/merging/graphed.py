@@ -16,7 +16,7 @@ captures it once per module signature (shape, ranks, method and its parameters) 
    and the host finishes the SVD (:func:`lorasoup.lowrank.range_svd_from_gram`, as the eager path
    does).
 
-The same functions run in the same order as :func:`lorasoup.merging.task_arithmetic.merge_delta`,
+The same functions run in the same order as :func:`lorasoup.merging.delta.merge_delta`,
 so the factors are the eager ones. A module whose packet reports a missed magnitude bracket or an
 unhealthy CholeskyQR basis is redone eagerly, which handles both exactly. A signature's first module
 runs eagerly (on the capture stream: it compiles the Triton kernels and sets up cuBLAS there); the
@@ -48,7 +48,7 @@ from lorasoup.lowrank import (
 )
 from lorasoup.merging import rowwise
 from lorasoup.merging.base import MergeParams, ModuleMerge, present
-from lorasoup.merging.task_arithmetic import Recipe, merge_delta, output_rank
+from lorasoup.merging.delta import Recipe, merge_delta, output_rank
 
 
 @dataclass

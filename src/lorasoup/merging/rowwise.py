@@ -278,7 +278,7 @@ def merge_rowwise(
 
     ``sparsify``: "none" | "magnitude" (top ``density`` by ``|τ|``) | "random" (DARE);
     ``consensus``: "none" (weighted sum) | "sign" (TIES' elected sign, signs elected on ``w_i τ̂_i``,
-    disjoint mean). Equals :func:`lorasoup.merging.task_arithmetic.merge_tasks` on the dense tasks,
+    disjoint mean). Equals :func:`lorasoup.merging.delta.merge_tasks` on the dense tasks,
     except that DARE's masks are :func:`dare_keep`'s hash of the ``generator``'s seed, the task and
     the position (the same on every device and for every block size). ``block_elements``: entries per
     row block (default :data:`BLOCK_ELEMENTS`, read at call time so a benchmark can vary it).

@@ -138,8 +138,3 @@ def _check_string(row: Mapping[str, Any], field: str, where: str) -> None:
 def json_kind(value: object) -> str:
     """The JSON name of a value's type (``object``, ``array``, ...), for error messages."""
     return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
-
-
-# The built-in prompt formats (fmt1, fmt2, ...) register themselves in TEMPLATES; importing them here
-# makes every template name valid wherever templates are looked up (training, CAT, eval tasks).
-from lorasoup.training import formats as _formats  # noqa: E402, F401

@@ -1,0 +1,131 @@
+"""The demo's tasks (composite, math, code; the three-skill and format variants) and its scorer.
+
+``Scorer`` evaluates a model on every task's test set through ``evaluate_model`` (programs run in the
+sandbox) and keeps every per-example record under ``eval/<method>/<task>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasoup.demo.benchmark import Benchmark
+from lorasoup.demo.device import resolve_device
+from lorasoup.demo.settings import TASKS, DemoSettings
+from lorasoup.evaluation.generate import GenerationSettings
+from lorasoup.evaluation.tasks import SandboxOptions, Task, TaskSpec
+
+
+def _task_specs(template: str = "plain") -> dict[str, TaskSpec]:
+    """Every demo task, prompts in ``template`` (``plain``; a frame of the format-robustness rows)."""
+    from lorasoup.evaluation.generate import GenerationOptions
+
+    def spec(name: str, description: str, **scoring: str) -> TaskSpec:
+        generation = GenerationOptions(max_new_tokens=16, stop=[])
+        return TaskSpec(
+            name=name, description=description, template=template, generation=generation, **scoring
+        )
+
+    program = {"reference": "value", "scorer": "program_solution", "metric": "numeric"}
+    return {
+        "composite": spec(
+            "demo-composite", "multiplication story → PAL program; the sandbox calls solution()", **program
+        ),
+        "math": spec(
+            "demo-math",
+            "multiplication story → 'answer : a * b'",
+            reference="output",
+            extractor="strip",
+            metric="exact_text",
+        ),
+        "code": spec(
+            "demo-code",
+            "addition/subtraction story → PAL program (the code skill on its own ground)",
+            **program,
+        ),
+        "composite3": spec(
+            "demo-composite3", "multiplication story + 'then ... c more' → PAL program, a * b + c", **program
+        ),
+        "extra": spec(
+            "demo-extra",
+            "addition/subtraction story + 'then ... c more' → 'answer : a + b + c'",
+            reference="output",
+            extractor="strip",
+            metric="exact_text",
+        ),
+    }
+
+
+def task_specs(names: tuple[str, ...] = TASKS) -> dict[str, TaskSpec]:
+    """The tasks ``names`` (``TASKS``; ``TASKS_K3`` for the three-skill study), in the plain frame."""
+    every = _task_specs()
+    return {name: every[name] for name in names}
+
+
+def format_specs(formats: list[str], task: str = "composite") -> dict[str, TaskSpec]:
+    """``task`` once per prompt frame, keyed by the frame's name (the format-robustness rows)."""
+    return {name: _task_specs(name)[task] for name in formats}
+
+
+class Scorer:
+    """Scores models on test sets (by default the three of ``TASKS``) and keeps every per-example record.
+
+    ``specs``: the tasks by name; ``splits``: the test split each one reads (default: its own name;
+    the format rows read ``composite`` under every frame's name). Models are moved to the settings'
+    device before they generate.
+    """
+
+    def __init__(
+        self,
+        benchmark: Benchmark,
+        tokenizer: Any,
+        settings: DemoSettings,
+        out_dir: Path,
+        specs: dict[str, TaskSpec] | None = None,
+        splits: dict[str, str] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.tasks = {name: Task(spec, num_fewshot=0) for name, spec in (specs or task_specs()).items()}
+        splits = splits or {}
+        self.examples = {
+            name: task.examples(benchmark.test[splits.get(name, name)]) for name, task in self.tasks.items()
+        }
+        self.settings = GenerationSettings(max_new_tokens=16, batch_size=settings.eval_batch_size)
+        self.out_dir = out_dir
+        self.device = resolve_device(settings.device)
+
+    def score(self, method: str, model: torch.nn.Module) -> dict[str, float]:
+        from lorasoup.evaluation.runner import evaluate_model
+
+        model = model.to(self.device)
+        accuracy = {}
+        folder = self.out_dir / slug(method)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.tasks:
+            outcome = evaluate_model(
+                model,
+                self.tokenizer,
+                self.tasks[name],
+                self.examples[name],
+                self.tasks[name].spec.generation.apply(self.settings),  # the task's own token budget
+                sandbox=SandboxOptions(timeout_s=2.0, memory_mb=256),
+            )
+            with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+                for result in outcome.results:
+                    handle.write(json.dumps(result.to_json()) + "\n")
+            accuracy[name] = outcome.summary["accuracy"]
+        return accuracy
+
+
+def slug(method: str) -> str:
+    """A method's folder name: ``CAT (trained)`` → ``cat-trained``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in method.lower()).split())
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return str(path)

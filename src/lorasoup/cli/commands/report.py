@@ -52,6 +52,7 @@ def report(
     principal angles between the skills' LoRA subspaces, TIES sign-conflict rates, recompression energy
     kept per module, and with --rank-sweep the accuracy of the CAT adapter recompressed to each rank.
     """
+    from lorasoup.demo.sweep import demo_sweep_inputs
     from lorasoup.report.build import ReportConfig, build_report
 
     try:
@@ -75,5 +76,10 @@ def report(
     }
     settings = load_run_config(ReportConfig, None, set_, flags)
     with spinner(console, "report") as status:
-        result = build_report(settings, progress=lambda what: status.update(f"report: {what}"))
+        result = build_report(
+            settings,
+            progress=lambda what: status.update(f"report: {what}"),
+            # the demo is an application the library does not import: how to rebuild its task comes from here
+            sweep_inputs={"demo": demo_sweep_inputs},
+        )
     print_report_result(console, result)

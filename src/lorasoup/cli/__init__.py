@@ -15,7 +15,7 @@ import warnings
 
 import typer
 
-from lorasoup.cli.commands import cat, demo, eval, inspect, merge, moe, report, search, train
+from lorasoup.cli.commands import cat, compat, demo, evaluation, merge, moe, report, search, train
 from lorasoup.cli.console import CommandGroup
 
 __all__ = ["app", "build_app", "main"]
@@ -31,14 +31,14 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
-    root.command()(inspect.inspect)
+    root.command()(compat.inspect)
     root.command()(cat.cat)
     root.command()(demo.demo)
     root.command()(demo.study)
     root.command()(merge.merge)
     root.command()(merge.compress)
     root.command()(train.train)
-    root.command("eval")(eval.eval_)
+    root.command("eval")(evaluation.eval_)
     root.command()(report.report)
     root.command()(search.search)
     root.add_typer(moe.moe_app(), name="moe")

@@ -1,4 +1,4 @@
-"""`lorasoup inspect`: the adapters table, and exit code 2 when they cannot be composed."""
+"""`lorasoup inspect` (cli/commands/compat.py): the adapters table, and exit code 2 when they cannot be composed."""
 
 from typer.testing import CliRunner
 

@@ -1,4 +1,4 @@
-"""`lorasoup inspect` (cli/commands/compat.py): the adapters table, and exit code 2 when they cannot be composed."""
+"""`lorasoup inspect` (cli/commands/compat.py): the adapters table; exit code 2 when not composable."""
 
 from typer.testing import CliRunner
 

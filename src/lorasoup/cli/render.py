@@ -8,10 +8,26 @@ MoE) are one table, :func:`weights_table`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from lorasoup.adapters import LoraAdapter
+    from lorasoup.cat.run import CatRunResult
+    from lorasoup.demo.run import DemoSummary
+    from lorasoup.demo.scale import StudySummary
+    from lorasoup.evaluation.runner import EvalResult
+    from lorasoup.merging.base import MergeMethod
+    from lorasoup.merging.run import MergeResult
+    from lorasoup.moe.run import DistillResult, MoeRunResult
+    from lorasoup.registry import Registry
+    from lorasoup.report.build import ReportResult
+    from lorasoup.search.run import SearchRunResult
+    from lorasoup.training.skill import TrainResult
 
 
 def print_notices(console: Console, notices: Iterable[str]) -> None:
@@ -19,7 +35,7 @@ def print_notices(console: Console, notices: Iterable[str]) -> None:
         console.print(f"[yellow]notice:[/] {notice}", highlight=False)
 
 
-def weights_table(title: str, adapter_names: Sequence[str], weights: Any) -> Table:
+def weights_table(title: str, adapter_names: Sequence[str], weights: Tensor) -> Table:
     """Mean, min and max over groups (modules, layers) of each adapter's weight; ``weights`` is (G, K)."""
     table = Table(title=title)
     for name in ("adapter", "mean", "min", "max"):
@@ -30,7 +46,7 @@ def weights_table(title: str, adapter_names: Sequence[str], weights: Any) -> Tab
     return table
 
 
-def adapters_table(loaded: Sequence[Any]) -> Table:
+def adapters_table(loaded: Sequence[LoraAdapter]) -> Table:
     """``lorasoup inspect``: one row per adapter."""
     table = Table(title="Adapters", show_lines=False)
     columns = ("name", "base model", "ranks", "alpha", "scaling", "targets", "modules", "dtype", "params")
@@ -55,7 +71,7 @@ def adapters_table(loaded: Sequence[Any]) -> Table:
     return table
 
 
-def print_cat_result(console: Console, result: Any) -> None:
+def print_cat_result(console: Console, result: CatRunResult) -> None:
     fit = result.fit
     print_notices(console, result.notices)
     if fit.first_loss is not None:
@@ -68,7 +84,7 @@ def print_cat_result(console: Console, result: Any) -> None:
     console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
 
 
-def print_search_result(console: Console, result: Any) -> None:
+def print_search_result(console: Console, result: SearchRunResult) -> None:
     found = result.search
     print_notices(console, result.notices)
     console.print(
@@ -82,7 +98,7 @@ def print_search_result(console: Console, result: Any) -> None:
     console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
 
 
-def print_moe_result(console: Console, result: Any) -> None:
+def print_moe_result(console: Console, result: MoeRunResult) -> None:
     fit = result.trained.fit
     print_notices(console, result.notices)
     if fit.first_loss is not None:
@@ -98,7 +114,7 @@ def print_moe_result(console: Console, result: Any) -> None:
     )
 
 
-def print_distill_result(console: Console, result: Any) -> None:
+def print_distill_result(console: Console, result: DistillResult) -> None:
     composition = result.composition
     title = f"distilled CAT weights (mean over {len(result.weights)} modules)"
     console.print(weights_table(title, composition.adapter_names, composition.effective_weights()))
@@ -108,7 +124,7 @@ def print_distill_result(console: Console, result: Any) -> None:
     )
 
 
-def merge_methods_table(methods: Any) -> Table:
+def merge_methods_table(methods: Registry[MergeMethod]) -> Table:
     """``lorasoup merge --list``: the registry's entries."""
     table = Table(title="merge methods")
     for column in ("name", "space", "what it does", "reference"):
@@ -119,7 +135,7 @@ def merge_methods_table(methods: Any) -> Table:
     return table
 
 
-def print_merge_result(console: Console, result: Any) -> None:
+def print_merge_result(console: Console, result: MergeResult) -> None:
     """``lorasoup merge`` and ``lorasoup compress``."""
     print_notices(console, result.notices)
     lost = result.max_discarded_energy
@@ -130,7 +146,7 @@ def print_merge_result(console: Console, result: Any) -> None:
     )
 
 
-def print_train_result(console: Console, result: Any) -> None:
+def print_train_result(console: Console, result: TrainResult) -> None:
     print_notices(console, result.notices)
 
     def loss(value: float | None) -> str:
@@ -170,7 +186,7 @@ def eval_table(task: str, summary: dict[str, Any]) -> Table:
     return table
 
 
-def print_eval_result(console: Console, task: str, result: Any) -> None:
+def print_eval_result(console: Console, task: str, result: EvalResult) -> None:
     summary = result.summary
     console.print(eval_table(task, summary))
     if "across_subsets" in summary:
@@ -194,7 +210,7 @@ def print_eval_result(console: Console, task: str, result: Any) -> None:
     console.print(f"[bold green]wrote[/] {result.output}")
 
 
-def print_report_result(console: Console, result: Any) -> None:
+def print_report_result(console: Console, result: ReportResult) -> None:
     console.print(f"sections: {', '.join(result.sections)}", highlight=False)
     console.print(f"[bold green]wrote[/] {result.output}/report.md and report.html ({result.seconds:.1f} s)")
 
@@ -206,7 +222,7 @@ def accuracy_cell(value: dict[str, float] | None, several: bool) -> str:
     return f"{100 * value['mean']:.1f}" + (f" ± {100 * value['std']:.1f}" if several else "")
 
 
-def print_demo_result(console: Console, summary: Any) -> None:
+def print_demo_result(console: Console, summary: DemoSummary) -> None:
     several = len(summary.seeds) > 1
     table = Table(
         title=f"lorasoup demo: composite task and skill retention, accuracy % (seeds {summary.seeds})"
@@ -232,7 +248,7 @@ def print_saved_benchmark(console: Console, saved: dict[str, Any]) -> None:
     )
 
 
-def print_study_result(console: Console, summary: Any) -> None:
+def print_study_result(console: Console, summary: StudySummary) -> None:
     from lorasoup.demo.scale_report import human_count
 
     data = summary.scaling

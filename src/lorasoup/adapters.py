@@ -63,6 +63,12 @@ class LoraFactors:
     def out_features(self) -> int:
         return self.B.shape[0]
 
+    def at_unit_scale(self) -> LoraFactors:
+        """The same update at scale 1, the scale folded into ``A``: ``(s·A, B)`` (``self`` if s is 1).
+
+        Composed, merged and recompressed adapters are all at scale 1 (PEFT's ``lora_alpha = r``)."""
+        return self if self.scale == 1.0 else LoraFactors(self.scale * self.A, self.B, 1.0)
+
     def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense ``ΔW (out, in)``; for tests and small models only."""
         return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)

@@ -274,9 +274,12 @@ class RankPoint:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def scaled_factors(adapter: LoraAdapter) -> dict[str, tuple[Tensor, Tensor]]:
+def scaled_factors(adapter: LoraAdapter) -> dict[str, LoraFactors]:
     """``{path: (s·A (r, in), B (out, r))}`` in float32: the updates at scale 1."""
-    return {path: (f.scale * f.A.float(), f.B.float()) for path, f in adapter.modules.items()}
+    return {
+        path: LoraFactors(f.A.float(), f.B.float(), f.scale).at_unit_scale()
+        for path, f in adapter.modules.items()
+    }
 
 
 def accuracy_vs_rank(
@@ -328,17 +331,17 @@ def accuracy_vs_rank(
 
 @contextmanager
 def _with_adapter(
-    model: torch.nn.Module, factors: dict[str, tuple[Tensor, Tensor]], source: LoraAdapter
+    model: torch.nn.Module, factors: dict[str, LoraFactors], source: LoraAdapter
 ) -> Iterator[torch.nn.Module]:
     """``model`` wrapped by a PEFT adapter made of ``factors`` (scale 1); unloaded on exit."""
     from peft import PeftModel
 
     from lorasoup.export.peft import save_peft_adapter
-    from lorasoup.export.serving import pad_rank
+    from lorasoup.export.serving import pad_factors
 
-    rank = max(A.shape[0] for A, _ in factors.values())
+    rank = max(f.rank for f in factors.values())
     dtype = next(model.parameters()).dtype
-    padded = {p: tuple(t.to(dtype) for t in pad_rank(A, B, rank)) for p, (A, B) in factors.items()}
+    padded = {p: pad_factors(f, rank, dtype) for p, f in factors.items()}
     with tempfile.TemporaryDirectory(prefix="lorasoup-rank-") as folder:
         save_peft_adapter(
             padded,

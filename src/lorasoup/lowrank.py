@@ -22,6 +22,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lorasoup.adapters import LoraFactors
+
 SvdMode = Literal["exact", "randomized"]
 OVERSAMPLE = 16
 """Extra columns of the randomized range finder (:func:`dense_lowrank`'s default)."""
@@ -121,20 +123,21 @@ def recompress(
 
 
 def recompress_modules(
-    factors: Mapping[str, tuple[Tensor, Tensor]],
+    factors: Mapping[str, LoraFactors],
     *,
     rank: int | None = None,
     energy: float | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
-    """:func:`recompress` every module of an adapter: ``{path: (A, B)}`` at scale 1 in, same out,
-    plus ``{path: {"rank", "discarded_energy"}}``. Modules go one at a time, in sorted order."""
-    result: dict[str, tuple[Tensor, Tensor]] = {}
+) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
+    """:func:`recompress` every module of an adapter: ``{path: LoraFactors}`` in (any scale), the same
+    at scale 1 out, plus ``{path: {"rank", "discarded_energy"}}``. Modules go one at a time, in sorted
+    order."""
+    result: dict[str, LoraFactors] = {}
     facts: dict[str, dict[str, Any]] = {}
     for done, path in enumerate(sorted(factors), start=1):
-        A, B = factors[path]
-        low = recompress(A, B, rank=rank, energy=energy)
-        result[path] = (low.A, low.B)
+        unit = factors[path].at_unit_scale()
+        low = recompress(unit.A, unit.B, rank=rank, energy=energy)
+        result[path] = LoraFactors(low.A, low.B, 1.0)
         facts[path] = {"rank": low.rank, "discarded_energy": low.discarded_energy}
         if progress is not None:
             progress(done, len(factors))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lorasoup.adapters import LoraFactors
 from lorasoup.cat.inject import CatComposition
 from lorasoup.export.serving import pad_rank
 
@@ -21,8 +22,8 @@ def fold_factors(A: Tensor, B: Tensor, coefficients: Tensor) -> tuple[Tensor, Te
 
 def fold_composition(
     composition: CatComposition, *, dtype: torch.dtype = torch.float32, rank: int | None = None
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Every module's folded ``(A', B')`` on the CPU, all padded to one rank.
+) -> dict[str, LoraFactors]:
+    """Every module's folded ``(A', B')`` at scale 1 on the CPU, all padded to one rank.
 
     The folding is done in float32 whatever the model's dtype, then cast to ``dtype``. ``rank``
     defaults to the largest concatenated rank of any module.
@@ -34,5 +35,5 @@ def fold_composition(
         for path, layer in layers.items():
             A, B = fold_factors(layer.A.float().cpu(), layer.B.float().cpu(), layer.rank_coefficients().cpu())
             A, B = pad_rank(A, B, target)
-            folded[path] = (A.to(dtype).contiguous(), B.to(dtype).contiguous())
+            folded[path] = LoraFactors(A.to(dtype).contiguous(), B.to(dtype).contiguous(), 1.0)
     return folded

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lorasoup.adapters import load_adapters
+from lorasoup.adapters import LoraFactors, load_adapters
 from lorasoup.artifacts import (
     atomic_output_dir,
     inputs_fingerprint,
@@ -32,7 +32,7 @@ from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat, start_f
 from lorasoup.compat import check_compatibility
 from lorasoup.devices import DTYPES
 from lorasoup.errors import LorasoupError
-from lorasoup.export.serving import next_bucket, pad_rank
+from lorasoup.export.serving import next_bucket, pad_factors
 from lorasoup.lowrank import recompress_modules
 from lorasoup.options import DataConfig, ExportOptions
 from lorasoup.resources import resource_record
@@ -110,21 +110,21 @@ def _is_main_process() -> bool:
 
 def _export_factors(
     composition: CatComposition, export: ExportOptions
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, dict[str, dict[str, Any]] | None]:
+) -> tuple[dict[str, LoraFactors], int, dict[str, dict[str, Any]] | None]:
     """Folded float32 factors, their common rank, and per-module recompression facts (or None)."""
     folded = fold_composition(composition, dtype=torch.float32)
     if export.rank is None:
-        return folded, next(iter(folded.values()))[0].shape[0], None
+        return folded, next(iter(folded.values())).rank, None
     folded, facts = recompress_modules(folded, rank=export.rank)
-    rank = max(A.shape[0] for A, _ in folded.values())
-    return {path: pad_rank(A, B, rank) for path, (A, B) in folded.items()}, rank, facts
+    rank = max(f.rank for f in folded.values())
+    return {path: pad_factors(f, rank) for path, f in folded.items()}, rank, facts
 
 
 @dataclass
 class ExportedFactors:
     """What an artifact's PEFT adapter holds: ``path → (A', B')`` of one ``rank``, in the export dtype."""
 
-    factors: dict[str, tuple[torch.Tensor, ...]]
+    factors: dict[str, LoraFactors]
     rank: int
     recompression: dict[str, dict[str, Any]] | None
     notices: list[str]
@@ -147,10 +147,7 @@ def export_factors(composition: CatComposition, export: ExportOptions) -> Export
             f"recompressed to rank {largest} (export.rank); the largest loss is {worst:.2%} "
             "of a module's ‖ΔW‖²"
         )
-    folded = {
-        path: tuple(t.to(DTYPES[export.dtype]).contiguous() for t in pad_rank(A, B, rank))
-        for path, (A, B) in folded.items()
-    }
+    folded = {path: pad_factors(f, rank, DTYPES[export.dtype]) for path, f in folded.items()}
     return ExportedFactors(folded, rank, recompression, notices)
 
 

@@ -7,11 +7,14 @@ factors are the update itself), no ``rank_pattern``/``alpha_pattern``, no rsLoRA
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
+
+from lorasoup.adapters import LoraFactors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -30,22 +33,26 @@ def target_modules_for(paths: list[str], model: nn.Module | None) -> list[str]:
 
 
 def save_peft_adapter(
-    factors: dict[str, tuple[Tensor, Tensor]],
+    factors: Mapping[str, LoraFactors],
     out_dir: Path,
     *,
     base_model: str | None,
     model: nn.Module | None = None,
     fan_in_fan_out: bool = False,
 ) -> Path:
-    """Write ``factors`` (module path → ``(A (r, in), B (out, r))``, all of one rank) as a PEFT adapter.
+    """Write ``factors`` (module path → ``LoraFactors`` of ``A (r, in)``, ``B (out, r)``, all of one rank
+    and at scale 1) as a PEFT adapter with ``lora_alpha = r``.
 
     ``out_dir`` must exist; the caller owns atomicity (see ``lorasoup.artifacts``).
     """
     from peft import LoraConfig
 
-    ranks = {A.shape[0] for A, _ in factors.values()}
+    ranks = {f.rank for f in factors.values()}
     if len(ranks) != 1:
         raise ValueError(f"all modules must share one rank before export, got {sorted(ranks)}")
+    scales = sorted({f.scale for f in factors.values()} - {1.0})
+    if scales:
+        raise ValueError(f"factors must be at scale 1 before export (at_unit_scale), got {scales}")
     rank = ranks.pop()
     config = LoraConfig(
         r=rank,
@@ -59,20 +66,21 @@ def save_peft_adapter(
     )
     config.save_pretrained(str(out_dir))
     tensors = {}
-    for path, (A, B) in factors.items():
-        tensors[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
+    for path, f in factors.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = f.A.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = f.B.contiguous()
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
 
-def merge_factors_into(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
-    """``W = W0 + B A`` for every module, in place, computed in float32 and cast back.
+def merge_factors_into(model: nn.Module, factors: Mapping[str, LoraFactors]) -> nn.Module:
+    """``W = W0 + s·B A`` for every module, in place, computed in float32 and cast back.
 
     GPT-2's Conv1D stores ``W0`` as ``(in, out)``, so it gets ``(B A)ᵀ``.
     """
     with torch.no_grad():
-        for path, (A, B) in factors.items():
+        for path, factors_at in factors.items():
+            A, B = factors_at.at_unit_scale().A, factors_at.B
             module = model.get_submodule(path)
             weight = module.weight
             delta = B.float() @ A.float()  # (out, in)

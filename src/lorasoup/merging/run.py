@@ -28,7 +28,7 @@ from lorasoup.artifacts import (
 from lorasoup.compat import check_compatibility
 from lorasoup.devices import DTYPES, default_device
 from lorasoup.errors import ConfigError, LorasoupError
-from lorasoup.export.serving import pad_rank
+from lorasoup.export.serving import pad_factors
 from lorasoup.lowrank import recompress_modules
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
 from lorasoup.merging.config import MergeRunConfig
@@ -67,21 +67,22 @@ def merge_adapters(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: ModuleProgress | None = None,
-) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, dict[str, Any]]]:
-    """Merge ``adapters`` module by module: ``{path: (A (k, in), B (out, k))}`` on the CPU in float32,
+) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
+    """Merge ``adapters`` module by module: ``{path: LoraFactors}`` (``A (k, in)``, ``B (out, k)``, scale
+    1) on the CPU in float32,
     plus per-module facts (rank, discarded energy). At most two modules are on ``device`` at a time
     (a streaming method overlaps one module's host work with the next one's device work)."""
     target = torch.device(default_device(device))
     # on the host: methods read weights as numbers, which would be a device read per module
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
     streaming = method.streaming(target) if method.streaming is not None and target.type == "cuda" else None
-    merged: dict[str, tuple[Tensor, Tensor]] = {}
+    merged: dict[str, LoraFactors] = {}
     facts: dict[str, dict[str, Any]] = {}
 
     def record(finished: list[tuple[str, ModuleMerge]]) -> None:
         for path, result in finished:
             # copies that do not wait for the device: the next module's work is queued meanwhile
-            merged[path] = (_to_host(result.A), _to_host(result.B))
+            merged[path] = LoraFactors(_to_host(result.A), _to_host(result.B), 1.0)
             facts[path] = {"rank": result.A.shape[0], "discarded_energy": result.discarded_energy}
             if progress is not None:
                 progress(len(merged), len(modules))
@@ -115,16 +116,10 @@ def _on(factors: LoraFactors, device: torch.device) -> LoraFactors:
     return LoraFactors(A=A, B=B, scale=factors.scale)
 
 
-def pad_all(
-    factors: dict[str, tuple[Tensor, Tensor]], dtype: torch.dtype
-) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+def pad_all(factors: dict[str, LoraFactors], dtype: torch.dtype) -> tuple[dict[str, LoraFactors], int]:
     """Pad every module to the largest rank with zero rows (exact) and cast: PEFT wants one ``r``."""
-    rank = max(A.shape[0] for A, _ in factors.values())
-    padded = {}
-    for path, (A, B) in factors.items():
-        A, B = pad_rank(A, B, rank)
-        padded[path] = (A.to(dtype).contiguous(), B.to(dtype).contiguous())
-    return padded, rank
+    rank = max(f.rank for f in factors.values())
+    return {path: pad_factors(f, rank, dtype) for path, f in factors.items()}, rank
 
 
 def run_merge(config: MergeRunConfig, *, progress: ModuleProgress | None = None) -> MergeResult:
@@ -178,7 +173,7 @@ def _describe(method: MergeMethod) -> dict[str, Any]:
 def _write_artifact(
     config: Any,
     adapters: list[LoraAdapter],
-    factors: dict[str, tuple[Tensor, Tensor]],
+    factors: dict[str, LoraFactors],
     facts: dict[str, dict[str, Any]],
     notices: list[str],
     timings: dict[str, float],
@@ -266,7 +261,7 @@ def run_compress(config: CompressConfig, *, progress: ModuleProgress | None = No
         raise ConfigError("--merge writes full merged weights, so --base-model must name the base model")
     clock = time.perf_counter()
     adapter = load_adapter(config.adapter)
-    scaled = {path: (f.scale * f.A.float(), f.B.float()) for path, f in adapter.modules.items()}
+    scaled = {path: LoraFactors(f.A.float(), f.B.float(), f.scale) for path, f in adapter.modules.items()}
     factors, facts = recompress_modules(scaled, rank=config.rank, energy=config.energy, progress=progress)
     timings = {"compress": time.perf_counter() - clock}
     rank = _write_artifact(

@@ -318,7 +318,7 @@ def run_distill(config: MoeDistillConfig, *, progress: CountHook | None = None) 
     cat = distill_to_cat(composition, gates)
     timings["distill"] = time.perf_counter() - clock
     folded = fold_composition(cat, dtype=DTYPES[config.export_dtype])
-    rank = next(iter(folded.values()))[0].shape[0]
+    rank = next(iter(folded.values())).rank
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
         from lorasoup.export.peft import save_peft_adapter
 

@@ -24,7 +24,6 @@ from lorasoup.config import require
 from lorasoup.errors import ConfigError
 from lorasoup.report.page import Page, SkillSet
 from lorasoup.report.runs import Run, label_runs, load_skills, read_run, skill_refs, ties_density
-from lorasoup.report.sweep import SweepProvider
 from lorasoup.report.sections import (
     angles_section,
     cat_weights_section,
@@ -32,6 +31,7 @@ from lorasoup.report.sections import (
     energy_section,
     rank_sweep_section,
 )
+from lorasoup.report.sweep import SweepProvider
 from lorasoup.report.tables import results_section
 
 DEFAULT_DENSITY = 0.2  # TIES' own default (k = 20 %), https://arxiv.org/abs/2306.01708

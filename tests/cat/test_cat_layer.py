@@ -10,7 +10,7 @@ from lorasoup.adapters import load_adapter
 from lorasoup.cat.fold import fold_composition
 from lorasoup.cat.inject import compose_cat, remove_cat
 from lorasoup.export.peft import merge_factors_into, save_peft_adapter
-from lorasoup.export.serving import next_bucket, pad_rank
+from lorasoup.export.serving import pad_rank
 
 
 def logits(model, ids):
@@ -162,9 +162,3 @@ def test_fold_and_pad_preserve_the_product(rank, extra, seed):
     assert A2.shape == (rank + extra, 5)
     torch.testing.assert_close(B2 @ A2, B @ torch.diag(c) @ A)
     assert torch.equal(A, A_before)  # pure: the input is not scaled in place
-
-
-def test_vllm_buckets():
-    assert [next_bucket(r) for r in (1, 8, 9, 64, 65, 300, 512)] == [8, 8, 16, 64, 128, 320, 512]
-    with pytest.raises(ValueError):
-        next_bucket(513)

@@ -44,7 +44,7 @@ def fit_cat_weights(
     (``lorasoup.training.loop``); the decoder layers are compiled one by one if ``options.compile`` says."""
     theta = composition.weights.theta
     loop = fit_loop.prepare_loop(
-        fit_loop.compiled(composition.model, options.compile), [theta], dataset, collate, options
+        composition.model, [theta], dataset, collate, options, compile_mode=options.compile
     )
     step = 0
     if resume_from is not None:

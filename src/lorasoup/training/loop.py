@@ -151,8 +151,11 @@ def prepare_loop(
     dataset: Dataset,
     collate: Collate,
     options: FitOptions,
+    *,
+    compile_mode: str = "none",
 ) -> Loop:
-    """Accelerator, data loader, AdamW on ``parameters`` and the warm-up/decay schedule, prepared."""
+    """Accelerator, data loader, AdamW on ``parameters`` and the warm-up/decay schedule, prepared;
+    ``compile_mode`` other than ``none`` compiles ``model``'s decoder layers one by one (:func:`compiled`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -173,7 +176,7 @@ def prepare_loop(
         generator=torch.Generator().manual_seed(options.seed),
     )
     optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(compiled(model, compile_mode), optimizer, loader)
     # After prepare: under DDP each process sees its shard, so an epoch is fewer steps per process.
     steps_per_epoch = max(1, math.ceil(len(loader) / options.grad_accum))
     total = options.max_steps or steps_per_epoch * options.epochs

@@ -26,6 +26,7 @@ that appears in training is never a test instruction.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import random
 import re
@@ -90,7 +91,10 @@ def expression_steps(expression: str) -> list[str] | None:
     last = operand(tree)
     if last is None or not steps:
         return None
-    steps[-1] = "result" + steps[-1][steps[-1].index(" =") :]
+    if last == f"step_{len(steps)}":
+        steps[-1] = "result" + steps[-1][steps[-1].index(" =") :]
+    else:  # a negation wraps the last operation: -( 67 - 42 )
+        steps.append(f"result = {last}")
     return [*steps, "return result"]
 
 
@@ -262,24 +266,47 @@ def candidates(seed: int, per_generator: int) -> Iterator[ProceduralProgram]:
                 yield ProceduralProgram(name, built[0], built[1], value)
 
 
-def checked_programs(programs: list[ProceduralProgram]) -> list[ProceduralProgram]:
-    """The programs whose ``solution()``, run in the sandbox, returns their answer (to 1e-6 relative)."""
+def checked_programs(programs: list[ProceduralProgram], *, chunk: int = 200) -> list[ProceduralProgram]:
+    """The programs whose ``solution()``, run in the sandbox, returns their answer (to 1e-6 relative).
+
+    The programs are ours (built from ground truth), but they are code: they run in the sandbox,
+    ``chunk`` at a time in one process (each its own function, its error its own), since one sandbox
+    start per program would make drawing thousands of records take many minutes.
+    """
     from lorasoup.evaluation.sandbox import SandboxLimits, run_programs
 
+    groups = [programs[start : start + chunk] for start in range(0, len(programs), chunk)]
     runs = run_programs(
-        [p.program for p in programs], call="solution", limits=SandboxLimits(timeout_s=5.0, cpu_s=5)
+        [_batched(group) for group in groups], call="solution", limits=SandboxLimits(timeout_s=30.0, cpu_s=30)
     )
     kept = []
-    for program, run in zip(programs, runs, strict=True):
+    for group, run in zip(groups, runs, strict=True):
         if run.verdict != "ok" or run.returned is None:
-            continue
-        try:
-            returned = float(run.returned)
-        except ValueError:
-            continue
-        if math.isclose(returned, program.value, rel_tol=1e-6, abs_tol=1e-9):
-            kept.append(program)
+            continue  # the whole chunk is left out; a chunk that times out holds a runaway program
+        for program, returned in zip(group, json.loads(run.returned), strict=True):
+            if returned is not None and math.isclose(returned, program.value, rel_tol=1e-6, abs_tol=1e-9):
+                kept.append(program)
     return kept
+
+
+def _batched(group: list[ProceduralProgram]) -> str:
+    """One program that defines each of ``group`` as ``solution_<i>`` and returns all their values
+    (None for one that raised or returned no number) as JSON."""
+    parts = [p.program.replace("def solution():", f"def solution_{i}():", 1) for i, p in enumerate(group)]
+    runner = f"""
+def solution():
+    import json
+    values = []
+    for index in range({len(group)}):
+        try:
+            value = globals()[f"solution_{{index}}"]()
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            values.append(float(value) if number else None)
+        except Exception:
+            values.append(None)
+    return json.dumps(values)
+"""
+    return "\n\n".join(parts) + "\n" + runner
 
 
 def code_record(program: ProceduralProgram) -> dict[str, Any]:
@@ -292,12 +319,18 @@ def code_record(program: ProceduralProgram) -> dict[str, Any]:
 
 
 def procedural_code_split(
-    seed: int, count: int, fits: Callable[[dict[str, Any]], bool], *, exclude: set[str] = frozenset()
+    seed: int,
+    count: int,
+    fits: Callable[[dict[str, Any]], bool],
+    *,
+    test: bool = False,
+    exclude: set[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """``count`` checked code records from reasoning-gym seed ``seed``, balanced over the generators,
-    each within the token budget (``fits``) and none whose instruction is in ``exclude``."""
-    per_generator = math.ceil(count / len(BUILDERS)) * 2 + 8  # spare for filters and duplicates
-    drawn = [p for p in candidates(seed, per_generator)]
+    """``count`` checked code records of the study's ``seed``, balanced over the generators, each within
+    the token budget (``fits``) and none whose instruction is in ``exclude``. Training and test records
+    of one seed come from different reasoning-gym streams (``test``)."""
+    per_generator = math.ceil(count / len(BUILDERS) * 1.25) + 8  # spare for filters and duplicates
+    drawn = list(candidates(2 * seed + int(test), per_generator))
     records, seen = [], set(exclude)
     for program in checked_programs(drawn):
         record = code_record(program)

@@ -5,7 +5,11 @@
 * **math skill** — ``gsm_symbolic``: GSM8K-style word problems drawn from about 85 problem families
   (GSM-Symbolic, https://arxiv.org/abs/2410.05229), each with a worked answer ending ``#### N``.
   Record: problem → worked answer; scored by the last number of the answer.
-* **code skill** — CodeI/O (https://arxiv.org/abs/2502.07316): task descriptions with a reference
+* **code skill** — by default (``code_skill="procedural"``, ``procedural.py``) programs for stated
+  computations that are not word problems (arithmetic, linear equations, number theory, bits, letters)
+  from reasoning-gym's procedural generators, each checked in the sandbox; scored on instances from
+  another stream. The first design (``code_skill="codeio"``, kept so its published runs reproduce):
+  CodeI/O (https://arxiv.org/abs/2502.07316): task descriptions with a reference
   ``main_solution`` and an input generator. We keep tasks whose program needs only the standard
   library, is short, and returns a number; an input is drawn and the reference is run **in lorasoup's
   sandbox** (the dataset's code is untrusted), which gives the expected value. Record: task + input
@@ -417,7 +421,9 @@ def _code_split(
     return records
 
 
-def build_real_benchmark(seed: int, sizes: RealSizes = RealSizes(), fits: Fits | None = None) -> Benchmark:
+def build_real_benchmark(
+    seed: int, sizes: RealSizes = RealSizes(), fits: Fits | None = None, code_skill: str = "procedural"
+) -> Benchmark:
     """Every split of the real-model demo from one seed (see the module doc); ``base`` is empty.
 
     ``fits`` keeps only records within the study's token budget (a GSM problem only when both its
@@ -430,23 +436,42 @@ def build_real_benchmark(seed: int, sizes: RealSizes = RealSizes(), fits: Fits |
         if fits(math_record(p)) and fits(composite_record(p))
     )
     gsm = [next(problems) for _ in range(2 * sizes.test + 2 * sizes.skill)]
+    test, train = gsm[: 2 * sizes.test], gsm[2 * sizes.test :]
+    code_train, code_test = _code_splits(seed, sizes, fits, code_skill)
+    return Benchmark(
+        base=[],
+        train={
+            "math": [math_record(p) for p in train[: sizes.skill]],
+            "code": code_train,
+            "composite": [composite_record(p) for p in train[sizes.skill :]],
+        },
+        test={
+            "composite": [composite_record(p) for p in test[: sizes.test]],
+            "math": [math_record(p) for p in test[sizes.test :]],
+            "code": code_test,
+        },
+    )
+
+
+CODE_SKILLS = ("procedural", "codeio")
+"""Where the code skill's programs come from: reasoning-gym's procedural generators (``procedural.py``,
+the default) or CodeI/O tasks (the first design, kept so that its published run reproduces)."""
+
+
+def _code_splits(
+    seed: int, sizes: RealSizes, fits: Fits, code_skill: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The code skill's training and test records."""
+    if code_skill == "procedural":
+        from lorasoup.demo.procedural import procedural_code_split
+
+        train = procedural_code_split(seed, sizes.skill, fits)
+        exclude = {record["instruction"] for record in train}
+        return train, procedural_code_split(seed, sizes.test, fits, test=True, exclude=exclude)
     tasks = code_tasks(sizes.code_chars)
     rng = random.Random(seed)
     rng.shuffle(tasks)
     # Test tasks are held out: the code skill is scored on tasks it never saw.
     held_out = max(1, min(sizes.test, len(tasks) // 3))
     test_tasks, train_tasks = tasks[:held_out], tasks[held_out:]
-    test, train = gsm[: 2 * sizes.test], gsm[2 * sizes.test :]
-    return Benchmark(
-        base=[],
-        train={
-            "math": [math_record(p) for p in train[: sizes.skill]],
-            "code": _code_split(train_tasks, sizes.skill, rng, fits),
-            "composite": [composite_record(p) for p in train[sizes.skill :]],
-        },
-        test={
-            "composite": [composite_record(p) for p in test[: sizes.test]],
-            "math": [math_record(p) for p in test[sizes.test :]],
-            "code": _code_split(test_tasks, sizes.test, rng, fits),
-        },
-    )
+    return _code_split(train_tasks, sizes.skill, rng, fits), _code_split(test_tasks, sizes.test, rng, fits)

@@ -89,19 +89,20 @@ def evaluate_model(
     *,
     sandbox: SandboxOptions | None = None,
     progress: ProgressHook | None = None,
+    backend: str = "hf",
 ) -> EvalOutcome:
     """Score an in-memory model on ``examples`` (from ``task.load(...)`` or ``task.examples(rows)``).
 
     ``task`` may be a registered task name if it needs no few-shot file; ``settings`` defaults to the
-    task's own. Nothing is written.
+    task's own; ``backend`` is one of ``IN_PROCESS_BACKENDS`` (``cudagraph``: CUDA only, greedy).
+    Nothing is written.
     """
     if isinstance(task, str):
         task = Task(get_task_spec(task))
     settings = settings or task_settings(task)
-
-    def run(prompts: Sequence[str], chosen: GenerationSettings) -> list[Generation]:
-        return generate(model, tokenizer, prompts, chosen)
-
+    if backend not in IN_PROCESS_BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(IN_PROCESS_BACKENDS)}")
+    run = IN_PROCESS_BACKENDS[backend](model, tokenizer, {})
     results, throughput = run_examples(
         run, tokenizer, task, examples, settings, sandbox=sandbox, progress=progress
     )

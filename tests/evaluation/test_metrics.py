@@ -120,7 +120,9 @@ def test_novel_token_f1_when_the_question_holds_the_answer():
     """Every reference word in the question ("higher or lower?"): plain F1, an echo's precision is low."""
     question = "Should they predict higher or lower than 40%?"
     assert novel_token_f1("higher", "higher", question=question) == 1.0
-    assert novel_token_f1(question, "higher", question=question) == pytest.approx(token_f1(question, "higher"))
+    assert novel_token_f1(question, "higher", question=question) == pytest.approx(
+        token_f1(question, "higher")
+    )
     assert novel_token_f1(question, "higher", question=question) < 0.3
 
 

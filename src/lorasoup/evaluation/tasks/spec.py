@@ -108,8 +108,7 @@ class TaskSpec:
         )
         require(
             self.question is None or self.scorer == "answer",
-            f"task {self.name!r}: 'question' (the echo baseline) needs scorer 'answer', "
-            f"not {self.scorer!r}",
+            f"task {self.name!r}: 'question' (the echo baseline) needs scorer 'answer', not {self.scorer!r}",
         )
 
     @property

@@ -252,11 +252,8 @@ def qa_like_task(tmp_path, greedy, typo=False):
 
 def test_echo_baseline_and_headline_in_summary_and_reports(llama_dir, tmp_path, greedy):
     task = qa_like_task(tmp_path, greedy)
-    result = runner.invoke(
-        app,
-        ["eval", "--model", str(llama_dir), "--task", str(task)]
-        + ["--output", str(tmp_path / "out"), "--device", "cpu"],
-    )
+    args = ["eval", "--model", str(llama_dir), "--task", str(task), "--output", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "question echo" in result.output  # the echo row, under the model's
     assert re.search(r"subset\s*┃\s*examples\s*┃\s*novel_token_f1\s*┃", result.output)  # headline leads

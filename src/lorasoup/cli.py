@@ -690,20 +690,19 @@ def eval_(
 
 
 def _print_eval_result(task: str, result: Any) -> None:
-    summary = result.summary
-    metrics = list(summary["metrics"])
+    from lorasoup.evaluation.results import ECHO_LABEL, score_cells, score_columns
+
+    summary, echo = result.summary, result.summary.get("echo_baseline")
+    columns = score_columns(summary)  # the headline first
     table = Table(title=f"lorasoup eval: {task}")
-    for column in ("subset", "examples", "accuracy", *metrics):
+    for column in ("subset", "examples", *(label for label, _ in columns)):
         table.add_column(column)
-
-    def row(name: str, block: dict[str, Any]) -> list[str]:
-        values = [f"{block['metrics'][m]:.4f}" for m in metrics]
-        return [name, str(block["examples"]), f"{block['accuracy']:.4f}", *values]
-
-    if len(summary["subsets"]) > 1:
-        for name, block in summary["subsets"].items():
-            table.add_row(*row(name, block))
-    table.add_row(*row("[bold]all[/]", summary))
+    blocks = [*summary["subsets"].items()] if len(summary["subsets"]) > 1 else []
+    for name, block in [*blocks, ("[bold]all[/]", summary)]:
+        table.add_row(name, str(block["examples"]), *score_cells(block, columns))
+        if echo is not None:
+            own = echo if block is summary else echo["subsets"][name]
+            table.add_row(f"  {ECHO_LABEL}", str(own["examples"]), *score_cells(own, columns), style="dim")
     console.print(table)
     if "across_subsets" in summary:
         across = summary["across_subsets"]

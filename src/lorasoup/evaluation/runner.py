@@ -43,6 +43,7 @@ from lorasoup.evaluation.config import EvalRunConfig
 from lorasoup.evaluation.generate import Generation, GenerationSettings, generate
 from lorasoup.evaluation.results import ExampleResult, markdown_report, summarise
 from lorasoup.evaluation.tasks import Example, SandboxOptions, Task, get_task_spec, resolve_inputs
+from lorasoup.evaluation.tasks.scoring import scoring_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -106,7 +107,7 @@ def evaluate_model(
     results, throughput = run_examples(
         run, tokenizer, task, examples, settings, sandbox=sandbox, progress=progress
     )
-    return EvalOutcome(results, summarise(results, task.spec.metric_names), throughput)
+    return EvalOutcome(results, summarise(results, task.spec), throughput)
 
 
 def run_examples(
@@ -127,7 +128,7 @@ def run_examples(
     """
     prompts = [task.prompt(example, tokenizer) for example in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
-    size = chunk_size or settings.batch_size * 4
+    size = chunk_size or settings.batch_size  # progress and the work file move per generation batch
     by_index: dict[int, ExampleResult] = {}
     clock = {"generate_s": 0.0, "score_s": 0.0, "new_tokens": 0, "prompt_tokens": 0}
     correct = 0
@@ -171,6 +172,7 @@ def _result(example: Example, prompt: str, generation: Generation, scored: Any) 
         new_tokens=generation.new_tokens,
         finish_reason=generation.finish_reason,
         notes=dict(example.notes),
+        echo=dict(scored.echo),
     )
 
 
@@ -210,7 +212,7 @@ def evaluate(config: EvalRunConfig, progress: ProgressHook | None = None) -> Eva
         )
         done.update({r.id: r for r in fresh})
     results = [done[e.id] for e in examples]
-    summary = summarise(results, spec.metric_names)
+    summary = summarise(results, spec)
     summary["throughput"] = throughput
     timings["total"] = time.perf_counter() - began
     _finalise(work, output, config, task, results, summary, throughput, timings, read_files, model_facts)
@@ -361,8 +363,8 @@ def _fingerprint(
 
 def _open_work(work: Path, fingerprint: dict[str, Any], *, resume: bool) -> dict[str, ExampleResult]:
     """The records already in ``work`` (after checking they were made with the same settings)."""
-    if work.exists() and not resume:
-        shutil.rmtree(work)
+    if work.exists() and (not resume or not read_records(work / EXAMPLES_FILE)):
+        shutil.rmtree(work)  # a failed attempt that scored nothing has nothing to keep
     if not work.exists():
         work.mkdir(parents=True)
         write_json_atomic(work / FINGERPRINT_FILE, fingerprint)
@@ -441,6 +443,7 @@ def _finalise(
         model=model_facts,
         accuracy=summary["accuracy"],
         examples=summary["examples"],
+        scoring=scoring_record(task.spec, config.sandbox),
     )
     write_json_atomic(work / "run.json", record)
     if output.exists():

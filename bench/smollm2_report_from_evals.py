@@ -6,6 +6,10 @@ scored example is in ``SEED_DIR/eval/<method>/<task>.jsonl``, so the table is re
 (accuracy = correct / examples, as the harness scores it) and drawn with lorasoup's report functions.
 
     python bench/smollm2_report_from_evals.py RUN/seed-0 docs/results/demo-smollm2-gpu --note "..."
+
+The GSM-Hard column is added when the run scored it (``eval/<method>/gsm-hard.jsonl``), with the
+LoRA Soups paper's figures beside it, labelled as another model's. A row the run did not reach is
+"–" (its mean is null in ``results.json``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lorasoup.demo.run import paper_gsm_hard_lines
 from lorasoup.demo.scoring import slug
 from lorasoup.demo.settings import TASKS
 from lorasoup.report import markdown_table, methods_bar_chart, weights_heatmap
@@ -52,11 +57,14 @@ def main() -> None:
     parser.add_argument("seed_dir", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--note", default="", help="a paragraph on how the run was made")
+    parser.add_argument("--title", default="seed 0, H200", help="what ran where, for the title and chart")
     args = parser.parse_args()
+    scored_gsm_hard = any((args.seed_dir / "eval").glob("*/gsm-hard.jsonl"))
+    tasks = (*TASKS, "gsm-hard") if scored_gsm_hard else TASKS
     table, counts = [], {}
     for method, kind in METHODS:
         row: dict = {"method": method, "kind": kind, "detail": ""}
-        for task in TASKS:
+        for task in tasks:
             found = accuracy(args.seed_dir / "eval" / slug(method) / f"{task}.jsonl")
             value = None if found is None else found[0]
             if found is not None:
@@ -65,11 +73,13 @@ def main() -> None:
         table.append(row)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(
-        json.dumps({"tasks": list(TASKS), "table": table, "examples": counts}, indent=1) + "\n",
+        json.dumps({"tasks": list(tasks), "table": table, "examples": counts}, indent=1) + "\n",
         encoding="utf-8",
     )
-    plotted = [{**r, **{t: {"mean": r[t]["mean"] or 0.0, "std": 0.0} for t in TASKS}} for r in table]
-    methods_bar_chart(plotted, TASKS, args.output / "methods.png", title="accuracy per method (seed 0, H200)")
+    plotted = [{**r, **{t: {"mean": r[t]["mean"] or 0.0, "std": 0.0} for t in tasks}} for r in table]
+    methods_bar_chart(
+        plotted, tasks, args.output / "methods.png", title=f"accuracy per method ({args.title})"
+    )
     weights = json.loads((args.seed_dir / "cat" / "cat_weights.json").read_text(encoding="utf-8"))
     weights_heatmap(
         weights["weights"], args.output / "cat_weights.png", title="CAT's learned weights (seed 0)"
@@ -78,11 +88,18 @@ def main() -> None:
     def cell(row: dict, task: str) -> str:
         return "–" if row[task]["mean"] is None else f"{100 * row[task]['mean']:.1f}"
 
-    headers = ["method", "composite task (%)", "math skill (%)", "code skill (%)"]
-    lines = [markdown_table(headers, [[r["method"], *(cell(r, t) for t in TASKS)] for r in table])]
+    headers = ["method", "composite task (%)", "math skill (%)", "code skill (%)", "GSM-Hard (%)"]
+    lines = [
+        markdown_table(
+            headers[: len(tasks) + 1], [[r["method"], *(cell(r, t) for t in tasks)] for r in table]
+        )
+    ]
+    if scored_gsm_hard:
+        reached = [r for r in table if r["gsm-hard"]["mean"] is not None]
+        lines += ["", *paper_gsm_hard_lines(reached)]
     text = "\n".join(
         [
-            "# lorasoup demo --model smollm2 on a GPU (seed 0)",
+            f"# lorasoup demo --model smollm2 on a GPU ({args.title})",
             "",
             args.note,
             "",

@@ -129,7 +129,7 @@ def test_cli_saves_the_benchmark_that_a_run_then_reads(
 ) -> None:
     built: list[int] = []
 
-    def build(seed: int, sizes: object, fits: object = None) -> Benchmark:
+    def build(seed: int, sizes: object, fits: object = None, code_skill: str = "procedural") -> Benchmark:
         built.append(seed)
         return tricky(seed)
 

@@ -13,6 +13,7 @@ from lorasoup.demo.benchmark import MUL_STORIES, BenchmarkSizes, build_benchmark
 from lorasoup.demo.robustness import BASE_FORMATS, STATS, held_out_stats
 from lorasoup.demo.scoring import slug
 from lorasoup.demo.settings import TASKS, TASKS_K3
+from lorasoup.errors import ConfigError
 from lorasoup.training.templates import TEMPLATES
 from tests.conftest import TINY_DEMO
 
@@ -128,6 +129,31 @@ def test_same_seed_same_numbers(demo_run: tuple[Path, str], tmp_path: Path) -> N
     first = json.loads((out / "results.json").read_text())["per_seed"][0]
     again = json.loads((tmp_path / "again" / "results.json").read_text())["per_seed"][0]
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in first]
+
+
+def test_single_seed_runs_combine_into_the_two_seed_study(demo_run: tuple[Path, str], tmp_path: Path) -> None:
+    """Seeds run apart (GPU calls that end between seeds) and combined give the study run at once."""
+    from lorasoup.demo import combine_runs
+
+    out, _ = demo_run
+    for seed in (5, 6):
+        args = ["demo", "--output", str(tmp_path / f"alone-{seed}"), "--seed", str(seed)]
+        for item in TINY:
+            args += ["--set", item]
+        assert CliRunner().invoke(app, args).exit_code == 0
+    combined = combine_runs([tmp_path / "alone-5", tmp_path / "alone-6"], tmp_path / "combined")
+    together = json.loads((out / "results.json").read_text())
+    assert combined.seeds == [5, 6] and combined.table == together["table"]
+    written = json.loads((tmp_path / "combined" / "results.json").read_text())
+    assert written["table"] == together["table"]
+    accuracies = [[(r["method"], r["accuracy"]) for r in rows] for rows in written["per_seed"]]
+    assert accuracies == [[(r["method"], r["accuracy"]) for r in rows] for rows in together["per_seed"]]
+    assert (tmp_path / "combined" / "cat_weights.png").is_file()
+    assert (tmp_path / "combined" / "seed-6" / "eval" / "cat-trained" / "composite.jsonl").is_file()
+    assert not list((tmp_path / "combined").rglob("*.safetensors"))  # weights stay behind
+    with pytest.raises(ConfigError, match="share seeds"):
+        combine_runs([tmp_path / "alone-5", tmp_path / "alone-5"], tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
 
 
 def test_bad_setting_is_one_line(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from lorasoup.demo.procedural import BUILDERS
 from lorasoup.demo.real import (
     GSM_SUFFIX,
     PROGRAM_REQUEST,
@@ -89,14 +90,24 @@ def test_benchmark_records_are_well_formed_numeric_and_disjoint(bench) -> None:
     for record in (*bench.train["math"], *bench.test["math"]):
         assert record["instruction"].endswith(GSM_SUFFIX) and "def " not in record["output"]
 
-    # No test problem is trained on, and the code skill is scored on CodeI/O tasks it never saw.
+    # No test problem is trained on; the code skill is scored on computations it never saw, and none of
+    # its records is a word problem (every one comes from a procedural generator).
     def question(record: dict) -> str:
         return record["instruction"].removesuffix(GSM_SUFFIX).removesuffix(f"\n{PROGRAM_REQUEST}")
 
     trained = {question(r) for name in ("math", "composite") for r in bench.train[name]}
     tested = [question(r) for name in ("math", "composite") for r in bench.test[name]]
     assert len(set(tested)) == len(tested) and not trained & set(tested)
-    assert not {r["task"] for r in bench.test["code"]} & {r["task"] for r in bench.train["code"]}
+    code_tested = {r["instruction"] for r in bench.test["code"]}
+    assert not code_tested & {r["instruction"] for r in bench.train["code"]}
+    assert {r["task"] for r in (*bench.train["code"], *bench.test["code"])} <= set(BUILDERS)
+    assert not {question(r) for r in (*bench.train["code"], *bench.test["code"])} & (trained | set(tested))
+
+
+def test_the_first_design_holds_codeio_tasks_out() -> None:
+    first = build_real_benchmark(3, SIZES, fits=short, code_skill="codeio")
+    assert not {r["task"] for r in first.test["code"]} & {r["task"] for r in first.train["code"]}
+    assert all("def main_solution(" in r["output"] for r in first.train["code"])
 
 
 def test_same_seed_same_records(bench) -> None:

@@ -9,8 +9,10 @@ from lorasoup.evaluation.metrics import (
     METRICS,
     exact_match,
     normalize_answer,
+    novel_token_f1,
     numeric,
     parse_number,
+    reads_question,
     tfidf_cosine,
     token_f1,
 )
@@ -60,6 +62,17 @@ def test_numeric_gsm_hard_answers():
     assert numeric("0.333", 1 / 3) == 1.0 and numeric("0.33", 1 / 3) == 0.0
 
 
+def test_numeric_is_the_reference_rule_by_default():
+    """``abs(label - pred) <= 0.001`` and nothing more: no relative window at large answers."""
+    assert numeric("6277334006", 6277334000.0) == 0.0  # GSM-Hard test/11, an integer off by 6 at 6e9
+    assert numeric("1000000001", 1000000000.0) == 0.0  # off by one at 1e9
+    assert numeric("10000000.0099", 10000000.0) == 0.0  # off by 0.0099 at 1e7
+    assert numeric("10000000.0009", 10000000.0) == 1.0
+    assert numeric("6277334000", 6277334000.0) == 1.0
+    # the old relative 1e-9 is still there for who asks for it
+    assert numeric("1000000001", 1000000000.0, rel_tol=1e-9) == 1.0
+
+
 def test_numeric_exact_integers_beyond_float_precision():
     exact = 2**60 + 3  # a program's exact int; the stored float answer rounds it
     assert numeric(str(exact), float(exact)) == 1.0
@@ -89,6 +102,30 @@ def test_squad_normalisation_em_f1():
     assert token_f1("cat", ["dog", "a cat"]) == 1.0
 
 
+def test_novel_token_f1_ignores_the_question_words():
+    question = "What is the spellcasting ability for bard spells?"
+    reference = "The spellcasting ability for bard spells is Charisma."
+    echo = "The spellcasting ability for bard spells is Wisdom."
+    assert tfidf_cosine(echo, reference) > 0.3  # the paper's rule passes the wrong echo
+    assert novel_token_f1(echo, reference, question=question) == 0.0
+    assert novel_token_f1(question, reference, question=question) == 0.0
+    assert novel_token_f1("Charisma", reference, question=question) == 1.0
+    assert novel_token_f1("It is Charisma.", reference, question=question) == pytest.approx(2 / 3)
+    assert novel_token_f1(None, reference, question=question) == 0.0
+    assert novel_token_f1("Charisma", reference) == token_f1("Charisma", reference)  # no question
+    assert reads_question(METRICS.get("novel_token_f1")) and not reads_question(token_f1)
+
+
+def test_novel_token_f1_when_the_question_holds_the_answer():
+    """Every reference word in the question ("higher or lower?"): plain F1, an echo's precision is low."""
+    question = "Should they predict higher or lower than 40%?"
+    assert novel_token_f1("higher", "higher", question=question) == 1.0
+    assert novel_token_f1(question, "higher", question=question) == pytest.approx(
+        token_f1(question, "higher")
+    )
+    assert novel_token_f1(question, "higher", question=question) < 0.3
+
+
 def test_tfidf_cosine_fitted_on_the_pair():
     # fit on ["red blue", "red green"]: idf(red) = ln(3/3) + 1 = 1, idf(blue) = idf(green) = ln(3/2) + 1
     rare = math.log(3 / 2) + 1
@@ -105,7 +142,7 @@ def test_tfidf_cosine_fitted_on_the_pair():
 
 
 def test_registry():
-    assert {"numeric", "exact_match", "token_f1", "tfidf_cosine"} <= set(METRICS.names())
+    assert {"numeric", "exact_match", "token_f1", "novel_token_f1", "tfidf_cosine"} <= set(METRICS.names())
 
 
 def test_exact_text_keeps_operators_and_case():

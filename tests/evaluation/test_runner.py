@@ -1,6 +1,7 @@
 """The runner end to end on the tiny Llama: in-memory scoring, artifacts, resume, custom YAML, CLI."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from lorasoup.cli import app
 from lorasoup.config import load_config
-from lorasoup.errors import ConfigError, LorasoupError
+from lorasoup.errors import ConfigError, DataError, LorasoupError
 from lorasoup.evaluation.config import EvalRunConfig
 from lorasoup.evaluation.generate import Generation, GenerationSettings, generate
 from lorasoup.evaluation.metrics import normalize_answer
@@ -103,6 +104,7 @@ def test_evaluate_writes_artifacts(llama_dir, tmp_path, greedy):
     assert "Across subsets" in (out / "summary.md").read_text()
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "eval" and run["accuracy"] == summary["accuracy"] and len(run["inputs"]) == 2
+    assert run["scoring"]["correct_when"] == "exact_match() > 0.5" and "sandbox" not in run["scoring"]
     with pytest.raises(LorasoupError, match="already exists"):
         evaluate(config_for(llama_dir, task, out))
 
@@ -207,3 +209,95 @@ def test_cli_errors_are_one_line(llama_dir, tmp_path, greedy, monkeypatch):
     assert result.exit_code == 2 and "pip install vllm" in result.output
     result = runner.invoke(app, ["eval", "--model", str(llama_dir), "--task", "gsm-hard"])
     assert result.exit_code == 2 and "needs data: pass --data" in result.output
+
+
+def test_progress_moves_per_generation_batch():
+    """Each generation batch is scored, saved and reported as it finishes (not once per 4 batches)."""
+    task = Task(TaskSpec(name="echo", prompt="{question}", extractor="strip", metric="exact_match"))
+    examples = task.examples([{"question": f"q{i}", "answer": f"q{i}"} for i in range(5)])
+    calls, seen = [], []
+
+    def fake(prompts, settings):
+        calls.append(len(prompts))
+        return [Generation(p, 1, 1, "stop") for p in prompts]
+
+    run_examples(
+        fake, None, task, examples, GenerationSettings(batch_size=2), progress=lambda *a: seen.append(a)
+    )
+    assert calls == [2, 2, 1] and [done for done, _, _ in seen] == [2, 4, 5]
+    assert seen[-1] == (5, 5, 1.0)
+
+
+def qa_like_task(tmp_path, greedy, typo=False):
+    """A custom task with a question field: novel-token F1 leads, the echo baseline is scored. Each
+    answer is its question plus a word, so an echo passes TF-IDF > 0.3 and gets 0 novel-token F1."""
+    rows = [{"question": q, "answer": f"{q} zebra"} for q in QUESTIONS if q != "0 1 2 3"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": "qa-like",
+        "data": ["rows.jsonl"],
+        "prompt": "{qestion}" if typo else "{question}",
+        "extractor": "strip",
+        "metric": "tfidf_cosine",
+        "threshold": 0.3,
+        "extra_metrics": ["novel_token_f1"],
+        "headline": "novel_token_f1",
+        "question": "question",
+        "generation": {"max_new_tokens": 6, "batch_size": 3},
+    }
+    path = tmp_path / "qa-like.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_echo_baseline_and_headline_in_summary_and_reports(llama_dir, tmp_path, greedy):
+    task = qa_like_task(tmp_path, greedy)
+    args = ["eval", "--model", str(llama_dir), "--task", str(task), "--output", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "question echo" in result.output  # the echo row, under the model's
+    assert re.search(r"subset\s*┃\s*examples\s*┃\s*novel_token_f1\s*┃", result.output)  # headline leads
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    echo = summary["echo_baseline"]
+    assert summary["headline"] == "novel_token_f1" and summary["accuracy_rule"] == "tfidf_cosine > 0.3"
+    assert echo["examples"] == 7 and echo["metrics"]["novel_token_f1"] == 0.0
+    assert echo["accuracy"] == 1.0  # the paper's rule passes every echo
+    table = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    assert table[2].startswith(
+        "| model | adapter | examples | **novel_token_f1** | accuracy (tfidf_cosine > 0.3)"
+    )
+    assert table[5].startswith("| question echo (no model) | - | 7 | 0.0000 | 1.0000")
+    record = json.loads((tmp_path / "out" / "examples.jsonl").read_text().splitlines()[0])
+    assert record["echo"]["scores"]["novel_token_f1"] == 0.0
+
+
+def test_prompt_typo_stops_before_the_model_loads(tmp_path, greedy):
+    """``{qestion}`` is reported from the data alone (the model path does not even exist), and no
+    ``.partial`` is left behind."""
+    task = qa_like_task(tmp_path, greedy, typo=True)
+    with pytest.raises(DataError, match=r"rows/0: the prompt uses \{qestion\}.*fields: answer, question"):
+        evaluate(config_for(tmp_path / "no-model-here", task, tmp_path / "out"))
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_partial_run_with_no_records_does_not_block_the_rerun(llama_dir, tmp_path, greedy):
+    """A run that failed before scoring anything (here: a missing adapter) leaves nothing to resume, so
+    the corrected command runs instead of asking for --no-resume."""
+    task, expected = write_task(tmp_path, greedy)
+    with pytest.raises(LorasoupError):
+        evaluate(config_for(llama_dir, task, tmp_path / "out", adapter=str(tmp_path / "missing-adapter")))
+    fixed = evaluate(config_for(llama_dir, task, tmp_path / "out"))
+    assert fixed.resumed == 0 and fixed.summary["correct"] == expected
+
+
+def test_run_json_records_the_scoring_rule_and_the_sandbox():
+    from lorasoup.evaluation.tasks.scoring import SandboxOptions, scoring_record
+
+    record = scoring_record(get_task_spec("gsm-hard"), SandboxOptions(timeout_s=2.0))
+    assert record["metric_args"] == {"abs_tol": 0.001, "rel_tol": 0.0}
+    assert record["correct_when"] == "numeric(abs_tol=0.001, rel_tol=0.0) > 0.5"
+    assert record["sandbox"]["isolation"] in ("namespaces", "fallback")
+    assert record["sandbox"]["limits"]["timeout_s"] == 2.0 and record["sandbox"]["layers"]
+    qa = scoring_record(get_task_spec("qa"), SandboxOptions())
+    assert qa["correct_when"] == "tfidf_cosine() > 0.3" and "sandbox" not in qa
+    assert (qa["headline"], qa["question"]) == ("novel_token_f1", "question")

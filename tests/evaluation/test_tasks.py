@@ -109,7 +109,8 @@ def test_qa_layouts_closed_book():
         *json.loads((FIXTURES / "test_datasets/qa/biology_test.json").read_text()),
     ]
     for example, row in zip(examples, rows, strict=True):
-        assert set(example.fields) == {"instruction"}
+        assert set(example.fields) == {"instruction", "question"}
+        assert example.fields["question"] == example.fields["instruction"]
         if "context" in row:  # closed-book: the context never reaches the prompt
             assert row["context"][20:80] not in task.prompt(example)
     bio = [e for e in examples if e.subset == "biology_test"]
@@ -136,7 +137,8 @@ def test_qa_and_rc_scoring():
     rc, rc_examples = prepared("rc")
     answer = rc_examples[0].reference
     out = rc.score(rc_examples, [f"the correct answer is {answer}", "  "])
-    assert out[0].correct and out[0].scores == {"exact_match": 1.0, "token_f1": 1.0}
+    assert out[0].correct
+    assert out[0].scores == {"exact_match": 1.0, "token_f1": 1.0, "novel_token_f1": 1.0}
     assert out[1].verdict == "no-answer" and out[1].scores["token_f1"] == 0.0
 
 
@@ -209,9 +211,56 @@ def test_custom_yaml_task(tmp_path):
 
 def test_missing_prompt_field_is_a_one_line_error():
     task = Task(TaskSpec(name="t", prompt="{question}"))
-    example = task.examples([{"instruction": "x", "answer": "y"}])[0]
     with pytest.raises(DataError, match=r"example data/0: the prompt uses \{question\}"):
-        task.prompt(example)
+        task.examples([{"instruction": "x", "answer": "y"}])
+
+
+def test_prompt_typo_is_found_when_the_data_loads(tmp_path):
+    """A custom task's ``{qestion}`` stops ``task.load`` (before any model), naming row and fields."""
+    (tmp_path / "rows.jsonl").write_text('{"question": "2+2?", "answer": "4"}\n')
+    (tmp_path / "typo.yaml").write_text(
+        yaml.safe_dump({"name": "typo", "data": ["rows.jsonl"], "prompt": "Q: {qestion}\nA:"})
+    )
+    spec = get_task_spec(str(tmp_path / "typo.yaml"))
+    task = Task.from_inputs(spec, resolve_inputs(spec))
+    with pytest.raises(DataError, match=r"rows/0: the prompt uses \{qestion\}.*fields: answer, question"):
+        task.load(resolve_inputs(spec).data)
+
+
+def test_question_field_is_checked():
+    spec = TaskSpec(name="q", prompt="{instruction}", metric="novel_token_f1")
+    with pytest.raises(ConfigError, match="novel_token_f1 reads the question"):
+        spec.validate()
+    task = Task(TaskSpec(name="q", prompt="{instruction}", metric="novel_token_f1", question="query"))
+    with pytest.raises(DataError, match="reads the question from field 'query'"):
+        task.examples([{"instruction": "x", "answer": "y"}])
+    with pytest.raises(ConfigError, match="headline 'f1'"):
+        TaskSpec(name="q", headline="f1").validate()
+
+
+def test_qa_question_echo_is_scored_and_fails_the_echo_proof_score():
+    """The question used as the answer passes the paper's TF-IDF rule on most D&D rows; novel-token F1
+    gives it 0, so the echo baseline shows it."""
+    task, examples = prepared("qa")
+    questions = [e.fields["question"] for e in examples]
+    scored = task.score(examples, [f"The correct answer is {q}" for q in questions])
+    assert all(s.echo["scores"] == s.scores for s in scored)  # the model echoed: same as the baseline
+    assert sum(s.echo["correct"] for s in scored) >= len(scored) // 2  # the paper's rule is fooled
+    assert all(s.echo["scores"]["novel_token_f1"] == 0.0 for s in scored)
+    assert task.spec.headline == "novel_token_f1"
+
+
+def test_rc_short_perfect_answer_gets_headline_credit():
+    """ "Etanercept" for "Etanercept is the most widely used anti-TNF drug.": exact match 0 (the column
+    kept), the headline token F1 credits it, novel-token F1 in full."""
+    task, examples = prepared("rc")
+    example = next(e for e in examples if e.reference.startswith("Etanercept is the most widely"))
+    assert example.fields["question"] == "Which is the most widely used anti-TNF drug?"
+    scored = task.score([example], ["the correct answer is Etanercept"])[0]
+    assert scored.scores["exact_match"] == 0.0 and not scored.correct
+    assert task.spec.headline == "token_f1" and scored.scores["token_f1"] == pytest.approx(2 / 8)
+    assert scored.scores["novel_token_f1"] == 1.0
+    assert scored.echo["scores"]["novel_token_f1"] == 0.0
 
 
 def test_register_task_from_code():
@@ -251,6 +300,19 @@ def test_gsm_hard_programs_in_the_sandbox():
     assert scored[0].extracted == "-9867630" and scored[1].extracted == "3244047.0999999996"
     assert "ZeroDivisionError" in scored[5].detail
     assert [s.scores["numeric"] for s in scored] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_returned_string_with_commas_is_not_a_number():
+    """PAL's scorer takes ``float(answer)``: '-9,867,630' fails it, '-9867630' passes."""
+    task, examples = prepared("gsm-hard")
+    texts = [
+        "```\ndef solution():\n    return '-9,867,630'\n```",
+        "```\ndef solution():\n    return '-9867630'\n```",
+        "```\ndef solution():\n    return -9867630\n```",
+    ]
+    scored = task.score([examples[0]] * 3, texts, SandboxOptions(timeout_s=5.0, workers=2))
+    assert [s.verdict for s in scored] == ["wrong", "correct", "correct"]
+    assert "returned the string '-9,867,630', not a number" in scored[0].detail
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared LoRA Soups data is not at {SHARED}")

@@ -170,19 +170,21 @@ def print_train_result(console: Console, result: TrainResult) -> None:
 
 
 def eval_table(task: str, summary: dict[str, Any]) -> Table:
-    metrics = list(summary["metrics"])
+    """The task's scores, its headline first (``score_columns``), and the question-echo baseline under
+    each row where the task has one (an echo of the question must not look like a score)."""
+    from lorasoup.evaluation.results import ECHO_LABEL, score_cells, score_columns
+
+    echo = summary.get("echo_baseline")
+    columns = score_columns(summary)
     table = Table(title=f"lorasoup eval: {task}")
-    for column in ("subset", "examples", "accuracy", *metrics):
+    for column in ("subset", "examples", *(label for label, _ in columns)):
         table.add_column(column)
-
-    def row(name: str, block: dict[str, Any]) -> list[str]:
-        values = [f"{block['metrics'][m]:.4f}" for m in metrics]
-        return [name, str(block["examples"]), f"{block['accuracy']:.4f}", *values]
-
-    if len(summary["subsets"]) > 1:
-        for name, block in summary["subsets"].items():
-            table.add_row(*row(name, block))
-    table.add_row(*row("[bold]all[/]", summary))
+    blocks = [*summary["subsets"].items()] if len(summary["subsets"]) > 1 else []
+    for name, block in [*blocks, ("[bold]all[/]", summary)]:
+        table.add_row(name, str(block["examples"]), *score_cells(block, columns))
+        if echo is not None:
+            own = echo if block is summary else echo["subsets"][name]
+            table.add_row(f"  {ECHO_LABEL}", str(own["examples"]), *score_cells(own, columns), style="dim")
     return table
 
 
@@ -222,15 +224,25 @@ def accuracy_cell(value: dict[str, float] | None, several: bool) -> str:
     return f"{100 * value['mean']:.1f}" + (f" ± {100 * value['std']:.1f}" if several else "")
 
 
+DEMO_COLUMNS = {
+    "composite": "composite task",
+    "math": "math skill",
+    "code": "code skill",
+    "gsm-hard": "GSM-Hard",
+}
+"""The demo's tasks as the terminal table names them (GSM-Hard: the real-model study with its data)."""
+
+
 def print_demo_result(console: Console, summary: DemoSummary) -> None:
     several = len(summary.seeds) > 1
     table = Table(
         title=f"lorasoup demo: composite task and skill retention, accuracy % (seeds {summary.seeds})"
     )
-    for column in ("method", "composite task", "math skill", "code skill"):
+    tasks = [task for task in DEMO_COLUMNS if task in summary.table[0]]
+    for column in ("method", *(DEMO_COLUMNS[task] for task in tasks)):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in summary.table:
-        cells = [accuracy_cell(row[task], several) for task in ("composite", "math", "code")]
+        cells = [accuracy_cell(row[task], several) for task in tasks]
         style = "bold" if row["method"] == "CAT (trained)" else None
         table.add_row(row["method"], *cells, style=style)
     console.print(table)

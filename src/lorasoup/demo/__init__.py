@@ -29,7 +29,15 @@ library imports it back (``tests/test_import_rules.py``).
 from __future__ import annotations
 
 from lorasoup.demo.real_study import RealDemoSettings
-from lorasoup.demo.run import MODES, DemoSummary, run_demo, seed_list
+from lorasoup.demo.run import MODES, DemoSummary, combine_runs, run_demo, seed_list
 from lorasoup.demo.settings import DemoSettings
 
-__all__ = ["MODES", "DemoSettings", "DemoSummary", "RealDemoSettings", "run_demo", "seed_list"]
+__all__ = [
+    "MODES",
+    "DemoSettings",
+    "DemoSummary",
+    "RealDemoSettings",
+    "combine_runs",
+    "run_demo",
+    "seed_list",
+]

@@ -5,7 +5,11 @@
 * **math skill** — ``gsm_symbolic``: GSM8K-style word problems drawn from about 85 problem families
   (GSM-Symbolic, https://arxiv.org/abs/2410.05229), each with a worked answer ending ``#### N``.
   Record: problem → worked answer; scored by the last number of the answer.
-* **code skill** — CodeI/O (https://arxiv.org/abs/2502.07316): task descriptions with a reference
+* **code skill** — by default (``code_skill="procedural"``, ``procedural.py``) programs for stated
+  computations that are not word problems (arithmetic, linear equations, number theory, bits, letters)
+  from reasoning-gym's procedural generators, each checked in the sandbox; scored on instances from
+  another stream. The first design (``code_skill="codeio"``, kept so its published runs reproduce):
+  CodeI/O (https://arxiv.org/abs/2502.07316): task descriptions with a reference
   ``main_solution`` and an input generator. We keep tasks whose program needs only the standard
   library, is short, and returns a number; an input is drawn and the reference is run **in lorasoup's
   sandbox** (the dataset's code is untrusted), which gives the expected value. Record: task + input
@@ -35,7 +39,6 @@ import itertools
 import json
 import keyword
 import math
-import operator
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -43,13 +46,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorasoup.demo.benchmark import Benchmark
+from lorasoup.demo.programs import PROGRAM_REQUEST, arithmetic, fenced, reasoning_gym
 from lorasoup.errors import DataError
 
-PROGRAM_REQUEST = "Write a Python program: define solution() and return the answer."
-"""Ends every program prompt (code skill and composite task), so both ask for the same thing."""
 GSM_SUFFIX = " Give the result as your final answer. Do not include units."
 """What ``gsm_symbolic`` appends to its questions; kept for the math skill, replaced for programs."""
-INSTALL = "pip install 'lorasoup[demo]' (or: pip install reasoning-gym==0.1.25)"
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,6 @@ class CodeTask:
     generator: str
 
 
-def fenced(program: str) -> str:
-    """A program in a Markdown code block, as the instruct model writes code; the harness's extractor
-    takes the whole block (a bare program keeps only ``solution()`` and the imports above it)."""
-    return f"```python\n{program}```"
-
-
 def math_record(problem: GsmProblem) -> dict[str, Any]:
     return {"instruction": problem.question + GSM_SUFFIX, "output": problem.worked, "value": problem.value}
 
@@ -103,33 +98,12 @@ def composite_record(problem: GsmProblem) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Worked answer → PAL program
 
-_OPERATORS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-}
 # Numbers (thousands commas, decimals, percent), unit denominators ("/week"), words, operators.
 _TOKEN = re.compile(
     r"(?P<num>\d[\d,]*(?:\.\d+)?%?)|(?P<unit>/\s*[A-Za-z]+)|(?P<word>[A-Za-z']+)|(?P<op>[-+*/×÷()])|\S"
 )
 _RESULT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _NAME = re.compile(r"[A-Za-z]+")
-
-
-def _arithmetic(source: str) -> float:
-    """The value of an expression of numbers, ``+ - * /`` and parentheses; anything else raises."""
-
-    def walk(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
-        raise ValueError(f"not arithmetic: {ast.dump(node)[:40]}")
-
-    return walk(ast.parse(source, mode="eval").body)
 
 
 def _same(a: float, b: float) -> bool:
@@ -177,7 +151,7 @@ def _equation(left: str, result: float) -> list[_Token] | None:
         if sum(any(c.isdigit() for c in t.text) for t in candidate) < 2:
             break
         try:
-            value = _arithmetic(" ".join(t.text for t in candidate))
+            value = arithmetic(" ".join(t.text for t in candidate))
         except (SyntaxError, ValueError, ZeroDivisionError, TypeError):
             continue
         if _same(value, result):
@@ -260,17 +234,9 @@ def _variable(unit: str, taken: dict[str, Any]) -> str:
 # Drawing problems and tasks
 
 
-def _reasoning_gym() -> Any:
-    try:
-        import reasoning_gym
-    except ImportError as exc:
-        raise DataError(f"the smollm2 demo draws its data from reasoning-gym; install it: {INSTALL}") from exc
-    return reasoning_gym
-
-
 def gsm_problems(seed: int, *, max_steps: int) -> Iterator[GsmProblem]:
     """``gsm_symbolic`` problems of one seeded stream, converted and filtered (distinct questions)."""
-    dataset = _reasoning_gym().create_dataset("gsm_symbolic", size=100_000, seed=seed)
+    dataset = reasoning_gym().create_dataset("gsm_symbolic", size=100_000, seed=seed)
     seen: set[str] = set()
     for index in range(len(dataset)):
         item = dataset[index]
@@ -294,7 +260,7 @@ def code_tasks(max_chars: int) -> list[CodeTask]:
     """CodeI/O tasks whose ``main_solution`` returns a number, imports only the standard library and
     is at most ``max_chars`` long once comments and docstrings are dropped (the sandbox has no
     site-packages)."""
-    path = importlib.resources.files(_reasoning_gym()) / "data" / "codeio.jsonl.gz"
+    path = importlib.resources.files(reasoning_gym()) / "data" / "codeio.jsonl.gz"
     with gzip.open(str(path), "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
     tasks = []
@@ -417,7 +383,9 @@ def _code_split(
     return records
 
 
-def build_real_benchmark(seed: int, sizes: RealSizes = RealSizes(), fits: Fits | None = None) -> Benchmark:
+def build_real_benchmark(
+    seed: int, sizes: RealSizes = RealSizes(), fits: Fits | None = None, code_skill: str = "procedural"
+) -> Benchmark:
     """Every split of the real-model demo from one seed (see the module doc); ``base`` is empty.
 
     ``fits`` keeps only records within the study's token budget (a GSM problem only when both its
@@ -430,23 +398,42 @@ def build_real_benchmark(seed: int, sizes: RealSizes = RealSizes(), fits: Fits |
         if fits(math_record(p)) and fits(composite_record(p))
     )
     gsm = [next(problems) for _ in range(2 * sizes.test + 2 * sizes.skill)]
+    test, train = gsm[: 2 * sizes.test], gsm[2 * sizes.test :]
+    code_train, code_test = _code_splits(seed, sizes, fits, code_skill)
+    return Benchmark(
+        base=[],
+        train={
+            "math": [math_record(p) for p in train[: sizes.skill]],
+            "code": code_train,
+            "composite": [composite_record(p) for p in train[sizes.skill :]],
+        },
+        test={
+            "composite": [composite_record(p) for p in test[: sizes.test]],
+            "math": [math_record(p) for p in test[sizes.test :]],
+            "code": code_test,
+        },
+    )
+
+
+CODE_SKILLS = ("procedural", "codeio")
+"""Where the code skill's programs come from: reasoning-gym's procedural generators (``procedural.py``,
+the default) or CodeI/O tasks (the first design, kept so that its published run reproduces)."""
+
+
+def _code_splits(
+    seed: int, sizes: RealSizes, fits: Fits, code_skill: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The code skill's training and test records."""
+    if code_skill == "procedural":
+        from lorasoup.demo.procedural import procedural_code_split
+
+        train = procedural_code_split(seed, sizes.skill, fits)
+        exclude = {record["instruction"] for record in train}
+        return train, procedural_code_split(seed, sizes.test, fits, test=True, exclude=exclude)
     tasks = code_tasks(sizes.code_chars)
     rng = random.Random(seed)
     rng.shuffle(tasks)
     # Test tasks are held out: the code skill is scored on tasks it never saw.
     held_out = max(1, min(sizes.test, len(tasks) // 3))
     test_tasks, train_tasks = tasks[:held_out], tasks[held_out:]
-    test, train = gsm[: 2 * sizes.test], gsm[2 * sizes.test :]
-    return Benchmark(
-        base=[],
-        train={
-            "math": [math_record(p) for p in train[: sizes.skill]],
-            "code": _code_split(train_tasks, sizes.skill, rng, fits),
-            "composite": [composite_record(p) for p in train[sizes.skill :]],
-        },
-        test={
-            "composite": [composite_record(p) for p in test[: sizes.test]],
-            "math": [math_record(p) for p in test[sizes.test :]],
-            "code": _code_split(test_tasks, sizes.test, rng, fits),
-        },
-    )
+    return _code_split(train_tasks, sizes.skill, rng, fits), _code_split(test_tasks, sizes.test, rng, fits)

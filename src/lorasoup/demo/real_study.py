@@ -27,7 +27,7 @@ from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.compose import STEPS as COMPOSE_STEPS
 from lorasoup.demo.compose import SeedStudy, compose_methods
 from lorasoup.demo.methods import load_study_model
-from lorasoup.demo.real import PROGRAM_REQUEST, RealSizes, build_real_benchmark
+from lorasoup.demo.real import CODE_SKILLS, PROGRAM_REQUEST, RealSizes, build_real_benchmark
 from lorasoup.demo.scoring import Scorer, write_records
 from lorasoup.demo.settings import MethodResult, StageHook
 from lorasoup.evaluation.generate import GenerationOptions
@@ -61,6 +61,13 @@ class RealDemoSettings:
     math_tokens: int = 144  # worked answers (95 % are under 135 tokens)
     code_tokens: int = 192  # CodeI/O programs (records fit cutoff_len, prompt included)
     device: str = "auto"  # auto (CUDA if torch sees a GPU, else the CPU) | cpu | cuda; device.py
+    eval_backend: str = "hf"  # hf | cudagraph (CUDA: decoding steps as graphs, few-shot prefix shared)
+    code_skill: str = "procedural"  # procedural (reasoning-gym generators) | codeio (the first design)
+    # GSM-Hard (the paper's test set, scored with its 8-shot program-of-thought prompt like `lorasoup
+    # eval --task gsm-hard`): the LoRA Soups data folder (or its test file); None: no GSM-Hard column.
+    gsm_hard_data: str | None = None
+    gsm_hard_limit: int | None = None  # its first N problems (None: all 1,319)
+    gsm_hard_batch_size: int = 32  # prompts are ~1,200 tokens: a smaller batch than the short tasks'
     # The data, read from a file `lorasoup demo --model smollm2 --save-benchmark PATH` wrote (built
     # with these sizes, template and cutoff_len), instead of drawn from reasoning-gym; None: drawn.
     benchmark_file: str | None = None
@@ -69,13 +76,53 @@ class RealDemoSettings:
         from lorasoup.demo.device import check_device
 
         check_device(self.device)
-        for name in ("cutoff_len", "lora_rank", "lora_steps", "batch_size", "cat_steps", "eval_batch_size"):
+        require(
+            self.eval_backend in ("hf", "cudagraph"),
+            f"eval_backend: hf or cudagraph, not {self.eval_backend!r}",
+        )
+        require(
+            self.code_skill in CODE_SKILLS,
+            f"code_skill: one of {', '.join(CODE_SKILLS)}, not {self.code_skill!r}",
+        )
+        require(
+            self.gsm_hard_limit is None or self.gsm_hard_limit >= 1,
+            f"gsm_hard_limit must be at least 1 (or null: all problems), got {self.gsm_hard_limit}",
+        )
+        counts = ("cutoff_len", "lora_rank", "lora_steps", "batch_size", "cat_steps", "eval_batch_size")
+        for name in (*counts, "gsm_hard_batch_size"):
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("program_tokens", "math_tokens", "code_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         require(self.sizes.skill >= 1 and self.sizes.test >= 1, "sizes.skill and sizes.test must be >= 1")
         require(self.sizes.max_steps >= 1, f"sizes.max_steps must be >= 1, got {self.sizes.max_steps}")
         require(0 < self.density <= 1, f"density must be in (0, 1], got {self.density}")
+
+
+PAPER_GSM_HARD = {
+    "CAT (trained)": 21.11,
+    "DATA-MIX": 18.8,
+    "math skill LoRA": 14.18,
+    "code skill LoRA": "8.04 or 5.91",
+}
+"""GSM-Hard accuracy (%) the LoRA Soups paper reports for a 7B Llama (arXiv 2410.13025; read from two
+public notes, not the PDF: ../shared/PAPER.md §6.2). Another model, other skill data: printed beside
+ours for scale, never compared as if like for like."""
+
+
+def tasks(settings: RealDemoSettings) -> tuple[str, ...]:
+    """The table's columns: the three study tasks, and GSM-Hard when its data are given."""
+    return ("composite", "math", "code") + (("gsm-hard",) if settings.gsm_hard_data else ())
+
+
+def gsm_hard_task(settings: RealDemoSettings) -> tuple[Any, list[Any]]:
+    """The registered ``gsm-hard`` task with its 8-shot prompt, and its problems (the first
+    ``gsm_hard_limit``), read from ``gsm_hard_data`` as ``lorasoup eval --data`` reads them."""
+    from lorasoup.evaluation.tasks import Task, get_task_spec, resolve_inputs
+
+    spec = get_task_spec("gsm-hard")
+    inputs = resolve_inputs(spec, [settings.gsm_hard_data])
+    task = Task.from_inputs(spec, inputs)
+    return task, task.load(inputs.data, limit=settings.gsm_hard_limit)
 
 
 def task_specs(settings: RealDemoSettings) -> dict[str, TaskSpec]:
@@ -117,6 +164,8 @@ def built_with(settings: RealDemoSettings, tokenizer: Any = None) -> dict[str, A
 
     key = {f"sizes.{name}": value for name, value in asdict(settings.sizes).items()}
     key |= {"template": settings.template, "cutoff_len": settings.cutoff_len}
+    if settings.code_skill != "codeio":  # files written before the procedural skill hold CodeI/O data
+        key["code_skill"] = settings.code_skill
     return key | ({"tokenizer": tokenizer_fingerprint(tokenizer)} if tokenizer is not None else {})
 
 
@@ -127,7 +176,9 @@ def real_benchmark(seed: int, settings: RealDemoSettings, tokenizer: Any) -> Ben
         from lorasoup.demo.benchmark_file import read_benchmark
 
         return read_benchmark(settings.benchmark_file, seed, built_with(settings, tokenizer))
-    return build_real_benchmark(seed, settings.sizes, fits=_token_budget(tokenizer, settings))
+    return build_real_benchmark(
+        seed, settings.sizes, fits=_token_budget(tokenizer, settings), code_skill=settings.code_skill
+    )
 
 
 def save_real_benchmarks(path: str | Path, seeds: list[int], settings: RealDemoSettings) -> dict[str, Any]:
@@ -142,7 +193,10 @@ def save_real_benchmarks(path: str | Path, seeds: list[int], settings: RealDemoS
     spec = parse_model_spec(settings.model)
     tokenizer = load_tokenizer(spec)  # no weights read
     fits = _token_budget(tokenizer, settings)
-    benchmarks = {seed: build_real_benchmark(seed, settings.sizes, fits=fits) for seed in seeds}
+    benchmarks = {
+        seed: build_real_benchmark(seed, settings.sizes, fits=fits, code_skill=settings.code_skill)
+        for seed in seeds
+    }
     written = write_benchmarks(
         path,
         benchmarks,
@@ -240,6 +294,8 @@ def run_real_seed(
         write_records(out / "data" / f"test-{name}.json", records)
     clock["data_s"] = time.perf_counter() - started
     scorer = Scorer(benchmark, tokenizer, settings, out / "eval", specs=task_specs(settings))
+    if settings.gsm_hard_data is not None:
+        scorer.add_task("gsm-hard", *gsm_hard_task(settings), batch_size=settings.gsm_hard_batch_size)
     study = SeedStudy(
         out,
         seed,
@@ -276,6 +332,8 @@ def run_real_seed(
         "timings_s": clock,
         "base_model": base_facts,
         "cat_weights": str(artifacts["cat"] / "cat_weights.json"),
+        "eval_backend": settings.eval_backend,
+        "backend_fallbacks": scorer.fallbacks,
     }
     return rows, facts
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorasoup.demo.real_study import STAGES as REAL_STAGES
 from lorasoup.demo.real_study import RealDemoSettings, SeedRunner, report_header, seed_runner
+from lorasoup.demo.real_study import tasks as real_tasks
 from lorasoup.demo.settings import TASKS, DemoSettings, MethodResult, StageHook, aggregate
 from lorasoup.demo.study import run_seed
 from lorasoup.demo.tables import extra_results, extra_sections
@@ -70,6 +71,63 @@ def run_demo(
     return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)
 
 
+def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False) -> DemoSummary:
+    """One study from demo runs made separately with the same settings (say one seed per run, on GPU
+    machines that go back between calls): their seeds are aggregated as if they had run together, and
+    each run's ``seed-N/`` folder is copied in (model weights left out).
+    """
+    import shutil
+
+    from lorasoup.artifacts import atomic_output_dir, require_free_output
+    from lorasoup.config import load_config
+
+    folders = [Path(run) for run in runs]
+    loaded = []
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise ConfigError(f"{folder} is not a finished demo run (no results.json)")
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if "seed_facts" not in results:
+            raise ConfigError(f"{path} was written before runs could be combined; run that seed again")
+        loaded.append(results)
+    first = loaded[0]
+    for folder, results in zip(folders[1:], loaded[1:], strict=True):
+        for key in ("model", "tasks", "settings"):
+            if results[key] != first[key]:
+                raise ConfigError(
+                    f"{folder} differs from {folders[0]} in {key}: only runs of one study combine"
+                )
+    seeds = [seed for results in loaded for seed in results["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"the runs share seeds ({seeds}); combine runs of different seeds")
+    output = Path(output)
+    require_free_output(output, overwrite=overwrite)
+    mode = demo_mode(first["model"])
+    settings = load_config(mode.settings, base=first["settings"])
+    outcomes: list[tuple[list[MethodResult], dict[str, Any]]] = []
+    with atomic_output_dir(output, overwrite=overwrite) as staging:
+        for folder, results in zip(folders, loaded, strict=True):
+            for seed, rows, facts in zip(
+                results["seeds"], results["per_seed"], results["seed_facts"], strict=True
+            ):
+                shutil.copytree(
+                    folder / f"seed-{seed}",
+                    staging / f"seed-{seed}",
+                    ignore=shutil.ignore_patterns(*_WEIGHTS),
+                )
+                placed = facts | {"cat_weights": str(staging / facts["cat_weights"])}
+                outcomes.append(([MethodResult(**row) for row in rows], placed))
+        seconds = sum(
+            json.loads((f / "run.json").read_text(encoding="utf-8"))["timings_s"]["total"] for f in folders
+        )
+        table = write_demo(staging, outcomes, seeds, settings, first["model"], seconds)
+    return DemoSummary(output=output, table=table, seeds=seeds, seconds=seconds)
+
+
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
 def demo_mode(model: str) -> DemoMode:
     """The mode of ``--model`` (``MODES``), or a one-line error listing them."""
     if model not in MODES:
@@ -123,16 +181,20 @@ def write_demo(
     hardware = device_facts(settings.device)
     per_seed: list[list[MethodResult]] = [rows for rows, _ in outcomes]
     facts: list[dict[str, Any]] = [seed_facts for _, seed_facts in outcomes]
-    table = aggregate(per_seed)
+    # Paths inside the run, relative to it: the staging folder is renamed, and runs are combined.
+    kept_facts = [f | {"cat_weights": str(Path(f["cat_weights"]).relative_to(folder))} for f in facts]
+    columns = demo_mode(model).tasks(settings)
+    table = aggregate(per_seed, columns)
     results = {
         "model": model,
-        "tasks": list(TASKS),
+        "tasks": list(columns),
         "seeds": seeds,
         "table": table,
         "per_seed": [[vars(row) for row in rows] for rows in per_seed],
         "settings": settings_record(settings),
         **hardware,
         **extra_results(table, facts, settings),  # K = 3 and format rows, when they ran
+        "seed_facts": kept_facts,
     }
     write_json_atomic(folder / "results.json", results)
     header = demo_mode(model).header
@@ -195,16 +257,22 @@ def _write_report(
     from lorasoup.report import markdown_table, markdown_to_html, methods_bar_chart, weights_heatmap
 
     extra, extra_images = extra_sections(folder, results or {}, len(seeds))
-
+    columns = tuple((results or {}).get("tasks", TASKS))
     bars = methods_bar_chart(
-        table, TASKS, folder / "methods.png", title=f"accuracy per method ({len(seeds)} seed(s))"
+        table, columns, folder / "methods.png", title=f"accuracy per method ({len(seeds)} seed(s))"
     )
     weights = json.loads(Path(facts[0]["cat_weights"]).read_text(encoding="utf-8"))
     heatmap = weights_heatmap(
         weights["weights"], folder / "cat_weights.png", title=f"CAT's learned weights (seed {seeds[0]})"
     )
-    headers = ["method", "composite task (%)", "math skill (%)", "code skill (%)", "how"]
-    rows = [[row["method"], *(_cell(row[t], len(seeds)) for t in TASKS), row["detail"]] for row in table]
+    names = {
+        "composite": "composite task",
+        "math": "math skill",
+        "code": "code skill",
+        "gsm-hard": "GSM-Hard",
+    }
+    headers = ["method", *(f"{names[t]} (%)" for t in columns), "how"]
+    rows = [[row["method"], *(_cell(row[t], len(seeds)) for t in columns), row["detail"]] for row in table]
     best = max((r for r in table if r["kind"] != "ceiling"), key=lambda r: r["composite"]["mean"])
     cat = next(r for r in table if r["method"] == "CAT (trained)")
     mix = next(r for r in table if r["method"] == "DATA-MIX")
@@ -217,6 +285,7 @@ def _write_report(
             f"CAT (trained): {100 * cat['composite']['mean']:.1f} %; "
             f"DATA-MIX: {100 * mix['composite']['mean']:.1f} %.",
             "",
+            *(paper_gsm_hard_lines(table) if "gsm-hard" in columns else []),
             "![accuracy per method](methods.png)",
             "",
             "![CAT weights](cat_weights.png)",
@@ -233,9 +302,29 @@ def _write_report(
     (folder / "report.html").write_text(page, encoding="utf-8")
 
 
+def paper_gsm_hard_lines(table: list[dict[str, Any]]) -> list[str]:
+    """Our GSM-Hard column beside the LoRA Soups paper's figures, labelled as another model's."""
+    from lorasoup.demo.real_study import PAPER_GSM_HARD
+    from lorasoup.report import markdown_table
+
+    ours = {row["method"]: row["gsm-hard"] for row in table}
+    rows = [
+        [method, f"{100 * ours[method]['mean']:.1f}" if method in ours else "–", str(paper)]
+        for method, paper in PAPER_GSM_HARD.items()
+    ]
+    return [
+        "GSM-Hard beside the paper's figures. **The paper's column is another model** (a 7B Llama with "
+        "MetaMathQA and CodeAlpaca LoRAs; figures from public notes, ../shared/PAPER.md §6.2): it gives "
+        "scale, not a like-for-like comparison.",
+        "",
+        markdown_table(["method", "this run (%)", "LoRA Soups paper, 7B Llama (%)"], rows),
+    ]
+
+
 @dataclass(frozen=True)
 class DemoMode:
-    """One ``--model`` choice: its settings class, how a run prepares its seeds, its report header.
+    """One ``--model`` choice: its settings class, how a run prepares its seeds, its report header,
+    and the table's columns for its settings.
 
     ``runner(output folder, settings, stage)`` does the work the seeds share (the smollm2 mode
     converts the base model once) and returns ``run(seed folder, seed, settings, stage)``.
@@ -244,9 +333,10 @@ class DemoMode:
     settings: type
     runner: Callable[[Path, Any, StageHook | None], SeedRunner]
     header: Callable[..., list[str]]
+    tasks: Callable[[Any], tuple[str, ...]] = lambda settings: TASKS
 
 
 MODES: dict[str, DemoMode] = {
     "tiny": DemoMode(DemoSettings, lambda folder, settings, stage: run_seed, _tiny_header),
-    "smollm2": DemoMode(RealDemoSettings, seed_runner, report_header),
+    "smollm2": DemoMode(RealDemoSettings, seed_runner, report_header, real_tasks),
 }

@@ -7,6 +7,7 @@ sandbox) and keeps every per-example record under ``eval/<method>/<task>.jsonl``
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.device import resolve_device
 from lorasoup.demo.settings import TASKS, DemoSettings
+from lorasoup.errors import LorasoupError
 from lorasoup.evaluation.generate import GenerationSettings
 from lorasoup.evaluation.tasks import SandboxOptions, Task, TaskSpec
 
@@ -94,30 +96,49 @@ class Scorer:
             name: task.examples(benchmark.test[splits.get(name, name)]) for name, task in self.tasks.items()
         }
         self.settings = GenerationSettings(max_new_tokens=16, batch_size=settings.eval_batch_size)
+        self.batch_sizes: dict[str, int] = {}
         self.out_dir = out_dir
         self.device = resolve_device(settings.device)
+        self.backend = getattr(settings, "eval_backend", "hf")
+        self.fallbacks: list[str] = []  # "method / task: why" for each score the hf backend had to redo
+
+    def add_task(self, name: str, task: Task, examples: list[Any], batch_size: int | None = None) -> None:
+        """Score ``task`` on ``examples`` too (a task read from files, such as GSM-Hard)."""
+        self.tasks[name], self.examples[name] = task, examples
+        if batch_size is not None:
+            self.batch_sizes[name] = batch_size
 
     def score(self, method: str, model: torch.nn.Module) -> dict[str, float]:
-        from lorasoup.evaluation.runner import evaluate_model
-
         model = model.to(self.device)
         accuracy = {}
         folder = self.out_dir / slug(method)
         folder.mkdir(parents=True, exist_ok=True)
         for name in self.tasks:
-            outcome = evaluate_model(
-                model,
-                self.tokenizer,
-                self.tasks[name],
-                self.examples[name],
-                self.tasks[name].spec.generation.apply(self.settings),  # the task's own token budget
-                sandbox=SandboxOptions(timeout_s=2.0, memory_mb=256),
-            )
+            outcome = self._evaluate(method, name, model)
             with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
                 for result in outcome.results:
                     handle.write(json.dumps(result.to_json()) + "\n")
             accuracy[name] = outcome.summary["accuracy"]
         return accuracy
+
+    def _evaluate(self, method: str, name: str, model: torch.nn.Module) -> Any:
+        """One task's outcome through the settings' backend; a model the CUDA-graph backend cannot
+        capture is scored again with the hf backend, and the fallback is recorded (``fallbacks``)."""
+        from lorasoup.evaluation.runner import evaluate_model
+
+        settings = self.tasks[name].spec.generation.apply(self.settings)  # the task's own token budget
+        if name in self.batch_sizes:
+            settings = replace(settings, batch_size=self.batch_sizes[name])
+        sandbox = SandboxOptions(timeout_s=2.0, memory_mb=256)
+        task, examples = self.tasks[name], self.examples[name]
+        if self.backend != "hf":
+            try:
+                return evaluate_model(
+                    model, self.tokenizer, task, examples, settings, sandbox=sandbox, backend=self.backend
+                )
+            except (LorasoupError, RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+                self.fallbacks.append(f"{method} / {name}: {' '.join(str(exc).split())[:200]}")
+        return evaluate_model(model, self.tokenizer, task, examples, settings, sandbox=sandbox)
 
 
 def slug(method: str) -> str:

@@ -11,7 +11,7 @@ Protocol:
 - the result fd (a pipe inherited from the parent, not stdout): exactly two JSON lines, each with
   the nonce: ``{"event": "ready", "layers": [...]}`` just before the program runs (or
   ``"setup_failed"`` instead), then ``{"event": "done", "status": ok|error|memory, "returned": ...,
-  "detail": ...}`` after it.
+  "detail": ...}`` after it (plus ``"returned_type"``, the type's name, when a value was returned).
 
 Setup, in order: ``namespaces`` mode enters the jail (``_sandbox_jail.enter_namespaces``);
 ``fallback`` mode drops root to ``nobody`` when started as root; then rlimits, ``no_new_privs`` +
@@ -221,7 +221,10 @@ def _run(code: str, call: str | None, cap: int, report: _Reporter) -> None:
         exec(compile(code, "<program>", "exec"), namespace)
         func = namespace.get(call) if call else None
         if callable(func):
-            done["returned"] = _as_text(func(), cap)
+            value = func()
+            done["returned"] = _as_text(value, cap)
+            if value is not None:  # the harness needs to know a str from a number ('1,234' is text)
+                done["returned_type"] = "str" if isinstance(value, str) else type(value).__name__
     except SystemExit as exc:  # sys.exit(0) ends the program normally; anything else is an error
         if exc.code not in (None, 0):
             done.update(status="error", detail=f"SystemExit: {exc.code}"[:300])

@@ -57,27 +57,20 @@ def load_peft_model(config: EvalRunConfig, model_spec: ModelSpec) -> tuple[PreTr
     return model, facts
 
 
-@BACKENDS.register("hf")
-def hf_backend(
-    config: EvalRunConfig, model_spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
-) -> tuple[GenerateFn, dict[str, Any]]:
-    """transformers' ``generate`` (greedy or sampling) on the loaded model."""
-    model, facts = load_peft_model(config, model_spec)
-
-    def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
-        return generate(model, tokenizer, prompts, settings)
-
-    return run, facts
-
-
-@BACKENDS.register("cudagraph")
-def cudagraph_backend(
-    config: EvalRunConfig, model_spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
-) -> tuple[GenerateFn, dict[str, Any]]:
-    """Greedy decoding by CUDA-graph replay, with a shared prompt prefix (``graph_decode``)."""
+def model_generator(
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: dict[str, Any] | None = None
+) -> GenerateFn:
+    """A loaded model's ``(prompts, settings) -> generations`` through backend ``name``: ``hf``
+    (transformers' ``generate``, greedy or sampling) or ``cudagraph`` (greedy, CUDA-graph replay with a
+    shared prompt prefix, ``graph_decode``; it steps eagerly on a CPU). ``facts`` gains what the runs
+    used (``shared_prefix_tokens``). vLLM loads its own engine, so it has no in-memory form."""
+    facts = {} if facts is None else facts
+    if name == "hf":
+        return lambda prompts, settings: generate(model, tokenizer, prompts, settings)
+    if name != "cudagraph":
+        raise ConfigError(f"backend {name!r} cannot generate with a loaded model; use 'hf' or 'cudagraph'")
     from lorasoup.evaluation.graph_decode import GraphGenerator
 
-    model, facts = load_peft_model(config, model_spec)
     generator = GraphGenerator(model, tokenizer)  # keeps its KV cache, graphs and prefix across chunks
 
     def run(prompts: Sequence[str], settings: GenerationSettings) -> list[Generation]:
@@ -87,7 +80,25 @@ def cudagraph_backend(
         facts["shared_prefix_tokens"] = shared
         return generations
 
-    return run, facts
+    return run
+
+
+@BACKENDS.register("hf")
+def hf_backend(
+    config: EvalRunConfig, model_spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
+) -> tuple[GenerateFn, dict[str, Any]]:
+    """transformers' ``generate`` (greedy or sampling) on the loaded model."""
+    model, facts = load_peft_model(config, model_spec)
+    return model_generator("hf", model, tokenizer, facts), facts
+
+
+@BACKENDS.register("cudagraph")
+def cudagraph_backend(
+    config: EvalRunConfig, model_spec: ModelSpec, tokenizer: PreTrainedTokenizerBase
+) -> tuple[GenerateFn, dict[str, Any]]:
+    """Greedy decoding by CUDA-graph replay, with a shared prompt prefix (``graph_decode``)."""
+    model, facts = load_peft_model(config, model_spec)
+    return model_generator("cudagraph", model, tokenizer, facts), facts
 
 
 @BACKENDS.register("vllm")

@@ -1,24 +1,32 @@
 """Metrics: ``(prediction, reference, **args) -> score in [0, 1]``, registered by name in ``METRICS``.
 
 ``prediction`` is an extractor's output (``None``: nothing extracted, scores 0); ``reference`` is the
-dataset's answer (a string, a number, or a list of acceptable answers: the best match counts).
+dataset's answer (a string, a number, or a list of acceptable answers: the best match counts). A metric
+marked ``reads_question`` also takes ``question=`` (the task's ``question`` field).
 
-* ``numeric`` — 1 when both parse as numbers and ``|p - r| <= abs_tol`` or ``|p - r| <= rel_tol·max(|p|,
-  |r|)``. Defaults: ``abs_tol=1e-3`` as the reference scorer (``abs(label - pred) <= 0.001``, as PAL's
-  GSM-Hard scorer too) and ``rel_tol=1e-9``, which only forgives float rounding: beyond 2**53 a float
-  answer cannot hold every integer, so an exact integer program result may differ from the stored float
-  answer by a few units. Numbers are compared as exact fractions, so huge values, non-integers and
-  ``1e400`` never overflow or crash; ``inf``/``nan`` match nothing but the same infinity.
+* ``numeric`` — the reference scorer's rule by default: 1 when both parse as numbers and
+  ``abs(r - p) <= abs_tol`` evaluated in float64, ``abs_tol=1e-3`` (``cat_eval.py``'s
+  ``abs(label - pred) <= 0.001``, PAL's GSM-Hard scorer too). ``rel_tol`` (default 0) adds
+  ``|p - r| <= rel_tol·max(|p|, |r|)``; no GSM-Hard answer is near 2**53, so float rounding never needs
+  it, and at 1e9 a relative 1e-9 accepts an integer off by one. Values beyond float64 (``1e400``) never
+  crash: they compare as infinities, and an infinity matches only the same infinity.
 * ``exact_match`` and ``token_f1`` — the SQuAD v1.1 definitions (https://arxiv.org/abs/1606.05250,
   official ``evaluate-v1.1.py``): lower-case, drop punctuation and the articles a/an/the, collapse
   whitespace; F1 over the bag of normalised tokens.
+* ``novel_token_f1`` — SQuAD token F1 over the words the question does not contain: both the
+  prediction and the reference lose every normalised token that occurs in the question, then F1 as
+  above. Repeating the question scores 0, and a short answer that gives only what the question asks
+  ("Etanercept" for "Etanercept is the most widely used anti-TNF drug.") scores 1. When the reference
+  has no word outside the question ("... higher or lower than 40%?" → "higher"), the score is plain
+  ``token_f1`` of the full texts, where an echo's precision is low (1 QABot item of 95).
 * ``tfidf_cosine`` — the cosine of the TF-IDF vectors of prediction and reference (scikit-learn
   ``TfidfVectorizer`` defaults: lower-case, word tokens of 2+ characters, smoothed IDF, L2 norm). The
   vectoriser is fitted on the two texts being compared and nothing else (the corpus is the pair
   ``[prediction, reference]``), as the reference code's matcher does (``fit_transform([pred, label])``
   per pair). So a score never depends on the other examples (``--limit`` or a resumed run cannot
   change it), and IDF weighs words that only one of the two texts uses above the shared ones. The
-  QA task counts an answer correct when this score is above 0.3, the reference's threshold.
+  QA task counts an answer correct when this score is above 0.3, the reference's threshold; the
+  question itself, used as the answer, passes that rule for most QABot items (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -95,7 +103,7 @@ def _references(reference: Any) -> list[Any]:
 
 
 @METRICS.register("numeric")
-def numeric(prediction: Any, reference: Any, *, abs_tol: float = 1e-3, rel_tol: float = 1e-9) -> float:
+def numeric(prediction: Any, reference: Any, *, abs_tol: float = 1e-3, rel_tol: float = 0.0) -> float:
     """1.0 when the prediction is within tolerance of a reference number (see the module doc)."""
     predicted = parse_number(prediction)
     if predicted is None:
@@ -105,14 +113,21 @@ def numeric(prediction: Any, reference: Any, *, abs_tol: float = 1e-3, rel_tol: 
     )
 
 
+def _as_float(value: Fraction | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a Fraction beyond float64: the reference's float() would give an infinity
+        return math.inf if value > 0 else -math.inf
+
+
 def _close(p: Fraction | float | None, r: Fraction | float | None, abs_tol: float, rel_tol: float) -> float:
     if p is None or r is None:
         return 0.0
-    if isinstance(p, float) or isinstance(r, float):  # an infinity or a nan on either side
-        return float(p == r)
-    gap = abs(p - r)
-    scale = max(abs(p), abs(r))
-    return float(gap <= Fraction(abs_tol) or gap <= Fraction(rel_tol) * scale)
+    ours, theirs = _as_float(p), _as_float(r)
+    if not (math.isfinite(ours) and math.isfinite(theirs)):  # an infinity or a nan on either side
+        return float(ours == theirs)
+    gap = abs(theirs - ours)  # float64, as the reference's abs(label - pred)
+    return float(gap <= abs_tol or (rel_tol > 0 and gap <= rel_tol * max(abs(ours), abs(theirs))))
 
 
 def normalize_answer(text: str) -> str:
@@ -146,8 +161,11 @@ def token_f1(prediction: str | None, reference: Any) -> float:
     return max((_f1(str(prediction), str(r)) for r in _references(reference)), default=0.0)
 
 
-def _f1(prediction: str, reference: str) -> float:
-    ours, theirs = normalize_answer(prediction).split(), normalize_answer(reference).split()
+def _f1(prediction: str, reference: str, drop: frozenset[str] = frozenset()) -> float:
+    ours = [t for t in normalize_answer(prediction).split() if t not in drop]
+    theirs = [t for t in normalize_answer(reference).split() if t not in drop]
+    if drop and not theirs:  # the question holds every word of the reference ("higher or lower?")
+        return _f1(prediction, reference)  # plain F1: an echo's precision is low, "higher" scores 1
     if not ours or not theirs:
         return float(ours == theirs)
     common = sum((Counter(ours) & Counter(theirs)).values())
@@ -155,6 +173,25 @@ def _f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(ours), common / len(theirs)
     return 2 * precision * recall / (precision + recall)
+
+
+@METRICS.register("novel_token_f1")
+def novel_token_f1(prediction: str | None, reference: Any, *, question: str | None = None) -> float:
+    """Token F1 over the words the question does not contain (see the module doc).
+
+    Without a question it is ``token_f1``."""
+    if prediction is None:
+        return 0.0
+    given = frozenset(normalize_answer(question).split()) if question else frozenset()
+    return max((_f1(str(prediction), str(r), drop=given) for r in _references(reference)), default=0.0)
+
+
+novel_token_f1.reads_question = True  # type: ignore[attr-defined]
+
+
+def reads_question(metric: Metric) -> bool:
+    """Whether ``metric`` takes the task's question (``question=``) besides prediction and reference."""
+    return bool(getattr(metric, "reads_question", False))
 
 
 @METRICS.register("tfidf_cosine")

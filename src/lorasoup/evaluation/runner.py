@@ -40,9 +40,10 @@ from lorasoup.artifacts import (
 )
 from lorasoup.errors import ConfigError, DataError
 from lorasoup.evaluation.config import EvalRunConfig
-from lorasoup.evaluation.generate import GenerateFn, Generation, GenerationSettings, generate
+from lorasoup.evaluation.generate import GenerateFn, Generation, GenerationSettings
 from lorasoup.evaluation.results import ExampleResult, markdown_report, summarise
 from lorasoup.evaluation.tasks import Example, SandboxOptions, Task, get_task_spec, resolve_inputs
+from lorasoup.evaluation.tasks.scoring import scoring_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -88,23 +89,24 @@ def evaluate_model(
     *,
     sandbox: SandboxOptions | None = None,
     progress: ProgressHook | None = None,
+    backend: str = "hf",
 ) -> EvalOutcome:
     """Score an in-memory model on ``examples`` (from ``task.load(...)`` or ``task.examples(rows)``).
 
     ``task`` may be a registered task name if it needs no few-shot file; ``settings`` defaults to the
-    task's own. Nothing is written.
+    task's own; ``backend`` is ``hf`` or ``cudagraph`` (greedy; graphs on CUDA, eager steps elsewhere).
+    Nothing is written.
     """
+    from lorasoup.evaluation.backends import model_generator
+
     if isinstance(task, str):
         task = Task(get_task_spec(task))
     settings = settings or task_settings(task)
-
-    def run(prompts: Sequence[str], chosen: GenerationSettings) -> list[Generation]:
-        return generate(model, tokenizer, prompts, chosen)
-
+    run = model_generator(backend, model, tokenizer)
     results, throughput = run_examples(
         run, tokenizer, task, examples, settings, sandbox=sandbox, progress=progress
     )
-    return EvalOutcome(results, summarise(results, task.spec.metric_names), throughput)
+    return EvalOutcome(results, summarise(results, task.spec), throughput)
 
 
 def run_examples(
@@ -125,7 +127,7 @@ def run_examples(
     """
     prompts = [task.prompt(example, tokenizer) for example in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
-    size = chunk_size or settings.batch_size * 4
+    size = chunk_size or settings.batch_size  # progress and the work file move per generation batch
     by_index: dict[int, ExampleResult] = {}
     clock = {"generate_s": 0.0, "score_s": 0.0, "new_tokens": 0, "prompt_tokens": 0}
     correct = 0
@@ -169,6 +171,7 @@ def _result(example: Example, prompt: str, generation: Generation, scored: Any) 
         new_tokens=generation.new_tokens,
         finish_reason=generation.finish_reason,
         notes=dict(example.notes),
+        echo=dict(scored.echo),
     )
 
 
@@ -208,7 +211,7 @@ def evaluate(config: EvalRunConfig, progress: ProgressHook | None = None) -> Eva
         )
         done.update({r.id: r for r in fresh})
     results = [done[e.id] for e in examples]
-    summary = summarise(results, spec.metric_names)
+    summary = summarise(results, spec)
     summary["throughput"] = throughput
     timings["total"] = time.perf_counter() - began
     _finalise(work, output, config, task, results, summary, throughput, timings, read_files, model_facts)
@@ -294,8 +297,8 @@ def _fingerprint(
 
 def _open_work(work: Path, fingerprint: dict[str, Any], *, resume: bool) -> dict[str, ExampleResult]:
     """The records already in ``work`` (after checking they were made with the same settings)."""
-    if work.exists() and not resume:
-        shutil.rmtree(work)
+    if work.exists() and (not resume or not read_records(work / EXAMPLES_FILE)):
+        shutil.rmtree(work)  # a failed attempt that scored nothing has nothing to keep
     if not work.exists():
         work.mkdir(parents=True)
         write_json_atomic(work / FINGERPRINT_FILE, fingerprint)
@@ -374,6 +377,7 @@ def _finalise(
         model=model_facts,
         accuracy=summary["accuracy"],
         examples=summary["examples"],
+        scoring=scoring_record(task.spec, config.sandbox),
     )
     write_json_atomic(work / "run.json", record)
     if output.exists():

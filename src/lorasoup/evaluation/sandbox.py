@@ -97,6 +97,7 @@ class ProgramResult:
     stderr: str
     duration_s: float
     detail: str = ""  # one line: why (e.g. "TimeoutError after 5 s (wall clock)", "NameError: ...")
+    returned_type: str | None = None  # the type's name of call()'s value: "int", "float", "str", ...
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,7 @@ def _execute(
         verdict=verdict,
         returned=returned,
         detail=detail,
+        returned_type=_returned_type(run.result, nonce) if returned is not None else None,
         duration_s=time.monotonic() - start,
         stdout=_decode(run.stdout[:cap]),
         stderr=_decode(run.stderr[:cap]),
@@ -439,6 +441,13 @@ def _parse_frames(data: bytes, nonce: str) -> tuple[list[dict], str]:
         if not isinstance(done.get("returned"), (str, type(None))):
             return [], "a malformed return value"
     return frames, ""
+
+
+def _returned_type(data: bytes, nonce: str) -> str | None:
+    """The type's name the final frame gives for ``call()``'s value, if it gives one."""
+    frames, problem = _parse_frames(data, nonce)
+    kind = frames[1].get("returned_type") if len(frames) == 2 and not problem else None
+    return kind if isinstance(kind, str) else None
 
 
 def _classify(

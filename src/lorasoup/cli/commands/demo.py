@@ -40,6 +40,15 @@ SaveBenchmarkOption = Annotated[
     ),
 ]
 
+CombineOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--combine",
+        help="Run nothing: make one study (mean ± std) of finished demo runs of other seeds, same "
+        "settings (repeat: --combine RUN1 --combine RUN2; e.g. one seed per GPU call), into --output.",
+    ),
+]
+
 
 def demo(
     output: Annotated[Path, typer.Option(help="Where the demo writes its study.")] = Path("runs/demo"),
@@ -50,6 +59,7 @@ def demo(
     model: ModelOption = "tiny",
     jobs: Annotated[int, typer.Option(help="Seeds run at once, each in a worker process (GPU).")] = 1,
     save_benchmark: SaveBenchmarkOption = None,
+    combine: CombineOption = None,
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
 
@@ -61,8 +71,13 @@ def demo(
     task (a program for a multiplication story, run in the sandbox) and on each skill's own task.
     Writes OUTPUT/report.md, report.html (table, bar chart, CAT weight heatmap) and results.json.
     """
-    from lorasoup.demo import MODES, run_demo, seed_list
+    from lorasoup.demo import MODES, combine_runs, run_demo, seed_list
 
+    if combine:
+        with spinner(console, f"combining {len(combine)} demo runs"):
+            summary = combine_runs(combine, output, overwrite=overwrite)
+        print_demo_result(console, summary)
+        return
     if seeds < 1:
         fail(f"--seeds must be at least 1, got {seeds}")
     if model not in MODES:

@@ -147,10 +147,24 @@ class Task:
         return self.spec.name
 
     def load(self, paths: Sequence[Path], limit: int | None = None) -> list[Example]:
-        return load_examples(self.spec, paths, limit=limit)
+        return self.check(load_examples(self.spec, paths, limit=limit))
 
     def examples(self, rows: Sequence[Mapping[str, Any]], subset: str = "data") -> list[Example]:
-        return examples_from_rows(self.spec, rows, subset)
+        return self.check(examples_from_rows(self.spec, rows, subset))
+
+    def check(self, examples: Sequence[Example]) -> list[Example]:
+        """Render every example's query and find its question, so that a typo in the prompt
+        (``{qestion}``) or a missing field stops the run here, before any model loads."""
+        for example in examples:
+            render(self.spec.prompt, example.fields, f"example {example.id}")
+            question = self.spec.question
+            if question is not None and not isinstance(example.fields.get(question), str):
+                present = ", ".join(sorted(example.fields)) or "none"
+                raise DataError(
+                    f"example {example.id}: task {self.name!r} reads the question from field {question!r}, "
+                    f"which it lacks (fields: {present}); fix 'question' in the task"
+                )
+        return list(examples)
 
     def prompt(self, example: Example, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
         """Few-shot prefix + query; wrapped whole by the spec's training template, if it names one."""
@@ -177,7 +191,8 @@ def render(template: str, fields: Mapping[str, Any], where: str) -> str:
     except KeyError as exc:
         present = ", ".join(sorted(fields)) or "none"
         raise DataError(
-            f"{where}: the prompt uses {{{exc.args[0]}}} but there is no such field (fields: {present})"
+            f"{where}: the prompt uses {{{exc.args[0]}}} but there is no such field (fields: {present}); "
+            "fix the task's prompt or the data"
         ) from None
     except (IndexError, ValueError) as exc:
         raise ConfigError(

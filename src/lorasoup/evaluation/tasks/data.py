@@ -14,6 +14,9 @@ Loader hooks (``LOADERS``), ``(row, where, spec) -> (fields, reference, notes)``
   ``{instruction, input, output, answer}``, ``{instruction, output, answer}``; the D&D file has
   ``{instruction, output, answer, context}``). A row without ``answer`` takes it from an ``output``
   of the form "The correct answer is X". The layout is noted per example; contexts are never shown.
+  The field ``question`` repeats ``instruction`` (the task's ``question``: the echo baseline).
+* ``rc`` — ``records``, plus the field ``question``: the instruction's text after its last
+  "Question:" (the instruction holds the context, then the question).
 * ``prompt-format`` — the FormatSpread task161 files: the reference ``"answerN"`` becomes ``N``.
 """
 
@@ -50,6 +53,7 @@ Loader = Callable[[Mapping[str, Any], str, "TaskSpec"], tuple[dict[str, Any], An
 LOADERS: Registry[Loader] = Registry("task loader")
 
 _ANSWER_N = re.compile(r"answer\s*(-?\d+)", re.IGNORECASE)
+_QUESTION_MARKER = "Question:"
 _CORRECT_ANSWER = re.compile(r"^\s*the correct answer is\s*", re.IGNORECASE)
 
 
@@ -172,7 +176,19 @@ def qa(row: Mapping[str, Any], where: str, spec: TaskSpec) -> tuple[dict[str, An
             )
     layout = "+".join(sorted(k for k in row if k != "instruction"))
     # closed-book: the prompt sees the question only, never a context
-    return {"instruction": question}, answer, {"layout": layout}
+    return {"instruction": question, "question": question}, answer, {"layout": layout}
+
+
+@LOADERS.register("rc")
+def reading_comprehension(
+    row: Mapping[str, Any], where: str, spec: TaskSpec
+) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    instruction = _text_field(row, "instruction", where)
+    _, marker, question = instruction.rpartition(_QUESTION_MARKER)
+    if not marker or not question.strip():
+        raise DataError(f"{where}: the instruction has no {_QUESTION_MARKER!r} followed by the question")
+    fields, reference, notes = records(row, where, spec)
+    return {**fields, "question": question.strip()}, reference, notes
 
 
 @LOADERS.register("prompt-format")

@@ -7,6 +7,11 @@ A spec names its parts; code enters only through registered hooks named in it:
   ``program``: run the extracted program in the sandbox);
 * ``extractor`` (``EXTRACTORS``) and ``metric`` / ``extra_metrics`` (``METRICS``).
 
+``metric`` decides ``correct`` (score above ``threshold``): the run's accuracy. ``headline`` names the
+score reports lead with (``accuracy`` or one of the metrics). ``question`` names the field holding the
+question: metrics marked ``reads_question`` (``novel_token_f1``) discount its words, and every example
+is also scored with the question itself as the answer, the question-echo baseline of the reports.
+
 The prompt of an example is ``fewshot.header + demos + fewshot.footer + query``, where the query is
 ``prompt`` formatted with the row's fields (``{instruction}``), then wrapped by a training template
 when ``template`` names one (``alpaca``, ``plain``, ``chat``; ``none`` leaves it as is). Each demo is
@@ -63,12 +68,14 @@ class TaskSpec:
     metric_args: Any = None
     threshold: float = 0.5
     extra_metrics: list[str] = field(default_factory=list)
+    headline: str = "accuracy"
+    question: str | None = None
     scorer: str = "answer"
     generation: GenerationOptions = field(default_factory=GenerationOptions)
 
     def validate(self) -> None:
         from lorasoup.evaluation.extract import EXTRACTORS
-        from lorasoup.evaluation.metrics import METRICS
+        from lorasoup.evaluation.metrics import METRICS, reads_question
         from lorasoup.evaluation.tasks.data import LOADERS
         from lorasoup.evaluation.tasks.scoring import SCORERS
         from lorasoup.training.templates import TEMPLATES
@@ -89,6 +96,20 @@ class TaskSpec:
             f"task {self.name!r}: metric_args must be a mapping of argument names to values",
         )
         require(self.metric not in self.extra_metrics, f"task {self.name!r}: {self.metric!r} listed twice")
+        require(
+            self.headline in ("accuracy", *self.metric_names),
+            f"task {self.name!r}: headline {self.headline!r} is not 'accuracy' or one of {self.metric_names}",
+        )
+        needs_question = [m for m in self.metric_names if reads_question(METRICS.get(m))]
+        require(
+            self.question is not None or not needs_question,
+            f"task {self.name!r}: {', '.join(needs_question)} reads the question; name its field in "
+            "'question'",
+        )
+        require(
+            self.question is None or self.scorer == "answer",
+            f"task {self.name!r}: 'question' (the echo baseline) needs scorer 'answer', not {self.scorer!r}",
+        )
 
     @property
     def metric_names(self) -> list[str]:

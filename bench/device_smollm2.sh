@@ -13,8 +13,10 @@
 #   call 2, carry .carry/smollm2/part1 .carry/smollm2/MANIFEST.json .carry/smollm2-bench.json.gz .carry/lora-soups:
 #       bash bench/device_smollm2.sh run [--set KEY=VALUE ...]
 #   a later call (same carry, no part needed if the machine is still warm) runs the seeds not finished.
-# Each seed runs as its own `lorasoup demo --seed K` process (the GPU is far from busy with one 135M
-# model), so a seed cut off by the call's limit costs only itself: every finished seed comes back as
+# Each seed runs as its own `lorasoup demo --seed K --resume` process (the GPU is far from busy with one
+# 135M model). A seed cut off by the call's limit keeps its work folder, and the next call, if it
+# comes while the machine is warm, goes on from it (its LoRAs and scored rows are kept). Every
+# finished seed comes back as
 # $OUT/seed-K.tar.gz (reports, results.json, run.json, per-example eval files, adapter configs; no
 # weights) and stays on the machine while it is warm. Here, `lorasoup.demo.combine_runs` (or
 # bench/combine_demo_runs.py) makes one study of the seeds.
@@ -95,7 +97,7 @@ for name in ("transformers", "peft", "accelerate", "tokenizers", "gguf", "cma"):
   for seed in "${SEEDS[@]}"; do
     if [[ -f "$RUNS/seed-$seed/results.json" ]]; then echo "seed $seed: finished in an earlier call"; continue; fi
     # shellcheck disable=SC2046  # word splitting of the settings is wanted
-    timeout --kill-after=10 "$DEMO_TIMEOUT" "$PY" -m lorasoup demo --model smollm2 --seed "$seed" \
+    timeout --kill-after=10 "$DEMO_TIMEOUT" "$PY" -m lorasoup demo --model smollm2 --seed "$seed" --resume \
       --output "$RUNS/seed-$seed" --set "model=$gguf" --set "benchmark_file=$BENCH" \
       --set "gsm_hard_data=$GSM_HARD" $(settings) "$@" >"$out/seed-$seed.log" 2>&1 &
     pids+=($!)
@@ -110,10 +112,11 @@ for name in ("transformers", "peft", "accelerate", "tokenizers", "gguf", "cma"):
     else
       echo "seed $seed: NOT finished (its log's end below); a later call runs it again"
       sed 's/\x1b\[[0-9;?]*[A-Za-z]//g' "$out/seed-$seed.log" | tr '\r' '\n' | grep -av "━" | tail -n 8
-      # SIGTERM ends Python without unwinding: the staging folder holds the rows scored so far.
+      # --resume keeps the work folder: the next call (machine still warm) goes on from it; meanwhile
+      # its rows scored so far come back.
       local partial
-      partial=$(ls -d "$RUNS"/.seed-"$seed".tmp-* 2>/dev/null | head -n 1 || true)
-      if [[ -n "$partial" ]]; then
+      partial=$RUNS/.seed-$seed.partial
+      if [[ -d "$partial" ]]; then
         tar -C "$partial" -czf "$out/seed-$seed-partial.tar.gz" --exclude='*.safetensors' --exclude='*.bin' \
           --exclude='*.pt' --exclude='*/base' --exclude='*/data' "seed-$seed"
       fi

@@ -59,6 +59,40 @@ def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> It
 
 
 @contextmanager
+def resumable_output_dir(
+    destination: str | Path, fingerprint: dict[str, Any], *, overwrite: bool = False
+) -> Iterator[Path]:
+    """Like :func:`atomic_output_dir`, but the work happens in ``.NAME.partial`` beside
+    ``destination`` and that folder stays after a failure or a kill, so that running again with the
+    same ``fingerprint`` (what the results depend on) resumes in it; it becomes ``destination`` when
+    the block succeeds. A partial folder of other settings is refused with a one-line error."""
+    destination = Path(destination)
+    require_free_output(destination, overwrite=overwrite)
+    work = destination.with_name(f".{destination.name}.partial")
+    stamp = work / "resume.json"
+    wanted = json.loads(json.dumps(to_jsonable(fingerprint)))
+    if work.exists():
+        found = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
+        if found != wanted:
+            raise LorasoupError(
+                f"{work} holds a partial run of other settings; remove it, or resume with the settings "
+                "it was started with"
+            )
+    else:
+        work.mkdir(parents=True)
+        stamp.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
+    yield work
+    stamp.unlink()
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        destination.rename(old)
+        work.rename(destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(destination)
+
+
+@contextmanager
 def atomic_file(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; if the block succeeds it replaces ``path`` (``os.replace``,
     atomic on POSIX), otherwise it is removed. The one atomic writer: every file lorasoup writes goes

@@ -156,6 +156,47 @@ def test_single_seed_runs_combine_into_the_two_seed_study(demo_run: tuple[Path, 
     assert not (tmp_path / "twice").exists()
 
 
+class Stop(Exception):
+    """What a GPU call's time limit does to a run, here raised from the progress hook."""
+
+
+def test_a_stopped_run_resumes_without_redoing_finished_work(
+    demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    from lorasoup.config import load_config
+    from lorasoup.demo import DemoSettings, run_demo
+    from lorasoup.errors import LorasoupError
+
+    settings = load_config(DemoSettings, None, TINY)
+    out = tmp_path / "run"
+
+    def stop_at_ties(what: str, done: int, total: int) -> None:
+        if "scoring TIES" in what:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_demo(out, seed=5, settings=settings, stage=stop_at_ties, resume=True)
+    partial = tmp_path / ".run.partial" / "seed-5"
+    math_lora = partial / "adapters" / "math" / "adapter_model.safetensors"
+    scored = partial / "eval" / "linear" / "composite.jsonl"
+    assert math_lora.is_file() and scored.is_file() and not out.exists()
+    before = (math_lora.stat().st_mtime_ns, scored.stat().st_mtime_ns)
+    other = load_config(DemoSettings, None, [*TINY, "cat_steps=4"])
+    with pytest.raises(LorasoupError, match="partial run of other settings"):
+        run_demo(out, seed=5, settings=other, resume=True)
+    run_demo(out, seed=5, settings=settings, resume=True)
+    resumed = out / "seed-5"
+    after = (
+        (resumed / "adapters" / "math" / "adapter_model.safetensors").stat().st_mtime_ns,
+        (resumed / "eval" / "linear" / "composite.jsonl").stat().st_mtime_ns,
+    )
+    assert after == before  # the LoRA was not trained again, the row not scored again
+    assert not (tmp_path / ".run.partial").exists() and not (out / "resume.json").exists()
+    whole = json.loads((demo_run[0] / "results.json").read_text())["per_seed"][0]
+    again = json.loads((out / "results.json").read_text())["per_seed"][0]
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in whole]  # as if never stopped
+
+
 def test_bad_setting_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--output", str(tmp_path / "x"), "--set", "base.stepz=3"])
     assert result.exit_code == 2 and "did you mean 'steps'" in result.output

@@ -5,6 +5,7 @@ the MoE baseline and its distillation, and CAT untrained.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,13 @@ import torch
 
 from lorasoup.demo.device import resolve_device
 from lorasoup.demo.settings import TARGETS, DemoSettings
+
+
+@dataclass(frozen=True)
+class FinishedAdapter:
+    """A skill LoRA a resumed demo run found already trained (``output``, as ``TrainResult`` has)."""
+
+    output: Path
 
 
 def train_lora(
@@ -24,7 +32,10 @@ def train_lora(
     template: str = "plain",
     cutoff_len: int = 64,
 ) -> Any:
-    """One LoRA through ``train_skill`` (several sources: a DATA-MIX of equal shares)."""
+    """One LoRA through ``train_skill`` (several sources: a DATA-MIX of equal shares). A LoRA already
+    at ``out`` (a resumed run; ``train_skill`` writes its folder atomically, so it is whole) is kept."""
+    if (out / "adapter_config.json").is_file():
+        return FinishedAdapter(out)
     from lorasoup.config import load_config
     from lorasoup.training.config import TrainRunConfig
     from lorasoup.training.skill import train_skill
@@ -70,6 +81,10 @@ def merge_skills(
     seed: int,
     device: str,
 ) -> Path:
+    """One merge through ``run_merge``; a merge already at ``out`` (a resumed run: written atomically,
+    so whole) is kept."""
+    if (out / "adapter_config.json").is_file():
+        return out
     from lorasoup.config import load_config
     from lorasoup.merging.config import MergeRunConfig
     from lorasoup.merging.run import run_merge
@@ -110,6 +125,7 @@ def train_cat(
             train=data, template=template, cutoff_len=cutoff_len, formats=as_format_specs(formats or [])
         ),
         output=str(out),
+        overwrite=True,  # a resumed run trains the weights again (seconds) rather than keep a stale export
         train=FitOptions(
             learning_rate=settings.cat_learning_rate,
             max_steps=settings.cat_steps,

@@ -42,6 +42,7 @@ def run_demo(
     stage: StageHook | None = None,
     model: str = "tiny",
     jobs: int = 1,
+    resume: bool = False,
 ) -> DemoSummary:
     """Run the study for ``seeds`` seeds (``seed``, ``seed + 1``, ...; or a list of seeds) and write
     the report.
@@ -49,10 +50,14 @@ def run_demo(
     ``model`` picks the mode (``MODES``): ``tiny`` (a base pre-trained from a seed) or ``smollm2``.
     ``jobs``: how many seeds run at once, each in a worker process (``seeds.py``; 1: one after
     another in this process). The settings' ``device`` says where everything runs (``device.py``).
+    ``resume``: work in ``.OUTPUT.partial`` and keep it if the run is stopped; run again with the
+    same settings and the LoRAs already trained and the rows already scored are not done again (a
+    run cut by a time limit, say a GPU call's, goes on in the next one).
     """
-    from lorasoup.artifacts import atomic_output_dir, require_free_output
+    from lorasoup.artifacts import atomic_output_dir, require_free_output, resumable_output_dir
     from lorasoup.demo.device import resolve_device
     from lorasoup.demo.seeds import run_units
+    from lorasoup.demo.settings import settings_record
 
     mode = demo_mode(model)
     settings = settings or mode.settings()
@@ -63,9 +68,15 @@ def run_demo(
     output = Path(output)
     require_free_output(output, overwrite=overwrite)
     started = time.perf_counter()
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
+    fingerprint = {"model": model, "seeds": chosen, "settings": settings_record(settings)}
+    folder = (
+        resumable_output_dir(output, fingerprint, overwrite=overwrite)
+        if resume
+        else atomic_output_dir(output, overwrite=overwrite)
+    )
+    with folder as staging:
         units = seed_units(staging, chosen, settings, model, stage)
-        outcomes = run_units(units, jobs=jobs, stage=stage)
+        outcomes = run_units(units, jobs=jobs, stage=stage, resume=resume)
         seconds = time.perf_counter() - started
         table = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
     return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)

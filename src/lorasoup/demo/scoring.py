@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lorasoup.artifacts import atomic_file
 from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.device import resolve_device
 from lorasoup.demo.settings import TASKS, DemoSettings
@@ -114,8 +115,13 @@ class Scorer:
         folder = self.out_dir / slug(method)
         folder.mkdir(parents=True, exist_ok=True)
         for name in self.tasks:
+            path = folder / f"{name}.jsonl"
+            scored = scored_accuracy(path, len(self.examples[name]))
+            if scored is not None:  # a resumed run: this row's task was scored before it stopped
+                accuracy[name] = scored
+                continue
             outcome = self._evaluate(method, name, model)
-            with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            with atomic_file(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
                 for result in outcome.results:
                     handle.write(json.dumps(result.to_json()) + "\n")
             accuracy[name] = outcome.summary["accuracy"]
@@ -139,6 +145,17 @@ class Scorer:
             except (LorasoupError, RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
                 self.fallbacks.append(f"{method} / {name}: {' '.join(str(exc).split())[:200]}")
         return evaluate_model(model, self.tokenizer, task, examples, settings, sandbox=sandbox)
+
+
+def scored_accuracy(path: Path, examples: int) -> float | None:
+    """The accuracy in a per-example file written whole (atomically) for ``examples`` examples, or None
+    when there is no such file."""
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(records) != examples:
+        return None
+    return sum(bool(record["correct"]) for record in records) / examples
 
 
 def slug(method: str) -> str:

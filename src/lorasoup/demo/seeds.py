@@ -56,15 +56,17 @@ def run_units(
     jobs: int = 1,
     stage: StageHook | None = None,
     on_done: Callable[[int, Outcome], None] | None = None,
+    resume: bool = False,
 ) -> list[Outcome]:
-    """Run every unit (its folder is created here), ``jobs`` at a time; outcomes in the units' order.
+    """Run every unit (its folder is created here; with ``resume`` it may exist from a run that was
+    stopped), ``jobs`` at a time; outcomes in the units' order.
 
     ``stage`` sees ``("<label>: what", done, total)`` summed over all units; ``on_done(index,
     outcome)`` is called in this process as each unit finishes. A failing unit (or an interrupt)
     stops the run: the units not started are cancelled, the running ones ended, the error raised.
     """
     for unit in units:
-        unit.folder.mkdir(parents=True)
+        unit.folder.mkdir(parents=True, exist_ok=resume)
     progress = _Progress(units, stage)
     if jobs <= 1 or len(units) == 1:
         outcomes = []

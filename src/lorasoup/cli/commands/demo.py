@@ -60,6 +60,13 @@ def demo(
     jobs: Annotated[int, typer.Option(help="Seeds run at once, each in a worker process (GPU).")] = 1,
     save_benchmark: SaveBenchmarkOption = None,
     combine: CombineOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Work in .OUTPUT.partial and keep it if the run stops; run again with the same settings "
+            "and the finished LoRAs and scored rows are not redone (a GPU call's time limit, say)."
+        ),
+    ] = False,
 ) -> None:
     """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes).
 
@@ -96,6 +103,7 @@ def demo(
             stage=stage,
             model=model,
             jobs=jobs,
+            resume=resume,
         )
     print_demo_result(console, summary)
 

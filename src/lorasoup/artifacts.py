@@ -46,13 +46,7 @@ def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> It
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
         yield staging
-        if destination.exists():
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            destination.rename(old)
-            staging.rename(destination)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(destination)
+        _move_into_place(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -83,13 +77,18 @@ def resumable_output_dir(
         stamp.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
     yield work
     stamp.unlink()
+    _move_into_place(work, destination)
+
+
+def _move_into_place(folder: Path, destination: Path) -> None:
+    """Rename a finished ``folder`` to ``destination``, replacing an older one only once it is whole."""
     if destination.exists():
         old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
         destination.rename(old)
-        work.rename(destination)
+        folder.rename(destination)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        work.rename(destination)
+        folder.rename(destination)
 
 
 @contextmanager

@@ -105,22 +105,28 @@ class FitOptions:
             self.compile in COMPILE_MODES,
             f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}",
         )
-        require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
         require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
-        require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be at least 1")
-        require(
-            self.batch_size >= 1 and self.grad_accum >= 1,
-            "train.batch_size and train.grad_accum must be >= 1",
-        )
-        if isinstance(self.warmup, float):
-            require(
-                0 <= self.warmup < 1,
-                f"train.warmup: a fraction must be in [0, 1), got {self.warmup}; use an integer for steps",
-            )
-        else:
-            require(self.warmup >= 0, f"train.warmup must be >= 0 steps, got {self.warmup}")
+        check_schedule(self)
         require(self.save_steps >= 0, "train.save_steps must be >= 0 (0 saves only at the end)")
-        require(self.logging_steps >= 1, "train.logging_steps must be >= 1")
+
+
+def check_schedule(train: Any) -> None:
+    """The checks every ``train:`` section shares (``FitOptions``, the Trainer's ``TrainOptions``): a
+    positive learning rate and epochs, batch and accumulation, warm-up as steps or a fraction, logging."""
+    require(train.learning_rate > 0, f"train.learning_rate must be positive, got {train.learning_rate}")
+    require(train.epochs > 0, f"train.epochs must be positive, got {train.epochs}")
+    require(train.max_steps is None or train.max_steps >= 1, "train.max_steps must be at least 1")
+    require(
+        train.batch_size >= 1 and train.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"
+    )
+    if isinstance(train.warmup, float):
+        require(
+            0 <= train.warmup < 1,
+            f"train.warmup: a fraction must be in [0, 1), got {train.warmup}; use an integer for steps",
+        )
+    else:
+        require(train.warmup >= 0, f"train.warmup must be >= 0 steps, got {train.warmup}")
+    require(train.logging_steps >= 1, "train.logging_steps must be >= 1")
 
 
 @dataclass

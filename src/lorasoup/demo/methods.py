@@ -126,17 +126,22 @@ def train_cat(
         ),
         output=str(out),
         overwrite=True,  # a resumed run trains the weights again (seconds) rather than keep a stale export
-        train=FitOptions(
-            learning_rate=settings.cat_learning_rate,
-            max_steps=settings.cat_steps,
-            epochs=100,
-            batch_size=settings.batch_size,
-            seed=seed,
-            logging_steps=50,
-            device=resolve_device(settings.device),
-        ),
+        train=FitOptions(**weight_fit(settings, seed)),
     )
     return run_cat(config)
+
+
+def weight_fit(settings: DemoSettings, seed: int) -> dict[str, Any]:
+    """How the study fits mixing weights (CAT's, the MoE's routers): ``FitOptions`` fields."""
+    return {
+        "learning_rate": settings.cat_learning_rate,
+        "max_steps": settings.cat_steps,
+        "epochs": 100,
+        "batch_size": settings.batch_size,
+        "seed": seed,
+        "logging_steps": 50,
+        "device": resolve_device(settings.device),
+    }
 
 
 def search_skill_weights(
@@ -188,15 +193,7 @@ def fit_moe(
     from lorasoup.moe.config import MoeTrainOptions
     from lorasoup.moe.run import train_moe
 
-    options = MoeTrainOptions(
-        learning_rate=settings.cat_learning_rate,
-        max_steps=settings.cat_steps,
-        epochs=100,
-        batch_size=settings.batch_size,
-        seed=seed,
-        logging_steps=50,
-        device=resolve_device(settings.device),
-    )
+    options = MoeTrainOptions(**weight_fit(settings, seed))
     return train_moe(base_dir, adapters, data, train=options, template=template, cutoff_len=cutoff_len)
 
 

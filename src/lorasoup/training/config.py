@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lorasoup.config import require
+from lorasoup.options import check_schedule
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -199,24 +200,10 @@ class TrainOptions:
     use_cpu: bool = False
 
     def validate(self) -> None:
-        require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
-        require(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
-        require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be at least 1")
-        require(
-            self.batch_size >= 1 and self.grad_accum >= 1,
-            "train.batch_size and train.grad_accum must be >= 1",
-        )
-        if isinstance(self.warmup, float):
-            require(
-                0 <= self.warmup < 1,
-                f"train.warmup: a fraction must be in [0, 1), got {self.warmup}; use an integer for steps",
-            )
-        else:
-            require(self.warmup >= 0, f"train.warmup must be >= 0 steps, got {self.warmup}")
+        check_schedule(self)
         require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         require(self.save_steps >= 0, "train.save_steps must be >= 0 (0: no checkpoints)")
         require(self.eval_steps >= 0, "train.eval_steps must be >= 0 (0: evaluate once, at the end)")
-        require(self.logging_steps >= 1, "train.logging_steps must be >= 1")
         require(
             self.save_total_limit is None or self.save_total_limit >= 1, "train.save_total_limit must be >= 1"
         )

@@ -19,6 +19,7 @@ from lorasoup.merging import MERGE_METHODS, MergeParams
 from lorasoup.merging.core_space import core_space
 from lorasoup.merging.run import run_merge
 from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
+from tests.conftest import on_gpu
 
 CORE_METHODS = [n for n in MERGE_METHODS if MERGE_METHODS.get(n).space == "core"]
 PRESETS = {"core_ties": "ties", "core_dare": "dare_linear", "core_dare_ties": "dare_ties"}
@@ -223,3 +224,20 @@ def test_core_linear_reloads_in_stock_peft_as_the_weighted_sum(make_lora, llama_
                 model.get_submodule(module).weight += w * factors.delta()
         expected = model(ids).logits
     assert float((got - expected).abs().max()) <= 1e-5
+
+
+@on_gpu
+@pytest.mark.parametrize("name", [*CORE_METHODS, "tsv"])
+def test_runs_on_cuda_like_on_cpu(name) -> None:
+    """On CUDA factors the result is the CPU's (DARE's draws excepted: CUDA's generator draws others)."""
+    factors = make_factors(48, 40, [3, 5], seed=6, dtype=torch.float32)
+    cuda = [LoraFactors(A=f.A.cuda(), B=f.B.cuda(), scale=f.scale) for f in factors]
+    method = MERGE_METHODS.get(name)
+    params = MergeParams(density=0.5 if method.uses_density else 1.0, rank=6)
+    weights = torch.tensor([0.7, -0.4])  # on the host, as the runner passes them
+    gpu = method.merge(cuda, weights, params, torch.Generator("cuda").manual_seed(0))
+    assert gpu.A.is_cuda and gpu.B.is_cuda
+    if method.random:
+        return
+    cpu = method.merge(factors, weights, params, torch.Generator().manual_seed(0))
+    torch.testing.assert_close((gpu.B @ gpu.A).cpu(), cpu.B @ cpu.A, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,7 @@ Importing this package registers every method in ``MERGE_METHODS``; a new method
 that calls ``register``.
 """
 
-from lorasoup.merging import concat, factor_space, task_arithmetic  # noqa: F401  (registration)
+from lorasoup.merging import concat, core_space, factor_space, task_arithmetic, tsv  # noqa: F401  (registration)
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
 
 __all__ = ["MERGE_METHODS", "MergeMethod", "MergeParams", "ModuleMerge"]

@@ -19,7 +19,7 @@ from lorasoup.lowrank import SvdMode
 from lorasoup.merging.ops import SignMethod
 from lorasoup.registry import Registry
 
-Space = Literal["delta", "factor"]
+Space = Literal["delta", "factor", "core"]  # core: merged as small cores in shared bases (core_space)
 
 
 @dataclass(frozen=True)

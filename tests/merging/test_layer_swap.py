@@ -1,0 +1,132 @@
+"""Layer swapping is CAT with one-hot per-layer weights: same logits, and stock PEFT reloads its export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lorasoup.adapters import load_adapter
+from lorasoup.cat.fold import fold_composition
+from lorasoup.cat.inject import compose_cat
+from lorasoup.errors import ConfigError
+from lorasoup.export.peft import save_peft_adapter
+from lorasoup.merging.layer_swap import (
+    LayerSwapRule,
+    compose_layer_swap,
+    count_layers,
+    layer_index,
+    layer_swap_factors,
+    swap_weights,
+)
+
+IDS = torch.tensor([[1, 5, 9, 14, 20, 33, 41, 7]])
+
+
+@pytest.fixture
+def adapters(make_lora):
+    math = load_adapter(make_lora("math", r=4, seed=1), name="math")
+    # another rank, rsLoRA, fewer modules: where code is chosen, its unadapted modules get nothing
+    code = load_adapter(
+        make_lora("code", r=2, seed=2, targets=["q_proj", "v_proj", "down_proj"], use_rslora=True),
+        name="code",
+    )
+    return [math, code]
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def swapped_by_hand(llama_dir: Path, adapters, choice: list[str]) -> torch.nn.Module:
+    """The definition, densely: every module of layer l gets ΔW of adapter choice[l], nothing else."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    by_name = {a.name: a for a in adapters}
+    with torch.no_grad():
+        for name, adapter in by_name.items():
+            for path, factors in adapter.modules.items():
+                if choice[layer_index(path)] == name:
+                    model.get_submodule(path).weight += factors.delta()
+    return model
+
+
+def test_rules_pick_edges_and_middle() -> None:
+    rule = LayerSwapRule.from_mapping({"first": 2, "last": 1, "from": "math", "rest": "code"})
+    assert [rule.adapter_for(i, 6) for i in range(6)] == ["math", "math", "code", "code", "code", "math"]
+    assert rule.adapter_for(None, 6) == "code"
+    explicit = LayerSwapRule.from_mapping({"layers": ["code", "math"], "other": "math"})
+    assert [explicit.adapter_for(i, 2) for i in range(2)] == ["code", "math"]
+    w = swap_weights(explicit, ["math", "code"], ["layer.1", "layer.0", "other"], 2)
+    assert w.tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize(
+    ("mapping", "layers", "message"),
+    [
+        ({"first": 1, "from": "math", "rest": "cod"}, 4, "adapter 'cod'"),
+        ({"first": 3, "last": 2, "from": "math", "rest": "code"}, 4, "at most the 4 layers"),
+        ({"layers": ["math"]}, 2, "one adapter name per layer"),
+        ({"first": 1, "rest": "code"}, 4, "give 'rest'"),
+    ],
+)
+def test_bad_rules_say_what_to_fix(mapping, layers, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LayerSwapRule.from_mapping(mapping).validate(["math", "code"], layers)
+
+
+def test_unknown_keys_are_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        LayerSwapRule.from_mapping({"frist": 2, "rest": "code"})
+
+
+@pytest.mark.parametrize("choice", [["math", "code"], ["code", "math"], ["math", "math"]])
+def test_layer_swap_is_cat_with_one_hot_weights(choice, llama_dir: Path, adapters) -> None:
+    rule = LayerSwapRule(layers=tuple(choice))
+    swap = compose_layer_swap(AutoModelForCausalLM.from_pretrained(llama_dir), adapters, rule)
+    got = logits(swap.model)
+    torch.testing.assert_close(
+        got, logits(swapped_by_hand(llama_dir, adapters, choice)), atol=1e-5, rtol=1e-5
+    )
+
+    cat = compose_cat(
+        AutoModelForCausalLM.from_pretrained(llama_dir),
+        adapters,
+        granularity="layer",
+        parameterisation="free",
+    )
+    one_hot = torch.tensor(
+        [[1.0, 0.0] if choice[int(g.split(".")[1])] == "math" else [0.0, 1.0] for g in cat.group_names]
+    )
+    cat.set_effective_weights(one_hot)
+    torch.testing.assert_close(got, logits(cat.model), atol=0, rtol=0)
+
+
+def test_export_reloads_in_stock_peft(llama_dir: Path, adapters, tmp_path: Path) -> None:
+    rule = LayerSwapRule.from_mapping({"first": 1, "from": "math", "rest": "code"})
+    swap = compose_layer_swap(AutoModelForCausalLM.from_pretrained(llama_dir), adapters, rule)
+    expected = logits(swap.model)
+
+    folded = fold_composition(swap)  # CAT's exact export path
+    save_peft_adapter(folded, tmp_path / "cat", base_model=str(llama_dir))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "cat")
+    assert float((logits(reloaded) - expected).abs().max()) <= 1e-5
+
+    compact = layer_swap_factors(adapters, rule)  # the same fold, the zero rank rows dropped
+    assert sorted(compact) == sorted(folded)
+    assert next(iter(compact.values()))[0].shape[0] == 4  # the largest chosen rank, not 4 + 2
+    for path, (A, B) in compact.items():
+        torch.testing.assert_close(B @ A, folded[path][1] @ folded[path][0], atol=1e-6, rtol=1e-6)
+    save_peft_adapter(compact, tmp_path / "compact", base_model=str(llama_dir))
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "compact"
+    )
+    assert float((logits(reloaded) - expected).abs().max()) <= 1e-5
+
+
+def test_count_layers_reads_the_paths() -> None:
+    assert count_layers(["model.layers.0.q_proj", "model.layers.11.mlp.up_proj", "lm_head"]) == 12
+    assert layer_index("lm_head") is None

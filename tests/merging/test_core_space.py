@@ -17,8 +17,8 @@ from lorasoup.adapters import LoraFactors, load_adapter
 from lorasoup.cli import app
 from lorasoup.merging import MERGE_METHODS, MergeParams
 from lorasoup.merging.core_space import core_space
+from lorasoup.merging.delta import RECIPES, merge_tasks
 from lorasoup.merging.run import run_merge
-from lorasoup.merging.task_arithmetic import RECIPES, merge_tasks
 from tests.conftest import on_gpu
 
 CORE_METHODS = [n for n in MERGE_METHODS if MERGE_METHODS.get(n).space == "core"]

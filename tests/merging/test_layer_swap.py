@@ -117,9 +117,10 @@ def test_export_reloads_in_stock_peft(llama_dir: Path, adapters, tmp_path: Path)
 
     compact = layer_swap_factors(adapters, rule)  # the same fold, the zero rank rows dropped
     assert sorted(compact) == sorted(folded)
-    assert next(iter(compact.values()))[0].shape[0] == 4  # the largest chosen rank, not 4 + 2
-    for path, (A, B) in compact.items():
-        torch.testing.assert_close(B @ A, folded[path][1] @ folded[path][0], atol=1e-6, rtol=1e-6)
+    assert next(iter(compact.values())).rank == 4  # the largest chosen rank, not 4 + 2
+    for path, factors in compact.items():
+        assert factors.scale == 1.0
+        torch.testing.assert_close(factors.delta(), folded[path].delta(), atol=1e-6, rtol=1e-6)
     save_peft_adapter(compact, tmp_path / "compact", base_model=str(llama_dir))
     reloaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "compact"

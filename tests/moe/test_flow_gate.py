@@ -86,7 +86,7 @@ def test_training_moves_only_the_gates_on_the_lm_loss_alone(llama_dir: Path, ada
     flow = compose_flow(AutoModelForCausalLM.from_pretrained(llama_dir), adapters)
     frozen = {n: p.detach().clone() for n, p in flow.model.named_parameters() if not p.requires_grad}
     gates = [p.detach().clone() for p in flow.routers.parameters()]
-    options = MoeTrainOptions(learning_rate=0.1, max_steps=3, batch_size=8, warmup_ratio=0.0, device="cpu")
+    options = MoeTrainOptions(learning_rate=0.1, max_steps=3, batch_size=8, warmup=0, device="cpu")
     result = train_flow_gates(flow, dataset, collate_fn, options)
     assert result.steps == 3
     assert result.losses == pytest.approx(result.lm_losses)  # no balancing term

@@ -50,8 +50,9 @@ from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
 from lorasoup.merging.base import MergeMethod, MergeParams, ModuleMerge, present, register
+from lorasoup.merging.delta import RECIPES, merge_tasks
 from lorasoup.merging.subspace import column_basis, thin_svd
-from lorasoup.merging.task_arithmetic import DARE, RECIPES, TIES, merge_tasks
+from lorasoup.merging.task_arithmetic import DARE, TIES
 from lorasoup.merging.tsv import (
     TSV,
     finish,

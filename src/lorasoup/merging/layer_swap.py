@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorasoup.adapters import LoraAdapter
-from lorasoup.cat.fold import fold_factors, pad_rank
+from lorasoup.adapters import LoraAdapter, LoraFactors
+from lorasoup.cat.fold import fold_factors
 from lorasoup.cat.inject import CatComposition, compose_cat, group_name
 from lorasoup.errors import ConfigError
+from lorasoup.export.serving import pad_factors
 
 LAYER_SWAP = "Layer swapping, Bandarkar et al. ICLR 2025, https://arxiv.org/abs/2410.01335"
 
@@ -166,8 +167,9 @@ def compose_layer_swap(
 
 def layer_swap_factors(
     adapters: Sequence[LoraAdapter], rule: LayerSwapRule, *, num_layers: int | None = None
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each module's exported ``(A (r, in), B (out, r))`` at scale 1, float32, all padded to one rank.
+) -> dict[str, LoraFactors]:
+    """Each module's exported factors (``A (r, in)``, ``B (out, r)``) at scale 1, float32, all padded to one
+    rank, as CAT's ``fold_composition`` gives them.
 
     CAT's fold (``A' = diag(c) A``) with the one-hot weights, keeping only the chosen adapter's rank
     rows (the others' are zero): ``A = s_k A_k``, ``B = B_k``. A module its layer's adapter does not
@@ -178,14 +180,15 @@ def layer_swap_factors(
     paths = sorted({p for a in adapters for p in a.modules})
     layers = count_layers(paths) if num_layers is None else num_layers
     rule.validate(names, layers)
-    folded = {}
+    folded: dict[str, LoraFactors] = {}
     for path in paths:
         chosen = adapters[names.index(rule.adapter_for(layer_index(path), layers))].modules.get(path)
         if chosen is None:
             some = next(a.modules[path] for a in adapters if path in a.modules)
-            folded[path] = (torch.zeros(1, some.in_features), torch.zeros(some.out_features, 1))
+            zero_A, zero_B = torch.zeros(1, some.in_features), torch.zeros(some.out_features, 1)
+            folded[path] = LoraFactors(zero_A, zero_B, 1.0)
             continue
         coefficients = torch.full((chosen.rank,), chosen.scale)  # one-hot weight 1 times s_k
-        folded[path] = fold_factors(chosen.A.float(), chosen.B.float(), coefficients)
-    rank = max(A.shape[0] for A, _ in folded.values())
-    return {path: pad_rank(A, B, rank) for path, (A, B) in folded.items()}
+        folded[path] = LoraFactors(*fold_factors(chosen.A.float(), chosen.B.float(), coefficients), 1.0)
+    rank = max(f.rank for f in folded.values())
+    return {path: pad_factors(f, rank) for path, f in folded.items()}

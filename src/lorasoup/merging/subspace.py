@@ -12,18 +12,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lorasoup.lowrank import thin_qr
+
 
 def thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of a tall or wide ``X (n, m)``: ``U (n, p)``, ``S (p,)``, ``Vh (p, m)``, ``p = min(n, m)``.
 
-    Through a Householder QR of the tall side and the SVD of its small triangular factor, so the
-    large dimension is only ever multiplied, never decomposed densely. ``S`` is in descending order.
+    Through a thin QR of the tall side (``lowrank.thin_qr``: CholeskyQR2 on a GPU, Householder on a
+    CPU) and the SVD of its small triangular factor, so the large dimension is only ever multiplied,
+    never decomposed densely. ``S`` is in descending order.
     """
     work = X.double()
     if work.shape[0] < work.shape[1]:  # wide: the SVD of Xᵀ, transposed back
         V, S, Uh = thin_svd(work.T)
         return Uh.T, S, V.T
-    Q, R = torch.linalg.qr(work)  # (n, p), (p, m)
+    Q, R = thin_qr(work)  # (n, p), (p, m)
     u, S, Vh = torch.linalg.svd(R.cpu(), full_matrices=False)  # (p, p), (p,), (p, m)
     return Q @ u.to(work.device), S.to(work.device), Vh.to(work.device)
 
@@ -40,8 +43,8 @@ def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Thin QR of ``B`` and ``Aᵀ``, then the SVD of the ``r × r`` core ``R_B R_Aᵀ``. (``V``, not ``Vᵀ``:
     the TSV merge concatenates right singular vectors as columns.)
     """
-    Q_b, R_b = torch.linalg.qr(B.double())  # (out, p_b), (p_b, r)
-    Q_a, R_a = torch.linalg.qr(A.double().T)  # (in, p_a), (p_a, r)
+    Q_b, R_b = thin_qr(B)  # (out, p_b), (p_b, r)
+    Q_a, R_a = thin_qr(A.T)  # (in, p_a), (p_a, r)
     u, S, vh = torch.linalg.svd((R_b @ R_a.T).cpu(), full_matrices=False)  # (p_b, p), (p,), (p, p_a)
     device = Q_b.device
     return Q_b @ u.to(device), S.to(device), Q_a @ vh.T.to(device)

@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lorasoup.adapters import LoraAdapter
-from lorasoup.cat.config import TrainOptions
-from lorasoup.cat.fit import ProgressHook
 from lorasoup.cat.inject import CatComposition
 from lorasoup.errors import ConfigError
 from lorasoup.moe.distill import CountHook, distill_to_cat, mean_gates
 from lorasoup.moe.inject import MoeComposition, compose_moe
 from lorasoup.moe.train import MoeFitResult, train_routers
+from lorasoup.options import FitOptions
+from lorasoup.training.loop import ProgressHook
 
 LORA_FLOW = "LoRA-Flow, Wang et al. ACL 2024, https://arxiv.org/abs/2402.11455"
 
@@ -79,7 +79,7 @@ def train_flow_gates(
     composition: MoeComposition,
     dataset: Dataset,
     collate: Collate,
-    options: TrainOptions,
+    options: FitOptions,
     *,
     checkpoint_dir: Path | None = None,
     resume_from: str | Path | None = None,

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from lorasoup.adapters import load_adapter
 from lorasoup.cat.fold import fold_composition
 from lorasoup.cat.inject import compose_cat
+from lorasoup.cli import app
 from lorasoup.errors import ConfigError
 from lorasoup.export.peft import save_peft_adapter
 from lorasoup.merging.layer_swap import (
@@ -20,6 +23,7 @@ from lorasoup.merging.layer_swap import (
     count_layers,
     layer_index,
     layer_swap_factors,
+    module_swap_weights,
     swap_weights,
 )
 
@@ -131,3 +135,77 @@ def test_export_reloads_in_stock_peft(llama_dir: Path, adapters, tmp_path: Path)
 def test_count_layers_reads_the_paths() -> None:
     assert count_layers(["model.layers.0.q_proj", "model.layers.11.mlp.up_proj", "lm_head"]) == 12
     assert layer_index("lm_head") is None
+
+
+def test_module_rows_are_one_hot_per_layer() -> None:
+    paths = ["model.layers.0.q_proj", "model.layers.1.q_proj", "model.layers.2.q_proj", "lm_head"]
+    rule = LayerSwapRule(first=1, last=1, edges="math", rest="code", other="math")
+    rows = module_swap_weights(rule, ["math", "code"], paths)
+    assert rows == {
+        "model.layers.0.q_proj": [1.0, 0.0],
+        "model.layers.1.q_proj": [0.0, 1.0],
+        "model.layers.2.q_proj": [1.0, 0.0],
+        "lm_head": [1.0, 0.0],
+    }
+
+
+def test_cli_merge_layer_swap_equals_cat_with_one_hot_weights(llama_dir: Path, make_lora, tmp_path) -> None:
+    """`lorasoup merge --method layer_swap` with a `layer_swap:` section and `--set` overrides: the
+    stock-PEFT reload gives the logits of the CAT model with the rule's one-hot weights."""
+    math = make_lora("math", r=4, seed=1)
+    code = make_lora("code", r=2, seed=2, targets=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+    config = tmp_path / "swap.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "method": "layer_swap",
+                "adapters": [{"path": str(math)}, {"path": str(code)}],
+                "layer_swap": {"first": 0, "edges": "math", "rest": "code"},
+                "output": str(tmp_path / "out"),
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["merge", str(config), "--set", "layer_swap.first=1"])
+    assert result.exit_code == 0, result.output
+    adapters = [load_adapter(math, name="math"), load_adapter(code, name="code")]
+    swap = compose_layer_swap(
+        AutoModelForCausalLM.from_pretrained(llama_dir),
+        adapters,
+        LayerSwapRule(first=1, edges="math", rest="code"),
+    )
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "out")
+    assert float((logits(reloaded) - logits(swap.model)).abs().max()) <= 1e-5
+
+
+def test_cli_merge_layer_swap_needs_its_section_and_names(make_lora, tmp_path) -> None:
+    math, code = make_lora("math", r=4, seed=1), make_lora("code", r=2, seed=2)
+    base = [
+        "merge",
+        "--method",
+        "layer_swap",
+        "-a",
+        str(math),
+        "-a",
+        str(code),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    missing = CliRunner().invoke(app, base)
+    assert missing.exit_code == 2 and "add a layer_swap: section" in missing.output
+    wrong = CliRunner().invoke(app, [*base, "--set", "layer_swap.rest=chem"])
+    assert wrong.exit_code == 2 and "'chem'" in wrong.output and "math, code" in wrong.output
+    extra = CliRunner().invoke(
+        app,
+        [
+            "merge",
+            "--method",
+            "linear",
+            "-a",
+            str(math),
+            "--output",
+            str(tmp_path / "p"),
+            "--set",
+            "layer_swap.rest=math",
+        ],
+    )
+    assert extra.exit_code == 2 and "remove it" in extra.output

@@ -17,6 +17,11 @@ Which adapter a layer takes is a :class:`LayerSwapRule`: an explicit list (one a
 ``first`` and ``last`` layers from one adapter and the rest from another, e.g.
 ``{first: 2, last: 2, from: math, rest: code}``. Modules outside numbered layers take ``other``
 (default: ``rest``). Choosing the layers by a small search over such rules is left for later.
+
+``lorasoup merge --method layer_swap`` runs it from a config's ``layer_swap:`` section: the method
+``layer_swap`` (registered here, space ``"layer"``) gets each module's one-hot row from
+:func:`module_swap_weights` times the adapters' ``weight`` (default 1), and folds the chosen adapter
+as CAT's export does (``A' = w_k s_k A_k``, ``B' = B_k``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lorasoup.cat.fold import fold_factors
 from lorasoup.cat.inject import CatComposition, compose_cat, group_name
 from lorasoup.errors import ConfigError
 from lorasoup.export.serving import pad_factors
+from lorasoup.merging.base import MergeMethod, MergeParams, ModuleMerge, present, register
 
 LAYER_SWAP = "Layer swapping, Bandarkar et al. ICLR 2025, https://arxiv.org/abs/2410.01335"
 
@@ -192,3 +198,52 @@ def layer_swap_factors(
         folded[path] = LoraFactors(*fold_factors(chosen.A.float(), chosen.B.float(), coefficients), 1.0)
     rank = max(f.rank for f in folded.values())
     return {path: pad_factors(f, rank) for path, f in folded.items()}
+
+
+def module_swap_weights(
+    rule: LayerSwapRule, adapter_names: Sequence[str], paths: Sequence[str], num_layers: int | None = None
+) -> dict[str, list[float]]:
+    """Each module's one-hot row over the adapters: 1 for its layer's adapter, 0 for the others.
+
+    ``num_layers`` defaults to what ``paths`` imply (:func:`count_layers`)."""
+    layers = count_layers(paths) if num_layers is None else num_layers
+    rule.validate(adapter_names, layers)
+    names = list(adapter_names)
+    rows = {}
+    for path in paths:
+        row = [0.0] * len(names)
+        row[names.index(rule.adapter_for(layer_index(path), layers))] = 1.0
+        rows[path] = row
+    return rows
+
+
+def merge_swapped(
+    factors: Sequence[LoraFactors | None], weights: Tensor, params: MergeParams, generator: torch.Generator
+) -> ModuleMerge:
+    """One module of a layer swap: ``weights (K,)`` has one non-zero entry ``w_k`` (the module's one-hot
+    row times the adapter's weight); the result is CAT's fold of that adapter alone, ``A' = w_k s_k A_k``,
+    ``B' = B_k``. A module its adapter does not adapt gets a zero rank-1 update."""
+    chosen = [(f, float(w)) for f, w in zip(factors, weights, strict=True) if float(w) != 0.0]
+    if len(chosen) > 1:
+        raise ValueError(f"a layer swap takes one adapter per module, got {len(chosen)} non-zero weights")
+    kept, _ = present(factors, weights)
+    if not chosen or chosen[0][0] is None:
+        some = kept[0]
+        return ModuleMerge(
+            A=some.A.new_zeros(1, some.in_features).float(), B=some.B.new_zeros(some.out_features, 1).float()
+        )
+    f, w = chosen[0]
+    A, B = fold_factors(f.A.float(), f.B.float(), torch.full((f.rank,), w * f.scale))
+    return ModuleMerge(A=A, B=B)
+
+
+register(
+    MergeMethod(
+        name="layer_swap",
+        merge=merge_swapped,
+        space="layer",
+        summary="each layer takes one adapter whole (CAT with one-hot per-layer weights; the rule in the "
+        "config's `layer_swap:` section)",
+        reference=LAYER_SWAP,
+    )
+)

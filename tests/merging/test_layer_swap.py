@@ -209,3 +209,5 @@ def test_cli_merge_layer_swap_needs_its_section_and_names(make_lora, tmp_path) -
         ],
     )
     assert extra.exit_code == 2 and "remove it" in extra.output
+    ranked = CliRunner().invoke(app, [*base, "--set", "layer_swap.rest=math", "--rank", "2"])
+    assert ranked.exit_code == 2 and "keeps the adapters' rank" in ranked.output

@@ -139,7 +139,7 @@ class MergeRunConfig:
             method.uses_sign or params.majority_sign is None,
             f"parameters.majority_sign: method {self.method} elects no signs; remove it",
         )
-        if method.space == "factor":
+        if method.space in ("factor", "layer"):
             require(
                 params.rank is None and params.energy is None,
                 f"parameters.rank/energy: {self.method} keeps the adapters' rank; use 'svd' to change it",

@@ -263,9 +263,9 @@ def time_peft(combination: str, model, shape: dict, args, device: torch.device, 
     return seconds * layers / args.peft_svd_layers, peak, True
 
 
-def write(args, device: torch.device, rows: list[dict]) -> None:
+def write(args, device: torch.device, rows: list[dict], benchmark: str = "merge") -> None:
     report = {
-        "benchmark": "merge",
+        "benchmark": benchmark,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({os.cpu_count()} cores)",

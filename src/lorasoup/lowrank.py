@@ -104,13 +104,13 @@ def recompress(
     ``A (R, in)``, ``B (out, R)`` → ``LowRank`` with ``A (k, in)``, ``B (out, k)``; ``k`` from
     :func:`choose_rank`, or ``pad_to`` (≥ k) with zero rows when a fixed export rank is needed.
     Works in float64 internally (the cores are tiny) and returns the input dtype. The ``R × R`` core's
-    SVD runs on the CPU whatever the factors' device (see :func:`_thin_qr`).
+    SVD runs on the CPU whatever the factors' device (see :func:`thin_qr`).
     """
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"rank mismatch: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
     dtype = A.dtype
-    Q_b, R_b = _thin_qr(B)  # (out, m), (m, R) with m = min(out, R)
-    Q_a, R_a = _thin_qr(A.T)  # (in, n), (n, R) with n = min(in, R)
+    Q_b, R_b = thin_qr(B)  # (out, m), (m, R) with m = min(out, R)
+    Q_a, R_a = thin_qr(A.T)  # (in, n), (n, R) with n = min(in, R)
     U, S, Vh = (t.to(A.device) for t in torch.linalg.svd((R_b @ R_a.T).cpu(), full_matrices=False))
     keep = choose_rank(S, rank, energy)
     width = keep if pad_to is None else pad_to
@@ -290,7 +290,7 @@ def range_basis(
         # launch counts here (a 7B model has 160 modules), so the failures are summed, checked once.
         nonlocal healthy, failures
         if not cholesky:
-            return _thin_qr(Y, cholesky=False)[0].to(Y.dtype)
+            return thin_qr(Y, cholesky=False)[0].to(Y.dtype)
         if last:
             Q, _, ok = _cholesky_qr2(Y)
             healthy = ok & (failures == 0)
@@ -340,7 +340,7 @@ def svd_from_gram(Y: Tensor, gram: Tensor, cutoff: float = 1e-6) -> tuple[Tensor
     return U, S, Vh
 
 
-def _thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]:
+def thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]:
     """Thin QR of ``X (m, n)`` in float64: orthonormal ``Q (m, p)``, ``R (p, n)``, ``p = min(m, n)``.
 
     ``cholesky``: try :func:`_cholesky_qr2` first (default: on a GPU only, where Householder QR of a

@@ -104,3 +104,42 @@ def test_distill_takes_set_checked_before_any_work(tmp_path):
     assert result.exit_code == 2 and "export_dtype: 'float8' is not allowed" in result.output
     result = runner.invoke(app, [*args, "--set", "batch_size=0", "--batch-size", "2"])  # the flag wins
     assert result.exit_code == 2 and "no moe_config.json" in result.output
+
+
+def test_flow_trains_lora_flow_gates_then_distills_to_a_stock_peft_adapter(
+    tmp_path, llama_dir, adapter_dirs, data_file
+):
+    """`lorasoup moe train --flow` (LoRA-Flow: soft per-layer gates, no balancing loss) on k target
+    examples, then `moe distill`: one weight row per layer, and stock PEFT reloads the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = write_config(tmp_path, llama_dir, adapter_dirs, data_file)
+    result = runner.invoke(app, ["moe", "train", str(config), "--flow", "--set", "data.max_examples=16"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "moe"
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["router"]["preset"] == "lora_flow"
+    assert record["config"]["router"]["granularity"] == "layer"
+    assert (
+        set(record["training"]["balance_losses"]) != set() and record["config"]["router"]["balance_coef"] == 0
+    )
+    assert json.loads((out / "moe_config.json").read_text())["router"]["granularity"] == "layer"
+
+    distilled = tmp_path / "flow-cat"
+    result = runner.invoke(app, ["moe", "distill", str(out), "--output", str(distilled)])
+    assert result.exit_code == 0, result.output
+    weights = json.loads((distilled / "cat_weights.json").read_text())["weights"]
+    by_layer: dict[str, set] = {}
+    for path, row in weights.items():  # one gate per layer: all its modules share the mean gate
+        by_layer.setdefault(path.split(".self_attn")[0].split(".mlp")[0], set()).add(tuple(row.values()))
+    assert all(len(rows) == 1 for rows in by_layer.values())
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), distilled)
+    with torch.no_grad():
+        assert torch.isfinite(peft(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_flow_preset_refuses_hard_or_balanced_gates(tmp_path, llama_dir, adapter_dirs, data_file):
+    config = write_config(tmp_path, llama_dir, adapter_dirs, data_file, top_k=1)
+    result = runner.invoke(app, ["moe", "train", str(config), "--flow"])
+    assert result.exit_code == 2 and "router.preset lora_flow" in result.output

@@ -120,6 +120,20 @@ def test_reduced_demo_numbers_agree_with_the_per_example_files(demo_run: tuple[P
         assert row["composite"]["mean"] == pytest.approx(sum(per_seed) / 2)
 
 
+def test_default_rows_include_the_newer_merges_and_not_the_costly_rows(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    methods = [row["method"] for row in json.loads((out / "results.json").read_text())["table"]]
+    assert methods[methods.index("SVD") + 1 : methods.index("SVD") + 4] == [
+        "core-space TIES",
+        "TSV-Merge",
+        "layer swap",
+    ]
+    assert "CAT on target examples" not in methods and "LoRA-Flow (per-layer gates)" not in methods
+    merges = out / "seed-5" / "merges"
+    assert json.loads((merges / "layer_swap" / "run.json").read_text())["method"]["name"] == "layer_swap"
+    assert (merges / "core_ties" / "adapter_config.json").is_file()
+
+
 def test_same_seed_same_numbers(demo_run: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = demo_run
     args = ["demo", "--output", str(tmp_path / "again"), "--seed", "5"]
@@ -286,7 +300,7 @@ def test_held_out_stats() -> None:
 def k3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo-k3") / "run"
     args = ["demo", "--output", str(out), "--seed", "3"]
-    for item in [*TINY, "skills=3", "format_robust=true"]:
+    for item in [*TINY, "skills=3", "format_robust=true", "extra_rows=true"]:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -319,6 +333,8 @@ def test_three_skills_and_formats_write_every_artifact(k3_run: Path) -> None:
         "adapters/datamix-k3",
     ):
         assert (seed / folder / "run.json").is_file(), folder
+    for folder in ("cat-target", "cat-target-k3", "merges/layer_swap-k3", "merges/tsv-k3"):
+        assert (seed / folder / "adapter_config.json").is_file(), folder
     robust = json.loads((seed / "cat-format-robust" / "run.json").read_text())["training"]["formats"]
     assert robust["pool"] == ["plain", "fmt1", "fmt2", "fmt4"] and min(robust["examples"].values()) > 0
     assert "formats" not in json.loads((seed / "cat" / "run.json").read_text()).get("training", {})
@@ -332,6 +348,13 @@ def test_three_skills_and_formats_numbers_agree_with_the_per_example_files(k3_ru
     assert {"extra skill LoRA", "CAT (trained)", "TIES", "oracle (composite data)"} <= {
         r["method"] for r in k3["table"]
     }
+    extra = {
+        "CAT on target examples",
+        "LoRA-Flow (per-layer gates)",
+        "LoRA-Flow → CAT (mean gates)",
+        "layer swap",
+    }
+    assert extra <= {r["method"] for r in k3["table"]} and extra <= {r["method"] for r in results["table"]}
     for row in k3["per_seed"][0]:
         for task in TASKS_K3:
             assert row["accuracy"][task] == _accuracy(

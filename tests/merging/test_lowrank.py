@@ -103,23 +103,23 @@ def test_randomized_reports_the_true_residual() -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.integers(20, 60), st.integers(1, 12), st.floats(0.0, 6.0), st.integers(0, 2**16))
 def test_orthonormal_basis_spans_the_columns(rows: int, width: int, decay: float, seed: int) -> None:
-    from lorasoup.lowrank import _thin_qr
+    from lorasoup.lowrank import thin_qr
 
     g = torch.Generator().manual_seed(seed)
     scales = torch.logspace(0, -decay, width)  # up to 1e6 condition number
     Y = torch.randn(rows, width, generator=g) * scales
-    Q = _thin_qr(Y, cholesky=True)[0].float()
+    Q = thin_qr(Y, cholesky=True)[0].float()
     assert Q.shape == Y.shape
     assert torch.allclose(Q.T @ Q, torch.eye(width), atol=1e-4)
     assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4 * float(Y.abs().max()))
 
 
 def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
-    from lorasoup.lowrank import _thin_qr
+    from lorasoup.lowrank import thin_qr
 
     g = torch.Generator().manual_seed(0)
     Y = torch.randn(30, 2, generator=g) @ torch.randn(2, 6, generator=g)  # rank 2, width 6
-    Q = _thin_qr(Y, cholesky=True)[0].float()
+    Q = thin_qr(Y, cholesky=True)[0].float()
     assert torch.isfinite(Q).all()
     assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4)
 
@@ -129,12 +129,12 @@ def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
 def test_thin_qr_factors_tall_wide_and_rank_deficient_matrices(rows, cols, deficit, cholesky, seed) -> None:
     """Q has orthonormal columns and Q R reproduces X, whichever path (CholeskyQR2 or the Householder
     fallback for rank-deficient or wide X) produced them."""
-    from lorasoup.lowrank import _thin_qr
+    from lorasoup.lowrank import thin_qr
 
     g = torch.Generator().manual_seed(seed)
     inner = max(1, min(rows, cols) - deficit)
     X = torch.randn(rows, inner, generator=g) @ torch.randn(inner, cols, generator=g)
-    Q, R = _thin_qr(X, cholesky=cholesky)  # CholeskyQR2 is what a GPU runs
+    Q, R = thin_qr(X, cholesky=cholesky)  # CholeskyQR2 is what a GPU runs
     p = min(rows, cols)
     assert Q.shape == (rows, p) and R.shape == (p, cols) and Q.dtype == torch.float64
     assert torch.allclose(Q.T @ Q, torch.eye(p, dtype=torch.float64), atol=1e-10)

@@ -16,6 +16,7 @@ from lorasoup.adapters import load_adapter
 from lorasoup.cli import app
 from lorasoup.export.peft import merge_factors_into
 from lorasoup.merging import MERGE_METHODS, MergeParams
+from lorasoup.merging.layer_swap import LayerSwapRule, module_swap_weights
 from lorasoup.merging.run import merge_adapters
 
 runner = CliRunner()
@@ -64,6 +65,9 @@ def test_every_method_exports_an_adapter_stock_peft_reproduces(
         "output": str(tmp_path / "out"),
         "seed": 3,
     }
+    rows = None
+    if MERGE_METHODS.get(name).space == "layer":  # layer swap: the first layer from math, the rest code
+        config["layer_swap"] = {"first": 1, "edges": "math", "rest": "code"}
     result = _run(tmp_path, config)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -74,6 +78,10 @@ def test_every_method_exports_an_adapter_stock_peft_reproduces(
 
     adapters = [load_adapter(p) for p in paths]
     modules = sorted({m for a in adapters for m in a.modules})
+    if "layer_swap" in config:
+        rows = module_swap_weights(
+            LayerSwapRule(first=1, edges="math", rest="code"), ["math", "code"], modules
+        )
     intended, _ = merge_adapters(
         adapters,
         [0.7, -0.4],
@@ -82,6 +90,7 @@ def test_every_method_exports_an_adapter_stock_peft_reproduces(
         modules=modules,
         seed=3,
         device="cpu",
+        module_weights=rows,
     )
     expected = _logits(merge_factors_into(AutoModelForCausalLM.from_pretrained(llama_dir), intended))
     assert torch.allclose(peft_logits, expected, atol=1e-5), (peft_logits - expected).abs().max()

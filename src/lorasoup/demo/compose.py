@@ -1,10 +1,12 @@
 """Every composition method over one set of skill LoRAs: the rows of one table of the demo study.
 
 :func:`compose_methods` runs, for the skills given (K = 2: math + code; K = 3: + extra), DATA-MIX,
-the four merges, CAT untrained / uniform / trained, LoraHub search, the MoE and its distilled CAT,
-and the oracle trained on that K's composite data, all through lorasoup's public API and scored by
-one :class:`~lorasoup.demo.study.Scorer`. Artifacts of K = 2 keep the paths they always had
-(``adapters/datamix``, ``merges/ties``, ``cat`` ...); other K add a suffix (``-k3``).
+the four merges, core-space TIES, TSV-Merge and layer swapping, CAT untrained / uniform / trained,
+LoraHub search, the MoE and its distilled CAT, with ``extra_rows`` CAT and LoRA-Flow gates trained on
+LoraHub's k target examples, and the oracle trained on that K's composite data, all through
+lorasoup's public API and scored by one :class:`~lorasoup.demo.study.Scorer`. Artifacts of K = 2 keep
+the paths they always had (``adapters/datamix``, ``merges/ties``, ``cat`` ...); other K add a suffix
+(``-k3``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import torch
 from lorasoup.demo.benchmark import Benchmark
 from lorasoup.demo.methods import (
     distil_moe,
+    fit_flow_gates,
     fit_moe,
     load_study_model,
     merge_skills,
     search_skill_weights,
+    swap_skill_layers,
     train_cat,
     train_lora,
     untrained_cat,
 )
-from lorasoup.demo.scoring import Scorer, format_specs, task_specs
+from lorasoup.demo.scoring import Scorer, format_specs, task_specs, write_records
 from lorasoup.demo.settings import TASKS_K3, DemoSettings, MethodResult
 
 if TYPE_CHECKING:
@@ -106,8 +110,11 @@ def compose_methods(
         "one LoRA on the skills' mixed data",
     )
     _merge_rows(s, scorer, list(adapters.values()), tag, rows)
+    _peer_merge_rows(s, scorer, adapters, tag, rows)
     cat = _cat_rows(s, scorer, adapters, tag, rows)
     _search_and_moe_rows(s, scorer, adapters, target, rows)
+    if settings.extra_rows:
+        _target_rows(s, scorer, adapters, target, tag, rows)
     s.step("training the oracle")
     oracle = train_lora(
         s.base_dir,
@@ -143,6 +150,53 @@ def _merge_rows(s: SeedStudy, scorer: Scorer, paths: list[Path], tag: str, rows:
         out = s.out / "merges" / f"{method}{tag}"
         path = merge_skills(method, paths, [weight] * k, params, out, s.seed, s.settings.device)
         s.add(rows, scorer, title, "merge", load_study_model(s.base_dir, path), path, detail)
+
+
+def _peer_merge_rows(
+    s: SeedStudy, scorer: Scorer, adapters: dict[str, Path], tag: str, rows: list[MethodResult]
+) -> None:
+    """The newer merges (cheap, on by default): core-space TIES (weights 1, the TIES row's density),
+    TSV-Merge (each task's top 1/K of its rank, the paper's share, weights 1) and layer swapping."""
+    paths, k, density = list(adapters.values()), len(adapters), s.settings.density
+    merges = {
+        "core-space TIES": ("core_ties", {"density": density}, f"core space, density {density}, weights 1"),
+        "TSV-Merge": (
+            "tsv",
+            {"density": 1 / k},
+            "each task's top 1/K singular triplets, whitened, weights 1",
+        ),
+    }
+    for title, (method, params, detail) in merges.items():
+        out = s.out / "merges" / f"{method}{tag}"
+        path = merge_skills(method, paths, [1.0] * k, params, out, s.seed, s.settings.device)
+        s.add(rows, scorer, title, "merge", load_study_model(s.base_dir, path), path, detail)
+    path, choice = swap_skill_layers(
+        s.base_dir, adapters, s.out / "merges" / f"layer_swap{tag}", s.seed, s.settings.device
+    )
+    detail = "one skill per layer, contiguous blocks: " + " ".join(choice)
+    s.add(rows, scorer, "layer swap", "merge", load_study_model(s.base_dir, path), path, detail)
+
+
+def _target_rows(
+    s: SeedStudy, scorer: Scorer, adapters: dict[str, Path], target: str, tag: str, rows: list[MethodResult]
+) -> None:
+    """The costly rows (``extra_rows``), trained on the same k composite examples LoraHub searches on:
+    CAT's weights trained by gradient on them, and LoRA-Flow's per-layer gates and their mean-gate CAT."""
+    settings, k = s.settings, s.settings.search_examples
+    examples = s.benchmark.train[target][:k]
+    data = write_records(s.out / "data" / f"{target}-first{k}.json", examples)
+    s.step("training CAT weights on the target examples")
+    cat = train_cat(s.base_dir, adapters, [data], s.out / f"cat-target{tag}", settings, s.seed, **s.fmt)
+    detail = f"CAT trained on the {k} composite examples LoraHub searches on, {cat.fit.steps} steps"
+    model = load_study_model(s.base_dir, cat.output)
+    s.add(rows, scorer, "CAT on target examples", "CAT", model, cat.output, detail)
+    s.step("training LoRA-Flow gates")
+    flow = fit_flow_gates(s.base_dir, adapters, [data], settings, s.seed, **s.fmt)
+    detail = f"soft gates per token and layer, {k} composite examples"
+    s.add(rows, scorer, "LoRA-Flow (per-layer gates)", "baseline", flow.model, None, detail)
+    distilled = distil_moe(flow, examples, **s.fmt)
+    detail = f"LoRA-Flow's gates averaged over the {k} examples into static CAT weights"
+    s.add(rows, scorer, "LoRA-Flow → CAT (mean gates)", "baseline", distilled.model, None, detail)
 
 
 def _cat_rows(
@@ -199,8 +253,11 @@ def three_skills(study: SeedStudy, adapters: dict[str, Path]) -> list[MethodResu
     return rows + composed
 
 
-STEPS = 17
-"""Progress steps of :func:`compose_methods`."""
+STEPS = 20
+"""Progress steps of :func:`compose_methods` (default rows)."""
+
+EXTRA_STEPS = 5
+"""Progress steps the ``extra_rows`` add to :func:`compose_methods`."""
 
 
 def format_rows(

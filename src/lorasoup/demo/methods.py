@@ -246,3 +246,58 @@ def untrained_cat(
         with torch.no_grad():
             composition.weights.theta.zero_()  # softmax of zeros: 1/K
     return composition.model.eval()
+
+
+def swap_skill_layers(
+    base_dir: Path, adapters: dict[str, Path], out: Path, seed: int, device: str
+) -> tuple[Path, list[str]]:
+    """Layer swapping by the simplest rule: the layers in contiguous blocks, one per skill in order
+    (K = 2: the lower half takes the first skill, the upper half the second), through ``run_merge``."""
+    from transformers import AutoConfig
+
+    from lorasoup.config import load_config
+    from lorasoup.merging.config import MergeRunConfig
+    from lorasoup.merging.run import run_merge
+
+    layers = AutoConfig.from_pretrained(base_dir).num_hidden_layers
+    names = list(adapters)
+    choice = [names[layer * len(names) // layers] for layer in range(layers)]
+    raw = {
+        "method": "layer_swap",
+        "adapters": [{"path": str(path), "name": name} for name, path in adapters.items()],
+        "layer_swap": {"layers": choice, "other": names[-1], "num_layers": layers},
+        "output": str(out),
+        "seed": seed,
+        "device": resolve_device(device),
+    }
+    return run_merge(load_config(MergeRunConfig, base=raw)).output, choice
+
+
+def fit_flow_gates(
+    base_dir: Path,
+    adapters: dict[str, Path],
+    data: list[str],
+    settings: DemoSettings,
+    seed: int,
+    *,
+    template: str = "plain",
+    cutoff_len: int = 64,
+) -> Any:
+    """LoRA-Flow (``router.preset: lora_flow``): soft per-layer gates trained on ``data`` (the few target
+    examples), no balancing loss; moe's training with the MoE row's steps and learning rate."""
+    from lorasoup.moe.config import MoeTrainOptions, RouterOptions
+    from lorasoup.moe.run import train_moe
+
+    router = RouterOptions(preset="lora_flow", granularity="layer", balance_coef=0.0)
+    options = MoeTrainOptions(
+        learning_rate=settings.cat_learning_rate,
+        max_steps=settings.cat_steps,
+        epochs=100,
+        batch_size=settings.batch_size,
+        seed=seed,
+        logging_steps=50,
+        device=resolve_device(settings.device),
+    )
+    return train_moe(
+        base_dir, adapters, data, router=router, train=options, template=template, cutoff_len=cutoff_len
+    )

@@ -24,8 +24,8 @@ from typing import Any
 
 from lorasoup.config import require
 from lorasoup.demo.benchmark import Benchmark
+from lorasoup.demo.compose import EXTRA_STEPS, SeedStudy, compose_methods
 from lorasoup.demo.compose import STEPS as COMPOSE_STEPS
-from lorasoup.demo.compose import SeedStudy, compose_methods
 from lorasoup.demo.methods import load_study_model
 from lorasoup.demo.real import CODE_SKILLS, PROGRAM_REQUEST, RealSizes, build_real_benchmark
 from lorasoup.demo.scoring import Scorer, write_records
@@ -56,6 +56,7 @@ class RealDemoSettings:
     search_population: int = 8
     search_iterations: int = 6
     gate_examples: int = 32  # per skill: the MoE router's mean gates are averaged over these
+    extra_rows: bool = False  # the costly rows: CAT and LoRA-Flow gates on the k target examples (compose.py)
     eval_batch_size: int = 50
     program_tokens: int = 64  # composite: PAL programs of up to sizes.max_steps assignments (≤ 56 tokens)
     math_tokens: int = 144  # worked answers (95 % are under 135 tokens)
@@ -278,7 +279,7 @@ def run_real_seed(
     def step(name: str) -> None:
         nonlocal done
         if stage is not None:
-            stage(name, done, STAGES)
+            stage(name, done, STAGES + (EXTRA_STEPS if settings.extra_rows else 0))
         done += 1
 
     started = time.perf_counter()

@@ -43,6 +43,7 @@ class DemoSettings:
     eval_batch_size: int = 100
     skills: int = 2  # 3: the extra skill joins, and the study runs again at K = 3 (benchmark.py)
     format_robust: bool = False  # the format-robustness rows (robustness.py)
+    extra_rows: bool = False  # the costly rows: CAT and LoRA-Flow gates on the k target examples (compose.py)
     train_formats: list[str] = field(default_factory=lambda: ["plain", "fmt1", "fmt2", "fmt4"])
     held_out_formats: list[str] = field(default_factory=lambda: ["fmt7", "fmt8", "fmt10"])
     device: str = "auto"  # auto (CUDA if torch sees a GPU, else the CPU) | cpu | cuda; device.py

@@ -29,15 +29,16 @@ from lorasoup.demo.robustness import BASE_FORMATS, render_in_formats
 from lorasoup.demo.scoring import Scorer, write_records
 from lorasoup.demo.settings import DemoSettings, MethodResult, StageHook
 
-STAGES = 23
+STAGES = 26
 """Progress steps of the default (two-skill) study."""
 
 
 def stage_count(settings: DemoSettings) -> int:
     """Progress steps of one seed: the two-skill study, plus the K = 3 study and the format rows if on."""
-    k3 = 1 + 2 + 2 + compose.STEPS  # base and two skills rescored, the third skill trained and scored
+    extra = compose.EXTRA_STEPS if settings.extra_rows else 0
+    k3 = 1 + 2 + 2 + compose.STEPS + extra  # base and two skills rescored, the third skill trained and scored
     formats = compose.FORMAT_STEPS if settings.format_robust else 0
-    return STAGES + (k3 if settings.skills == 3 else 0) + formats
+    return STAGES + extra + (k3 if settings.skills == 3 else 0) + formats
 
 
 def run_seed(

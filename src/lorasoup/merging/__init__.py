@@ -4,7 +4,14 @@ Importing this package registers every method in ``MERGE_METHODS``; a new method
 that calls ``register``.
 """
 
-from lorasoup.merging import concat, factor_space, task_arithmetic  # noqa: F401  (registration)
+from lorasoup.merging import (  # noqa: F401  (registration)
+    concat,
+    core_space,
+    factor_space,
+    layer_swap,
+    task_arithmetic,
+    tsv,
+)
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
 
 __all__ = ["MERGE_METHODS", "MergeMethod", "MergeParams", "ModuleMerge"]

@@ -19,7 +19,9 @@ from lorasoup.lowrank import SvdMode
 from lorasoup.merging.ops import SignMethod
 from lorasoup.registry import Registry
 
-Space = Literal["delta", "factor"]
+# core: merged as small cores in shared bases (core_space); layer: one adapter per layer, the weights
+# given per module by a rule (layer_swap)
+Space = Literal["delta", "factor", "core", "layer"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ class MergeMethod:
     ``factors[i]`` is ``None`` where adapter ``i`` does not adapt the module (its update is zero).
     ``space`` says where the method acts: on the update ``ΔW`` ("delta", exact maths) or on A and B
     separately ("factor", PEFT's ``add_weighted_adapter`` behaviour, which creates cross terms
-    ``B_i A_j``; kept to reproduce published baselines).
+    ``B_i A_j``; kept to reproduce published baselines), as small cores in shared bases ("core"), or
+    per layer ("layer": the runner hands each module its own weights, from the run's rule).
     """
 
     name: str

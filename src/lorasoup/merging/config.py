@@ -12,6 +12,12 @@ output: runs/math-code-ties
 
 Each method's parameters are checked when the config loads: a method that does not use ``density``
 refuses one, so a typo cannot silently change nothing.
+
+``method: layer_swap`` takes its rule from a ``layer_swap:`` section (``lorasoup.merging.layer_swap``)::
+
+    layer_swap: {first: 2, last: 2, edges: math, rest: code}   # or {layers: [math, code, ...]}
+
+(adapter names: each adapter's ``name``, default its directory name).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from lorasoup.config import require
 from lorasoup.errors import ConfigError
 from lorasoup.lowrank import SvdMode
 from lorasoup.merging.base import MERGE_METHODS, MergeParams
+from lorasoup.merging.layer_swap import LayerSwapRule
 from lorasoup.merging.ops import SignMethod
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -65,6 +72,40 @@ class MergeParameters:
 
 
 @dataclass
+class LayerSwapOptions:
+    """A layer-swap rule (:class:`lorasoup.merging.layer_swap.LayerSwapRule`): the ``first`` and ``last``
+    layers take adapter ``edges``, the others ``rest``; or ``layers`` names one adapter per layer.
+    ``other``: modules outside numbered layers (default ``rest``). ``num_layers``: the model's layer
+    count when the adapters skip its last layers (default: what the adapted modules imply)."""
+
+    rest: str | None = None
+    edges: str | None = None
+    first: int = 0
+    last: int = 0
+    layers: list[str] | None = None
+    other: str | None = None
+    num_layers: int | None = None
+
+    def validate(self) -> None:
+        require(
+            self.layers is not None or self.rest is not None,
+            "layer_swap: give 'rest' (the middle layers' adapter) with 'edges', 'first', 'last', "
+            "or 'layers' (one adapter name per layer)",
+        )
+        require(self.num_layers is None or self.num_layers >= 1, "layer_swap.num_layers must be positive")
+
+    def rule(self) -> LayerSwapRule:
+        return LayerSwapRule(
+            rest=self.rest,
+            edges=self.edges,
+            first=self.first,
+            last=self.last,
+            layers=None if self.layers is None else tuple(self.layers),
+            other=self.other,
+        )
+
+
+@dataclass
 class MergeRunConfig:
     """Everything ``lorasoup merge`` needs; see ``configs/merge-example.yaml``."""
 
@@ -72,6 +113,7 @@ class MergeRunConfig:
     adapters: list[WeightedAdapter]
     output: str
     parameters: MergeParameters = field(default_factory=MergeParameters)
+    layer_swap: LayerSwapOptions | None = None
     base_model: str | None = None
     merge: bool = False
     seed: int = 0
@@ -97,11 +139,16 @@ class MergeRunConfig:
             method.uses_sign or params.majority_sign is None,
             f"parameters.majority_sign: method {self.method} elects no signs; remove it",
         )
-        if method.space == "factor":
+        if method.space in ("factor", "layer"):
             require(
                 params.rank is None and params.energy is None,
                 f"parameters.rank/energy: {self.method} keeps the adapters' rank; use 'svd' to change it",
             )
+        require(
+            (method.space == "layer") == (self.layer_swap is not None),
+            f"layer_swap: the section goes with method layer_swap (method is {self.method}); "
+            + ("add a layer_swap: section" if method.space == "layer" else "remove it"),
+        )
         require(
             not self.merge or self.base_model is not None,
             "merge: true writes full merged weights, so base_model must name the base model",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from lorasoup.export.serving import pad_factors
 from lorasoup.lowrank import recompress_modules
 from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
 from lorasoup.merging.config import MergeRunConfig
+from lorasoup.merging.layer_swap import module_swap_weights
 
 ModuleProgress = Callable[[int, int], None]
 
@@ -67,11 +68,13 @@ def merge_adapters(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: ModuleProgress | None = None,
+    module_weights: Mapping[str, list[float]] | None = None,
 ) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
     """Merge ``adapters`` module by module: ``{path: LoraFactors}`` (``A (k, in)``, ``B (out, k)``, scale
     1) on the CPU in float32,
     plus per-module facts (rank, discarded energy). At most two modules are on ``device`` at a time
-    (a streaming method overlaps one module's host work with the next one's device work)."""
+    (a streaming method overlaps one module's host work with the next one's device work).
+    ``module_weights``: per-module rows multiplying ``weights`` (a layer swap's one-hot rows)."""
     target = torch.device(default_device(device))
     # on the host: methods read weights as numbers, which would be a device read per module
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
@@ -92,11 +95,12 @@ def merge_adapters(
             _on(a.modules[path], target) if path in a.modules else None for a in adapters
         ]
         generator = module_generator(seed, path, target)
+        w = weight_tensor if module_weights is None else weight_tensor * torch.tensor(module_weights[path])
         try:
             if streaming is None:
-                record([(path, method.merge(factors, weight_tensor, params, generator))])
+                record([(path, method.merge(factors, w, params, generator))])
             else:
-                record(streaming.submit(path, factors, weight_tensor, params, generator))
+                record(streaming.submit(path, factors, w, params, generator))
         except ValueError as err:
             raise LorasoupError(f"{method.name} at {path}: {err}") from None
     if streaming is not None:
@@ -135,6 +139,11 @@ def run_merge(config: MergeRunConfig, *, progress: ModuleProgress | None = None)
     timings["load"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    rows = None
+    if config.layer_swap is not None:  # space "layer": each module's one-hot row from the rule
+        rows = module_swap_weights(
+            config.layer_swap.rule(), [a.name for a in adapters], report.modules, config.layer_swap.num_layers
+        )
     merged, facts = merge_adapters(
         adapters,
         [a.weight for a in config.adapters],
@@ -144,6 +153,7 @@ def run_merge(config: MergeRunConfig, *, progress: ModuleProgress | None = None)
         seed=config.seed,
         device=config.device,
         progress=progress,
+        module_weights=rows,
     )
     timings["merge"] = time.perf_counter() - clock
     notices = list(report.notices)

@@ -9,6 +9,10 @@ Defaults and why:
 - ``router.balance_coef: 0.01``: the Switch Transformer's α for the load-balancing loss.
 - ``router.init_std: 0.01``: small random router weights (zero bias), so the model starts close to
   the uniform mixture of the adapters and top-k ties are broken per token.
+- ``router.preset: lora_flow``: LoRA-Flow's fusion gates (Wang et al. ACL 2024, ``moe.flow_gate``):
+  soft (``top_k: null``) per-layer gates on the block input (``granularity: layer``) trained on the
+  LM loss alone (``balance_coef: 0``), usually on a few hundred target examples; the preset checks
+  those three values (``lorasoup moe train --flow`` sets them).
 - ``train.learning_rate: 0.001``: a router has K × hidden weights per module, far more than CAT's
   K scalars, and its logits grow with the width of the hidden state.
 """
@@ -43,6 +47,7 @@ class MoeDataConfig:
 
 @dataclass
 class RouterOptions:
+    preset: Literal["lora_flow"] | None = None
     granularity: Literal["module", "layer"] = "module"
     top_k: int | None = None
     renormalize: bool = False
@@ -63,6 +68,13 @@ class RouterOptions:
         require(self.balance_coef >= 0, f"router.balance_coef must be >= 0, got {self.balance_coef}")
         require(self.init_std >= 0, f"router.init_std must be >= 0, got {self.init_std}")
         require(0.0 <= self.dropout < 1.0, f"router.dropout must be in [0, 1), got {self.dropout}")
+        if self.preset == "lora_flow":
+            require(
+                self.granularity == "layer" and self.top_k is None and self.balance_coef == 0.0,
+                "router.preset lora_flow is soft per-layer gates without a balancing loss: set "
+                f"router.granularity: layer, top_k: null, balance_coef: 0 (got {self.granularity}, "
+                f"{self.top_k}, {self.balance_coef}), or train with `lorasoup moe train --flow`",
+            )
 
 
 @dataclass

@@ -60,12 +60,15 @@ def merge(
     list_methods: Annotated[bool, typer.Option("--list", help="List the merge methods and exit.")] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Merge LoRA adapters into one plain PEFT adapter: linear, svd, ties, dare_*, magnitude_prune.
+    """Merge LoRA adapters into one plain PEFT adapter: linear, svd, ties, dare_*, core_*, tsv, ...
 
     The ΔW-space methods are exact task arithmetic (linear, svd) or act on each module's update as
     their papers define (ties, dare_linear, dare_ties, magnitude_prune), re-extracting a low-rank
-    adapter and reporting the discarded energy. `*_factor` methods reproduce PEFT's
-    add_weighted_adapter, which merges A and B separately (cross terms included).
+    adapter and reporting the discarded energy. core_* merge small cores in shared bases and tsv
+    whitens task singular vectors, never dense. layer_swap gives each layer one adapter whole (rule in
+    a `layer_swap:` section, e.g. --set layer_swap.first=2 --set layer_swap.edges=math --set
+    layer_swap.rest=code). `*_factor` methods reproduce PEFT's add_weighted_adapter, which merges A and
+    B separately (cross terms included).
     """
     from lorasoup.merging import MERGE_METHODS
     from lorasoup.merging.config import MergeRunConfig

@@ -52,19 +52,32 @@ def train(
     resume_from: Annotated[
         str | None, typer.Option(help="A checkpoint directory (OUTPUT.checkpoints/step-N).")
     ] = None,
+    flow: Annotated[
+        bool,
+        typer.Option(
+            "--flow",
+            help="LoRA-Flow gates (Wang et al. 2024): soft per-layer gates, no balancing loss "
+            "(router.preset=lora_flow, granularity=layer, balance_coef=0).",
+        ),
+    ] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train per-token routers over frozen skill LoRAs (the default: `lorasoup moe CONFIG.yaml`).
 
     Loss: the LM loss plus router.balance_coef x the Switch Transformer load-balancing loss. Writes
-    OUTPUT/ atomically: moe_config.json, router.safetensors, adapters/ (copies) and run.json.
+    OUTPUT/ atomically: moe_config.json, router.safetensors, adapters/ (copies) and run.json. With
+    --flow, LoRA-Flow's gates, usually trained on a few hundred target examples (data.train); then
+    `lorasoup moe distill` turns them into static CAT weights and a plain PEFT adapter.
     """
     from lorasoup.moe.config import MoeRunConfig
     from lorasoup.moe.run import run_moe
 
-    flags = {"output": output, "resume_from": resume_from, "overwrite": only_if(overwrite)}
+    flags: dict[str, Any] = {"output": output, "resume_from": resume_from, "overwrite": only_if(overwrite)}
+    if flow:
+        flags |= {"router.preset": "lora_flow", "router.granularity": "layer", "router.balance_coef": 0.0}
     run_config = load_run_config(MoeRunConfig, config, set_, flags)
-    with step_progress(console, "training MoE routers") as progress:
+    what = "LoRA-Flow gates" if run_config.router.preset == "lora_flow" else "MoE routers"
+    with step_progress(console, f"training {what}") as progress:
         result = run_moe(run_config, progress=progress)
     print_moe_result(console, result)
 

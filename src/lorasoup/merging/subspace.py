@@ -1,0 +1,62 @@
+"""Orthonormal bases of thin matrices and exact SVDs of low-rank products, without densifying.
+
+Pure tensor functions shared by the core-space merges (``merging.core_space``) and TSV-Merge
+(``merging.tsv``). Everything works in float64 (the matrices are thin: ``(n, R)`` with ``R`` a sum
+of LoRA ranks) and returns float64 on the input's device; the small ``R × R`` SVDs run on the CPU
+whatever the device, as ``lorasoup.lowrank.recompress`` does. Cost ``O(n·R²)``; no ``n × n`` or
+``out × in`` tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lorasoup.lowrank import thin_qr
+
+
+def thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a tall or wide ``X (n, m)``: ``U (n, p)``, ``S (p,)``, ``Vh (p, m)``, ``p = min(n, m)``.
+
+    Through a thin QR of the tall side (``lowrank.thin_qr``: CholeskyQR2 on a GPU, Householder on a
+    CPU) and the SVD of its small triangular factor, so the large dimension is only ever multiplied,
+    never decomposed densely. ``S`` is in descending order.
+    """
+    work = X.double()
+    if work.shape[0] < work.shape[1]:  # wide: the SVD of Xᵀ, transposed back
+        V, S, Uh = thin_svd(work.T)
+        return Uh.T, S, V.T
+    Q, R = thin_qr(work)  # (n, p), (p, m)
+    u, S, Vh = torch.linalg.svd(R.cpu(), full_matrices=False)  # (p, p), (p,), (p, m)
+    return Q @ u.to(work.device), S.to(work.device), Vh.to(work.device)
+
+
+def column_basis(X: Tensor) -> Tensor:
+    """``U (n, p)``: the left singular vectors of ``X (n, m)``, an orthonormal basis holding its columns."""
+    return thin_svd(X)[0]
+
+
+def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact thin SVD of ``B @ A`` from the factors: ``B (out, r)``, ``A (r, in)`` →
+    ``U (out, p)``, ``S (p,)``, ``V (in, p)`` with ``B A = U diag(S) Vᵀ``, ``p = min(out, in, r)``.
+
+    Thin QR of ``B`` and ``Aᵀ``, then the SVD of the ``r × r`` core ``R_B R_Aᵀ``. (``V``, not ``Vᵀ``:
+    the TSV merge concatenates right singular vectors as columns.)
+    """
+    Q_b, R_b = thin_qr(B)  # (out, p_b), (p_b, r)
+    Q_a, R_a = thin_qr(A.T)  # (in, p_a), (p_a, r)
+    u, S, vh = torch.linalg.svd((R_b @ R_a.T).cpu(), full_matrices=False)  # (p_b, p), (p,), (p, p_a)
+    device = Q_b.device
+    return Q_b @ u.to(device), S.to(device), Q_a @ vh.T.to(device)
+
+
+def polar_factor(X: Tensor) -> Tensor:
+    """The orthogonal polar factor of ``X (n, m)``: ``P Qᵀ`` where ``X = P Σ Qᵀ`` (thin SVD).
+
+    It is the matrix with orthonormal columns (rows, if ``m > n``) nearest to ``X`` in Frobenius norm
+    (the orthogonal Procrustes solution), TSV-Merge's "whitening" of concatenated singular vectors.
+    Equivariant: ``polar_factor(U X) = U polar_factor(X)`` for any ``U`` with orthonormal columns,
+    which is why TSV gives the same update in core space as on ``ΔW``.
+    """
+    P, _, Qh = thin_svd(X)
+    return P @ Qh

@@ -87,7 +87,8 @@ def one_line(err: Exception) -> str:
     ("change", "expected"),
     [
         (lambda c: c.update(use_dora=True), "DoRA"),
-        (lambda c: c.update(bias="all"), "bias"),
+        (lambda c: c.update(bias="all"), "bias='all'"),
+        (lambda c: c.update(bias="none", lora_bias=True), "trained LoRA biases (lora_bias=True)"),
         (lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
         (lambda c: c.update(peft_type="IA3"), "IA3"),
     ],

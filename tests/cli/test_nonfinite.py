@@ -4,7 +4,6 @@ code 2, nothing written."""
 import json
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -30,7 +29,7 @@ def poison(adapter_dir, value=float("nan")):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_load_adapter_refuses_non_finite_factors(make_lora, value):
     bad = poison(make_lora("bad"), value)
-    with pytest.raises(AdapterError, match="non-finite value.*lora_B"):
+    with pytest.raises(AdapterError, match=r"non-finite value.*lora_B"):
         load_adapter(bad)
 
 
@@ -56,7 +55,17 @@ def setup(make_lora, llama_dir, tmp_path):
 
 COMMANDS = {
     "inspect": lambda good, bad, tmp: ["inspect", str(good), str(bad)],
-    "merge": lambda good, bad, tmp: ["merge", "--method", "linear", "-a", str(good), "-a", str(bad), "--output", str(tmp / "out")],
+    "merge": lambda good, bad, tmp: [
+        "merge",
+        "--method",
+        "linear",
+        "-a",
+        str(good),
+        "-a",
+        str(bad),
+        "--output",
+        str(tmp / "out"),
+    ],
     "compress": lambda good, bad, tmp: ["compress", str(bad), "--rank", "2", "--output", str(tmp / "out")],
     "cat": lambda good, bad, tmp: ["cat", str(tmp / "cat.yaml")],
     "moe": lambda good, bad, tmp: ["moe", str(tmp / "moe.yaml")],

@@ -161,7 +161,9 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     adapters = load_adapters(config.adapters)
-    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report = check_compatibility(
+        adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
+    )
     report.raise_if_incompatible()
     spec = parse_model_spec(config.base_model)
     tokenizer = load_tokenizer(spec)

@@ -10,9 +10,9 @@ plain, flushed line per stage instead of redrawing a bar that a log would only s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import datetime
 import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,6 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -94,7 +93,9 @@ class PlainBar:
         if not self.updated:
             return
         value = self.fields.get(self.readout.name) if self.readout else None
-        shown = f" {self.readout.name} {value:{self.readout.spec}}" if self.readout and value is not None else ""
+        shown = (
+            f" {self.readout.name} {value:{self.readout.spec}}" if self.readout and value is not None else ""
+        )
         self._line(f"{self.description}: {self.completed}/{self.total}{shown}")
 
 

@@ -43,9 +43,12 @@ def save_peft_adapter(
     """Write ``factors`` (module path → ``LoraFactors`` of ``A (r, in)``, ``B (out, r)``, all of one rank
     and at scale 1) as a PEFT adapter with ``lora_alpha = r``.
 
-    ``out_dir`` must exist; the caller owns atomicity (see ``lorasoup.artifacts``).
+    ``out_dir`` must exist; the caller owns atomicity (see ``lorasoup.artifacts``). ``base_model`` is
+    recorded by its canonical name (``models.canonical_model_name``: an alias becomes its hub id).
     """
     from peft import LoraConfig
+
+    from lorasoup.models import canonical_model_name
 
     ranks = {f.rank for f in factors.values()}
     if len(ranks) != 1:
@@ -61,7 +64,7 @@ def save_peft_adapter(
         bias="none",
         target_modules=target_modules_for(list(factors), model),
         fan_in_fan_out=fan_in_fan_out,
-        base_model_name_or_path=base_model,
+        base_model_name_or_path=canonical_model_name(base_model),
         task_type="CAUSAL_LM",
     )
     config.save_pretrained(str(out_dir))

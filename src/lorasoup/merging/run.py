@@ -129,7 +129,9 @@ def run_merge(config: MergeRunConfig, *, progress: ModuleProgress | None = None)
     clock = time.perf_counter()
     timings: dict[str, float] = {}
     adapters = load_adapters(config.adapters)
-    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report = check_compatibility(
+        adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
+    )
     report.raise_if_incompatible()
     method = MERGE_METHODS.get(config.method)
     timings["load"] = time.perf_counter() - clock

@@ -223,6 +223,19 @@ def load_skeleton(spec: ModelSpec) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
+def count_model_parameters(model: torch.nn.Module) -> int:
+    """The model's own parameters: those lorasoup injected (CAT's θ, MoE routers, held directly by
+    ``lorasoup.*`` modules that wrap the base layers) are left out. ``parameters()`` yields a tied
+    embedding once, so this counts distinct weights."""
+    injected = {
+        id(parameter)
+        for module in model.modules()
+        if type(module).__module__.startswith("lorasoup.")
+        for parameter in module.parameters(recurse=False)
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in injected)
+
+
 def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
     """The facts that identify a base model's shape, for reports, run.json and compatibility checks."""
     config = model.config.get_text_config()
@@ -232,8 +245,7 @@ def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "vocab_size": getattr(config, "vocab_size", None),
-        # parameters() yields a tied embedding once, so this counts distinct weights.
-        "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "num_parameters": count_model_parameters(model),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lorasoup.artifacts import write_bytes_atomic
 from lorasoup.demo.benchmark import Benchmark
 from lorasoup.errors import DataError
 
@@ -46,7 +45,7 @@ def write_benchmarks(
     sources: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``benchmarks`` (seed → benchmark) to ``path`` through a temporary file and
-    ``os.replace``, so a reader never sees half a file."""
+    an atomic replace (``lorasoup.artifacts``), so a reader never sees half a file."""
     path = Path(path)
     payload = {
         "format": FORMAT,
@@ -64,15 +63,7 @@ def write_benchmarks(
     data = text.encode("utf-8")
     if _gzipped(path):
         data = gzip.compress(data, compresslevel=6, mtime=0)  # mtime 0: same data, same bytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
     return path
 
 

@@ -10,9 +10,6 @@ are listed as missing, so a report written after part of the ladder (``--only``)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,25 +217,17 @@ def _series(data: dict[str, Any]) -> list[dict[str, list[tuple[float, float, flo
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from lorasoup.artifacts import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _atomic_png(path: Path, draw: Any) -> Path:
     """Draw into a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{time.monotonic_ns()}.png")
-    try:
+    from lorasoup.artifacts import atomic_file
+
+    with atomic_file(path, suffix=".png") as tmp:
         draw(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorasoup.artifacts import (
+    atomic_file,
     inputs_fingerprint,
     require_free_output,
     run_record,
@@ -362,10 +363,8 @@ def _finalise(
     model_facts: dict[str, Any],
 ) -> None:
     """Write the final files into ``work`` and rename it to ``output`` (replacing it if allowed)."""
-    tmp = work / (EXAMPLES_FILE + ".sorted")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_file(work / EXAMPLES_FILE) as tmp, tmp.open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(to_jsonable(r.to_json()), ensure_ascii=False) + "\n" for r in results)
-    os.replace(tmp, work / EXAMPLES_FILE)
     write_json_atomic(work / "summary.json", {"task": task.name, **summary})
     report = markdown_report(
         task.name, summary, model=config.model, adapter=config.adapter, throughput=throughput

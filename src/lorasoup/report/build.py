@@ -85,7 +85,7 @@ def build_report(
     sweep_inputs: Mapping[str, SweepProvider] | None = None,
 ) -> ReportResult:
     """Read ``config.runs``, compute the diagnostics and write the report (see the module doc)."""
-    from lorasoup.artifacts import atomic_output_dir, require_free_output, run_record, write_json_atomic
+    from lorasoup.artifacts import atomic_output_dir, require_free_output, write_json_atomic
     from lorasoup.report.markdown import markdown_to_html
 
     config.validate()
@@ -136,19 +136,33 @@ def build_report(
         (staging / "report.html").write_text(html, encoding="utf-8")
         write_json_atomic(staging / "diagnostics.json", numbers)
         seconds = time.perf_counter() - started
-        write_json_atomic(
-            staging / "run.json",
-            run_record(
-                command="report",
-                config=config,
-                seed=config.seed,
-                timings={**timings, "total": seconds},
-                runs=[{"path": str(r.path), "kind": r.kind, "label": r.label} for r in every],
-                sections=sections,
-                images=sorted(page.images),
-            ),
-        )
+        timings["total"] = seconds
+        _write_run_json(staging, config, timings, every, sections, page)
     return ReportResult(output=output, runs=runs, sections=sections, seconds=seconds)
+
+
+def _write_run_json(
+    staging: Path,
+    config: ReportConfig,
+    timings: dict[str, float],
+    every: list[Run],
+    sections: list[str],
+    page: Page,
+) -> None:
+    from lorasoup.artifacts import run_record, write_json_atomic
+
+    write_json_atomic(
+        staging / "run.json",
+        run_record(
+            command="report",
+            config=config,
+            seed=config.seed,
+            timings=timings,
+            runs=[{"path": str(r.path), "kind": r.kind, "label": r.label} for r in every],
+            sections=sections,
+            images=sorted(page.images),
+        ),
+    )
 
 
 def _check_sweep(

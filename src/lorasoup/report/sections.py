@@ -73,9 +73,43 @@ def cat_weights_section(page: Page, cat_runs: Sequence[Run]) -> dict[str, Any]:
 # --- principal angles ---------------------------------------------------------------------------
 
 
+ANGLE_COLUMNS = [
+    "module",
+    "B: mean angle",
+    "B: smallest",
+    "B: random",
+    "A: mean angle",
+    "A: smallest",
+    "A: random",
+]
+
+
+def _angle_rows(
+    skills: SkillSet, first: str, second: str, modules: dict[str, Any], generator: torch.Generator
+) -> list[list[Any]]:
+    """One row per module kind: mean and smallest angles on each side, and the random baseline."""
+    from lorasoup.diagnostics import random_subspace_angles
+
+    rows = []
+    for kind, paths in paths_by_kind(modules).items():
+        out_dim, in_dim, r1, r2 = skills_factors(skills.adapters, first, second, paths[0])
+        rows.append(
+            [
+                kind,
+                deg(mean([modules[p].column_mean for p in paths])),
+                deg(mean([modules[p].column_min for p in paths])),
+                deg(random_subspace_angles(out_dim, r1, r2, generator)),
+                deg(mean([modules[p].row_mean for p in paths])),
+                deg(mean([modules[p].row_min for p in paths])),
+                deg(random_subspace_angles(in_dim, r1, r2, generator)),
+            ]
+        )
+    return rows
+
+
 def angles_section(page: Page, skill_sets: Sequence[SkillSet], *, seed: int = 0) -> dict[str, Any]:
     """Mean principal angle per module between every pair of skills, output (B) and input (A) sides."""
-    from lorasoup.diagnostics import adapter_angles, random_subspace_angles
+    from lorasoup.diagnostics import adapter_angles
 
     page.add(
         f"## {ANGLES}",
@@ -107,33 +141,8 @@ def angles_section(page: Page, skill_sets: Sequence[SkillSet], *, seed: int = 0)
                     cmap="magma",
                 ),
             )
-            rows = []
-            for kind, paths in paths_by_kind(modules).items():
-                out_dim, in_dim, r1, r2 = skills_factors(skills.adapters, first, second, paths[0])
-                rows.append(
-                    [
-                        kind,
-                        deg(mean([modules[p].column_mean for p in paths])),
-                        deg(mean([modules[p].column_min for p in paths])),
-                        deg(random_subspace_angles(out_dim, r1, r2, generator)),
-                        deg(mean([modules[p].row_mean for p in paths])),
-                        deg(mean([modules[p].row_min for p in paths])),
-                        deg(random_subspace_angles(in_dim, r1, r2, generator)),
-                    ]
-                )
             page.add(f"{pair}, mean over layers:")
-            page.table(
-                [
-                    "module",
-                    "B: mean angle",
-                    "B: smallest",
-                    "B: random",
-                    "A: mean angle",
-                    "A: smallest",
-                    "A: random",
-                ],
-                rows,
-            )
+            page.table(ANGLE_COLUMNS, _angle_rows(skills, first, second, modules, generator))
             numbers[f"{skills.label}: {pair}"] = {
                 p: {"column": a.column.tolist(), "row": a.row.tolist()} for p, a in modules.items()
             }

@@ -270,6 +270,17 @@ class FormatReport:
     draw: str = "fixed per example; seeded balanced deal (counts differ by at most one)"
 
 
+def _deal(checked: Sequence[Mapping[str, Any]], pool_size: int, seed: int, name: str) -> dict[int, int]:
+    """``{record index: format index}`` for the instruction records (raw text takes no format)."""
+    rows = [i for i, record in enumerate(checked) if "instruction" in record]
+    if len(rows) < pool_size:
+        raise DataError(
+            f"{name}: {len(rows)} instruction records cannot cover {pool_size} formats; "
+            "add data or list fewer formats"
+        )
+    return dict(zip(rows, deal_formats(len(rows), pool_size, seed), strict=True))
+
+
 def build_format_dataset(
     records: Sequence[Mapping[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
@@ -298,13 +309,7 @@ def build_format_dataset(
     renderers = [spec.template() for spec in formats]
     pool = [spec.name for spec in formats]
     checked = [check_record(r, f"{name}, row {i}", allow_text=True) for i, r in enumerate(records, 1)]
-    rows = [i for i, record in enumerate(checked) if "instruction" in record]
-    if len(rows) < len(pool):
-        raise DataError(
-            f"{name}: {len(rows)} instruction records cannot cover {len(pool)} formats; "
-            "add data or list fewer formats"
-        )
-    dealt = dict(zip(rows, deal_formats(len(rows), len(pool), seed), strict=True))
+    dealt = _deal(checked, len(pool), seed, name)
     report = FormatReport(
         pool=pool, seed=seed, examples=dict.fromkeys(pool, 0), dropped=dict.fromkeys(pool, 0)
     )

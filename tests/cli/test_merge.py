@@ -63,7 +63,8 @@ def test_merge_without_merged_weights_never_touches_the_base_model(make_lora, tm
     result = runner.invoke(app, [*args, "--output", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     config = load_adapter(tmp_path / "out").peft_config
-    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["base_model_name_or_path"] == missing
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == missing
 
     def no_merge(*args, **kwargs):
         raise AssertionError("the merge ran before the base model was checked")

@@ -131,11 +131,11 @@ def bar(
 
 
 class _PlainStatus:
-    """``console.status`` for output that is not a terminal: each text is one plain, flushed line."""
+    """``console.status`` for output that is not a terminal: each ``update`` is one plain, flushed line
+    (the opening description is not printed, so an error before any work stands alone)."""
 
     def __init__(self, console: Console, description: str):
         self.console = console
-        self.update(description)
 
     def update(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)

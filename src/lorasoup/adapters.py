@@ -170,8 +170,10 @@ def _check_supported(config: dict[str, Any], where: Path) -> None:
     problems = []
     if config.get("use_dora"):
         problems.append("DoRA (use_dora=True)")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    if config.get("bias", "none") != "none":
         problems.append(f"trained biases (bias={config.get('bias')!r})")
+    if config.get("lora_bias"):
+        problems.append("trained LoRA biases (lora_bias=True)")
     if config.get("modules_to_save"):
         problems.append(f"fully trained modules (modules_to_save={config['modules_to_save']})")
     if config.get("trainable_token_indices"):
@@ -225,11 +227,23 @@ def _pair_factors(weights: dict[str, Tensor], where: Path) -> dict[str, dict[str
     return pairs
 
 
+def _check_finite(A: Tensor, B: Tensor, module: str, where: Path) -> None:
+    """Refuse NaN / inf factors: composed, they poison every weight they touch, silently."""
+    for which, tensor in (("lora_A", A), ("lora_B", B)):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise AdapterError(
+                f"{where}: module {module!r} has {bad} non-finite value(s) (NaN or inf) in {which}; "
+                "the adapter is corrupt: re-train or re-export it"
+            )
+
+
 def load_adapter(source: str | Path, name: str | None = None, revision: str | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter into per-module ``LoraFactors``.
 
     Raises ``AdapterError`` (one line) for a missing or corrupt file, inconsistent shapes, or a feature
-    lorasoup cannot compose yet (DoRA, trained biases, ``modules_to_save``, embedding LoRA).
+    lorasoup cannot compose yet (DoRA, trained biases, ``modules_to_save``, embedding LoRA), and for
+    non-finite (NaN / inf) factors.
     """
     directory = resolve_adapter_dir(source, revision)
     config = _read_config(directory)
@@ -253,6 +267,7 @@ def load_adapter(source: str | Path, name: str | None = None, revision: str | No
                 f"{directory}: module {module!r} has mismatched shapes lora_A {tuple(A.shape)} and "
                 f"lora_B {tuple(B.shape)}; expected (r, in) and (out, r)"
             )
+        _check_finite(A, B, module, directory)
         rank = A.shape[0]
         declared = _pattern_value(config.get("rank_pattern") or {}, module, default_r)
         if declared != rank:
@@ -273,6 +288,23 @@ def load_adapter(source: str | Path, name: str | None = None, revision: str | No
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         peft_config=config,
     )
+
+
+def check_finite_weights(source: str | Path, revision: str | None = None) -> Path:
+    """The adapter's directory, after checking every tensor in its weights file is finite.
+
+    For code that hands the adapter to PEFT itself (evaluation) rather than reading it with
+    ``load_adapter``: the same one-line refusal of NaN / inf weights, whatever the adapter's features.
+    """
+    directory = resolve_adapter_dir(source, revision)
+    for key, tensor in _read_weights(directory).items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            raise AdapterError(
+                f"{directory}: tensor {key!r} has {bad} non-finite value(s) (NaN or inf); "
+                "the adapter is corrupt: re-train or re-export it"
+            )
+    return directory
 
 
 class AdapterSource(Protocol):

@@ -38,7 +38,10 @@ def require_free_output(destination: Path, *, overwrite: bool) -> None:
 def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes ``destination`` if the block succeeds.
 
-    On any exception the temporary directory is removed and ``destination`` is left as it was.
+    On any exception the temporary directory is removed and ``destination`` is left as it was. Before
+    the rename, paths into the staging directory that its text artifacts record (a demo adapter's base
+    model trained in it, ``results.json``'s artifact fields) are rewritten to ``destination``
+    (:func:`relocate_paths`), so nothing written names a folder that no longer exists.
     """
     destination = Path(destination)
     require_free_output(destination, overwrite=overwrite)
@@ -50,6 +53,27 @@ def atomic_output_dir(destination: str | Path, *, overwrite: bool = False) -> It
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+RELOCATED_SUFFIXES = (".json", ".yaml", ".md", ".html", ".txt")
+"""The text artifacts that may name their own folder (configs, records, reports); weights and
+per-example logs never do and are not read."""
+
+
+def relocate_paths(staging: Path, destination: Path) -> None:
+    """Rewrite the staging folder's path (as written, and absolute) to ``destination`` in the text
+    artifacts under ``staging``. The staging name (``.NAME.tmp-XXXX``, or a resumable run's
+    ``.NAME.partial``) is unique, so a plain text replacement cannot touch anything else."""
+    pairs = [(str(staging.resolve()), str(destination.resolve())), (str(staging), str(destination))]
+    for path in staging.rglob("*"):
+        if path.suffix not in RELOCATED_SUFFIXES or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        if staging.name not in text:
+            continue
+        for old, new in pairs:
+            text = text.replace(old, new)
+        path.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 @contextmanager
@@ -81,7 +105,9 @@ def resumable_output_dir(
 
 
 def _move_into_place(folder: Path, destination: Path) -> None:
-    """Rename a finished ``folder`` to ``destination``, replacing an older one only once it is whole."""
+    """Rename a finished ``folder`` to ``destination`` (its recorded paths relocated first), replacing
+    an older one only once it is whole."""
+    relocate_paths(folder, destination)
     if destination.exists():
         old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
         destination.rename(old)

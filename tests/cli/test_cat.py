@@ -55,6 +55,10 @@ def test_cat_command_writes_a_complete_artifact(make_lora, llama_dir, tmp_path, 
     assert run["training"]["steps"] == 4 and len(run["training"]["losses"]) == 4
     assert run["weight_movement"]["theta_max_abs_change"] > 0
     assert run["versions"]["torch"] == torch.__version__
+    from transformers import AutoModelForCausalLM  # the model's own parameters, not CAT's θ (issue 20)
+
+    own = AutoModelForCausalLM.from_pretrained(llama_dir).num_parameters()
+    assert run["base_model"]["num_parameters"] == own
     assert run["export"] == {"rank": 8, "concatenated_rank": 6, "merged": True, "recompression": None}
     weights = json.loads((out / "cat_weights.json").read_text())
     assert weights["adapters"] == ["math", "b"] and len(weights["weights"]) == 10
@@ -83,6 +87,22 @@ def test_cat_export_rank_is_the_exact_truncation_of_the_full_export(
         assert torch.allclose(small.modules[path].delta().double(), best, atol=1e-5), path
     facts = json.loads((tmp_path / "out" / "run.json").read_text())["export"]["recompression"]
     assert set(facts) == set(exact.modules) and all(0 < f["discarded_energy"] < 1 for f in facts.values())
+    assert "recompressed from the concatenated rank 6 to rank 3 (export.rank = 3)" in " ".join(
+        result.output.split()
+    )
+
+    # issue 20: asking for more than ΣR exports the exact concatenation, says so, and re-extracts nothing
+    result = runner.invoke(
+        app, ["cat", str(config), "--set", "export.rank=32", "--output", str(tmp_path / "big")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "export.rank = 32 is at least the concatenated rank 6" in " ".join(result.output.split())
+    run = json.loads((tmp_path / "big" / "run.json").read_text())
+    assert run["export"]["recompression"] is None and load_adapter(tmp_path / "big").peft_config["r"] == 6
+    for path, factors in exact.modules.items():
+        assert torch.allclose(
+            load_adapter(tmp_path / "big").modules[path].delta(), factors.delta(), atol=1e-6
+        )
 
 
 def bad_input_cases(tmp_path, a, data_file):

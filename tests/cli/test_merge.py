@@ -39,3 +39,46 @@ def test_weighted_adapter_reads_a_weight_after_the_last_colon():
     assert weighted_adapter("runs/math:0.7") == {"path": "runs/math", "weight": 0.7}
     assert weighted_adapter("org/adapter:main") == {"path": "org/adapter:main"}
     assert weighted_adapter("runs/math") == {"path": "runs/math"}
+
+
+def test_merge_without_merged_weights_never_touches_the_base_model(make_lora, tmp_path, monkeypatch):
+    """Issue 20 (7): offline, with a hub id that is nowhere on disk, `merge: false` works (target_modules
+    from the adapters) and `--merge` fails first, in one line, before any work and with nothing written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a, b = make_lora("a", seed=1, targets=["q_proj", "v_proj"]), make_lora("b", seed=2, targets=["q_proj"])
+    missing = "nobody-xyz/no-such-model-20"
+    args = [
+        "merge",
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "-a",
+        str(a),
+        "-a",
+        str(b),
+        "--base-model",
+        missing,
+    ]
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    config = load_adapter(tmp_path / "out").peft_config
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == missing
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the merge ran before the base model was checked")
+
+    monkeypatch.setattr("lorasoup.merging.run.merge_adapters", no_merge)
+    result = runner.invoke(app, [*args, "--merge", "--output", str(tmp_path / "merged")])
+    assert result.exit_code == 2 and missing in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "merged").exists()
+
+
+def test_compress_with_merge_checks_the_base_first(make_lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = make_lora("wide", r=8, seed=5)
+    monkeypatch.setattr("lorasoup.merging.run.load_adapter", lambda *a, **k: 1 / 0)
+    args = ["compress", str(source), "--rank", "2", "--merge", "--base-model", "nobody-xyz/no-such-model-20"]
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no-such-model-20" in result.output, result.output

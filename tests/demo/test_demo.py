@@ -87,6 +87,10 @@ def test_reduced_demo_writes_every_artifact(demo_run: tuple[Path, str]) -> None:
         assert (folder / "cat" / "adapter_config.json").is_file()
         assert (folder / "adapters" / "datamix" / "run.json").is_file()
         assert (folder / "merges" / "ties" / "merge_report.json").is_file()
+        # issue 20: the adapters name the final base folder, not the staging one
+        declared = json.loads((folder / "adapters" / "math" / "adapter_config.json").read_text())
+        assert declared["base_model_name_or_path"] == str((folder / "base").resolve())
+    assert ".tmp-" not in (out / "results.json").read_text()
 
 
 def test_reduced_demo_numbers_agree_with_the_per_example_files(demo_run: tuple[Path, str]) -> None:

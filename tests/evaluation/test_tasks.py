@@ -2,6 +2,7 @@
 (GSM-Hard programs run in the real sandbox)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,16 @@ from lorasoup.evaluation.tasks import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "lora-soups"
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "lora-soups" / "data"
+# The full LoRA Soups test files (github.com/aksh555/LoRA-Soups, data/): inside the repository at
+# shared/data/lora-soups/data (a link is enough), or wherever LORASOUP_LORA_SOUPS_DATA points.
+SHARED_IN_REPO = Path("shared") / "data" / "lora-soups" / "data"
+SHARED = Path(
+    os.environ.get("LORASOUP_LORA_SOUPS_DATA") or Path(__file__).resolve().parents[2] / SHARED_IN_REPO
+)
+SHARED_MISSING = (
+    f"the full LoRA Soups data is not at {SHARED_IN_REPO} in the repository: link the data/ folder of "
+    "github.com/aksh555/LoRA-Soups there, or set LORASOUP_LORA_SOUPS_DATA"
+)
 
 
 def prepared(name, data=(FIXTURES,), **kwargs):
@@ -315,7 +325,7 @@ def test_a_returned_string_with_commas_is_not_a_number():
     assert "returned the string '-9,867,630', not a number" in scored[0].detail
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared LoRA Soups data is not at {SHARED}")
+@pytest.mark.skipif(not SHARED.is_dir(), reason=SHARED_MISSING)
 def test_shared_test_files_load():
     counts = {}
     for name in ("gsm-hard", "qa", "rc", "prompt-formats"):

@@ -163,6 +163,8 @@ def test_bad_run_dirs_are_one_line_errors(demo_dir: Path, tmp_path: Path) -> Non
     assert "cat_weights.json" in one_line_error([str(broken), "--output", out])
     moved = tmp_path / "moved" / "deeper" / "cat"
     shutil.copytree(demo_dir / "seed-0" / "cat", moved)  # its skills are no longer beside it
+    record = moved / "run.json"  # and the folder its run.json names is gone (copied from elsewhere)
+    record.write_text(record.read_text().replace(str(demo_dir.resolve()), str(tmp_path / "gone")))
     assert "--adapters" in one_line_error([str(moved), "--output", out])
     no_task = one_line_error([str(demo_dir / "seed-0" / "cat"), "--rank-sweep", "2", "--output", out])
     assert "--task" in no_task

@@ -140,7 +140,9 @@ def compose_cat(
         raise CompatibilityError("CAT needs at least one adapter")
     if hasattr(model, WEIGHTS_ATTR):
         raise CompatibilityError("this model already holds CAT layers; load a fresh base model")
-    check_compatibility(adapters, allow_base_mismatch=allow_base_mismatch).raise_if_incompatible()
+    check_compatibility(
+        adapters, allow_base_mismatch=allow_base_mismatch, mismatch_hint="allow_base_mismatch=True"
+    ).raise_if_incompatible()
     paths = sorted({p for a in adapters for p in a.modules})
     reference = next(model.parameters())
     device, dtype = reference.device, reference.dtype

@@ -113,8 +113,9 @@ def _export_factors(
 ) -> tuple[dict[str, LoraFactors], int, dict[str, dict[str, Any]] | None]:
     """Folded float32 factors, their common rank, and per-module recompression facts (or None)."""
     folded = fold_composition(composition, dtype=torch.float32)
-    if export.rank is None:
-        return folded, next(iter(folded.values())).rank, None
+    concatenated = max(f.rank for f in folded.values())  # ΣR: folding keeps every adapter's rows
+    if export.rank is None or export.rank >= concatenated:  # exact already, at no more than asked
+        return folded, concatenated, None
     folded, facts = recompress_modules(folded, rank=export.rank)
     rank = max(f.rank for f in folded.values())
     return {path: pad_factors(f, rank) for path, f in folded.items()}, rank, facts
@@ -141,11 +142,17 @@ def export_factors(composition: CatComposition, export: ExportOptions) -> Export
         except ValueError as err:
             raise LorasoupError(f"export.rank_bucket=vllm: {err}; set export.rank to 512 or less") from None
         notices.append(f"rank padded with zero rows from {largest} to vLLM bucket {rank} (exact)")
+    concatenated = max(sum(site.ranks) for site in composition.sites)
     if recompression is not None:
         worst = max(f["discarded_energy"] for f in recompression.values())
         notices.append(
-            f"recompressed to rank {largest} (export.rank); the largest loss is {worst:.2%} "
-            "of a module's ‖ΔW‖²"
+            f"recompressed from the concatenated rank {concatenated} to rank {largest} "
+            f"(export.rank = {export.rank}); the largest loss is {worst:.2%} of a module's ‖ΔW‖²"
+        )
+    elif export.rank is not None:
+        notices.append(
+            f"export.rank = {export.rank} is at least the concatenated rank {concatenated}: exported "
+            f"exactly at rank {concatenated}, not recompressed"
         )
     folded = {path: pad_factors(f, rank, DTYPES[export.dtype]) for path, f in folded.items()}
     return ExportedFactors(folded, rank, recompression, notices)
@@ -161,7 +168,9 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     adapters = load_adapters(config.adapters)
-    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report = check_compatibility(
+        adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
+    )
     report.raise_if_incompatible()
     spec = parse_model_spec(config.base_model)
     tokenizer = load_tokenizer(spec)

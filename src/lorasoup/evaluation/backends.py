@@ -31,23 +31,25 @@ BACKENDS: Registry[Backend] = Registry("evaluation backend")
 
 
 def adapter_dir(source: str) -> Path:
-    from lorasoup.adapters import resolve_adapter_dir
+    """The adapter's local directory, its weights checked finite (NaN / inf are refused in one line)."""
+    from lorasoup.adapters import check_finite_weights
 
-    return resolve_adapter_dir(source)
+    return check_finite_weights(source)
 
 
 def load_peft_model(config: EvalRunConfig, model_spec: ModelSpec) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The base model (+ the config's PEFT adapter) on the config's device, in eval mode, and its facts."""
     from lorasoup.models import load_base_model, model_fingerprint
 
+    local_adapter = adapter_dir(config.adapter) if config.adapter else None  # checked before the model loads
     device = default_device(config.device)
     model = load_base_model(model_spec, dtype=DTYPES[config.dtype], device=device)
     facts = {"backend": config.backend, "device": device, **model_fingerprint(model)}
-    if config.adapter:
+    if local_adapter is not None:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(adapter_dir(config.adapter)), is_trainable=False)
+            model = PeftModel.from_pretrained(model, str(local_adapter), is_trainable=False)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             first = " ".join(str(exc).split())[:240]
             raise AdapterError(

@@ -196,6 +196,10 @@ def evaluate(config: EvalRunConfig, progress: ProgressHook | None = None) -> Eva
     if config.backend == "cudagraph" and settings.do_sample:  # before minutes of model loading
         raise ConfigError("backend 'cudagraph' decodes greedily; use backend 'hf' (--backend hf) to sample")
     examples = task.load(inputs.data, limit=config.limit)
+    if config.adapter:  # a missing or corrupt (NaN / inf) adapter fails before anything is written
+        from lorasoup.adapters import check_finite_weights
+
+        check_finite_weights(config.adapter)
     output = Path(config.output or f"runs/eval/{spec.name}")
     require_free_output(output, overwrite=config.overwrite)
     work = output.with_name(output.name + ".partial")

@@ -38,14 +38,20 @@ def save_peft_adapter(
     *,
     base_model: str | None,
     model: nn.Module | None = None,
+    target_modules: list[str] | None = None,
     fan_in_fan_out: bool = False,
 ) -> Path:
     """Write ``factors`` (module path → ``LoraFactors`` of ``A (r, in)``, ``B (out, r)``, all of one rank
     and at scale 1) as a PEFT adapter with ``lora_alpha = r``.
 
-    ``out_dir`` must exist; the caller owns atomicity (see ``lorasoup.artifacts``).
+    ``target_modules``: given by a caller that knows them without the model; else
+    :func:`target_modules_for` (full paths when ``model`` is None). ``base_model`` is recorded by its
+    canonical name (``models.canonical_model_name``: an alias becomes its hub id). ``out_dir`` must
+    exist; the caller owns atomicity (see ``lorasoup.artifacts``).
     """
     from peft import LoraConfig
+
+    from lorasoup.models import canonical_model_name
 
     ranks = {f.rank for f in factors.values()}
     if len(ranks) != 1:
@@ -59,9 +65,9 @@ def save_peft_adapter(
         lora_alpha=rank,
         lora_dropout=0.0,
         bias="none",
-        target_modules=target_modules_for(list(factors), model),
+        target_modules=target_modules or target_modules_for(list(factors), model),
         fan_in_fan_out=fan_in_fan_out,
-        base_model_name_or_path=base_model,
+        base_model_name_or_path=canonical_model_name(base_model),
         task_type="CAUSAL_LM",
     )
     config.save_pretrained(str(out_dir))

@@ -130,10 +130,13 @@ def run_merge(config: MergeRunConfig, *, progress: ModuleProgress | None = None)
     """Merge ``config.adapters`` with ``config.method`` and write the artifact directory."""
     output = Path(config.output)
     require_free_output(output, overwrite=config.overwrite)
+    check_base(config)
     clock = time.perf_counter()
     timings: dict[str, float] = {}
     adapters = load_adapters(config.adapters)
-    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report = check_compatibility(
+        adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
+    )
     report.raise_if_incompatible()
     method = MERGE_METHODS.get(config.method)
     timings["load"] = time.perf_counter() - clock
@@ -190,26 +193,33 @@ def _write_artifact(
     *,
     extra: dict[str, Any],
 ) -> int:
-    """Pad, write the PEFT adapter (+ merged weights), ``merge_report.json`` and ``run.json`` atomically."""
+    """Pad, write the PEFT adapter (+ merged weights), ``merge_report.json`` and ``run.json`` atomically.
+
+    The base model is read only to write merged weights (``merge: true``), and was checked by
+    :func:`check_base` before the work; otherwise ``target_modules`` come from the adapters.
+    """
     from lorasoup.export.peft import merge_factors_into, save_peft_adapter
-    from lorasoup.models import load_base_model, load_skeleton, load_tokenizer, parse_model_spec
+    from lorasoup.models import load_base_model, load_tokenizer, parse_model_spec
 
     clock = time.perf_counter()
     padded, rank = pad_all(factors, DTYPES[config.dtype])
     base_name = config.base_model or adapters[0].base_model
-    skeleton = None
-    if config.base_model is not None:
-        skeleton = load_skeleton(parse_model_spec(config.base_model))
     discarded = [f["discarded_energy"] for f in facts.values() if f["discarded_energy"] is not None]
     with atomic_output_dir(config.output, overwrite=config.overwrite) as staging:
-        save_peft_adapter(
-            padded, staging, base_model=base_name, model=skeleton, fan_in_fan_out=adapters[0].fan_in_fan_out
-        )
+        model = None
         if config.merge:
             spec = parse_model_spec(config.base_model)
             model = merge_factors_into(load_base_model(spec), padded)
             model.save_pretrained(staging / "merged")
             load_tokenizer(spec).save_pretrained(staging / "merged")
+        save_peft_adapter(
+            padded,
+            staging,
+            base_model=base_name,
+            model=model,
+            target_modules=None if model is not None else adapters_target_leaves(adapters, list(padded)),
+            fan_in_fan_out=adapters[0].fan_in_fan_out,
+        )
         write_json_atomic(
             staging / "merge_report.json",
             {
@@ -237,6 +247,34 @@ def _write_artifact(
         )
         write_json_atomic(staging / "run.json", record)
     return rank
+
+
+def check_base(config: Any) -> None:
+    """Before any work: a command that writes merged weights reads the base model's config now (a
+    missing path or an unreachable hub id fails first, not after the merge); one that does not never
+    touches the base model."""
+    from lorasoup.models import load_skeleton, parse_model_spec
+
+    if config.merge:
+        load_skeleton(parse_model_spec(config.base_model))
+
+
+def adapters_target_leaves(adapters: list[LoraAdapter], paths: list[str]) -> list[str] | None:
+    """``target_modules`` for ``paths`` without the base model: their leaf names when every input
+    adapter was made with leaf names applied to the whole model (PEFT then adapted every module so
+    named, so the leaves of the union select exactly the union); None (full paths) otherwise."""
+    targets: set[str] = set()
+    for adapter in adapters:
+        config = adapter.peft_config
+        names = config.get("target_modules")
+        if not isinstance(names, list) or any("." in n for n in names):
+            return None
+        if config.get("layers_to_transform") is not None or config.get("exclude_modules"):
+            return None
+        targets.update(names)
+    leaves = {p.rsplit(".", 1)[-1] for p in paths}
+    union = {p for a in adapters for p in a.modules}
+    return sorted(leaves) if leaves <= targets and set(paths) == union else None
 
 
 @dataclass
@@ -269,6 +307,7 @@ def run_compress(config: CompressConfig, *, progress: ModuleProgress | None = No
     require_free_output(output, overwrite=config.overwrite)
     if config.merge and config.base_model is None:
         raise ConfigError("--merge writes full merged weights, so --base-model must name the base model")
+    check_base(config)
     clock = time.perf_counter()
     adapter = load_adapter(config.adapter)
     scaled = {path: LoraFactors(f.A.float(), f.B.float(), f.scale) for path, f in adapter.modules.items()}

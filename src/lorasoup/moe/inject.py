@@ -224,7 +224,9 @@ def compose_moe(
     gating; ``top_k=k`` keeps k adapters per token (``lorasoup.moe.layer.route``).
     """
     _check_request(model, adapters, granularity, top_k, renormalize)
-    check_compatibility(adapters, allow_base_mismatch=allow_base_mismatch).raise_if_incompatible()
+    check_compatibility(
+        adapters, allow_base_mismatch=allow_base_mismatch, mismatch_hint="allow_base_mismatch=True"
+    ).raise_if_incompatible()
     plan = plan_sites(model, adapters, sorted({p for a in adapters for p in a.modules}))
     group_names = _groups(plan, granularity)
     routers = _build_routers(

@@ -231,7 +231,9 @@ def run_moe(config: MoeRunConfig, *, progress: ProgressHook | None = None) -> Mo
     require_free_output(output, overwrite=config.overwrite)
     clock = time.perf_counter()
     adapters = load_adapters(config.adapters)
-    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report = check_compatibility(
+        adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
+    )
     report.raise_if_incompatible()
     trained = train_moe(
         config.base_model,

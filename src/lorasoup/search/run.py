@@ -155,7 +155,9 @@ def _load_inputs(config: SearchRunConfig) -> _Inputs:
     from lorasoup.models import load_base_model, load_tokenizer, parse_model_spec
 
     adapters = load_adapters(config.adapters)
-    report = check_compatibility(adapters, allow_base_mismatch=config.allow_base_mismatch)
+    report = check_compatibility(
+        adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
+    )
     report.raise_if_incompatible()
     spec = parse_model_spec(config.base_model)
     tokenizer = load_tokenizer(spec)

@@ -416,11 +416,15 @@ def adapter_weights(state_dict: dict[str, torch.Tensor], adapter: str = "default
 
 
 def write_adapter(config: Any, weights: dict[str, torch.Tensor], directory: Path) -> None:
-    """Write a PEFT adapter: ``adapter_config.json`` (``LoraConfig.save_pretrained``) + safetensors."""
+    """Write a PEFT adapter: ``adapter_config.json`` (``LoraConfig.save_pretrained``, the base by its
+    canonical name) + safetensors."""
     from safetensors.torch import save_file
+
+    from lorasoup.models import canonical_model_name
 
     saved = copy.deepcopy(config)
     saved.inference_mode = True  # as PeftModel.save_pretrained records it
+    saved.base_model_name_or_path = canonical_model_name(saved.base_model_name_or_path)
     saved.save_pretrained(str(directory))
     save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 

@@ -26,7 +26,9 @@ def inspect(
     from lorasoup.compat import check_compatibility
 
     loaded = [load_adapter(a) for a in adapters]
-    report = check_compatibility(loaded, allow_base_mismatch=allow_base_mismatch)
+    report = check_compatibility(
+        loaded, allow_base_mismatch=allow_base_mismatch, mismatch_hint="--allow-base-mismatch"
+    )
     console.print(adapters_table(loaded))
     console.print(f"union of adapted modules: {len(report.modules)}")
     print_notices(console, report.notices)

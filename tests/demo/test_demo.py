@@ -188,16 +188,17 @@ def test_a_stopped_run_resumes_without_redoing_finished_work(
     settings = load_config(DemoSettings, None, TINY)
     out = tmp_path / "run"
 
-    def stop_at_ties(what: str, done: int, total: int) -> None:
-        if "scoring TIES" in what:
+    def stop_after_the_merges(what: str, done: int, total: int) -> None:
+        if "scoring CAT, weights at init" in what:  # every merge (layer swap included) is written
             raise Stop
 
     with pytest.raises(Stop):
-        run_demo(out, seed=5, settings=settings, stage=stop_at_ties, resume=True)
+        run_demo(out, seed=5, settings=settings, stage=stop_after_the_merges, resume=True)
     partial = tmp_path / ".run.partial" / "seed-5"
     math_lora = partial / "adapters" / "math" / "adapter_model.safetensors"
     scored = partial / "eval" / "linear" / "composite.jsonl"
-    assert math_lora.is_file() and scored.is_file() and not out.exists()
+    swapped = partial / "merges" / "layer_swap" / "adapter_config.json"
+    assert math_lora.is_file() and scored.is_file() and swapped.is_file() and not out.exists()
     before = (math_lora.stat().st_mtime_ns, scored.stat().st_mtime_ns)
     other = load_config(DemoSettings, None, [*TINY, "cat_steps=4"])
     with pytest.raises(LorasoupError, match="partial run of other settings"):

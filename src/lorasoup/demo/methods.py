@@ -81,22 +81,25 @@ def merge_skills(
     seed: int,
     device: str,
 ) -> Path:
-    """One merge through ``run_merge``; a merge already at ``out`` (a resumed run: written atomically,
-    so whole) is kept."""
+    """One merge through ``run_merge``; a merge already at ``out`` (a resumed run) is kept."""
+    raw = {
+        "method": method,
+        "adapters": [{"path": str(a), "weight": w} for a, w in zip(adapters, weights, strict=True)],
+        "parameters": params,
+    }
+    return run_study_merge(raw, out, seed, device)
+
+
+def run_study_merge(raw: dict[str, Any], out: Path, seed: int, device: str) -> Path:
+    """``run_merge`` of the merge config ``raw`` into ``out``; a merge already at ``out`` (a resumed
+    run: written atomically, so whole) is kept."""
     if (out / "adapter_config.json").is_file():
         return out
     from lorasoup.config import load_config
     from lorasoup.merging.config import MergeRunConfig
     from lorasoup.merging.run import run_merge
 
-    raw = {
-        "method": method,
-        "adapters": [{"path": str(a), "weight": w} for a, w in zip(adapters, weights, strict=True)],
-        "parameters": params,
-        "output": str(out),
-        "seed": seed,
-        "device": resolve_device(device),
-    }
+    raw = raw | {"output": str(out), "seed": seed, "device": resolve_device(device)}
     return run_merge(load_config(MergeRunConfig, base=raw)).output
 
 
@@ -188,13 +191,17 @@ def fit_moe(
     *,
     template: str = "plain",
     cutoff_len: int = 64,
+    router: Any = None,
 ) -> Any:
-    """A mixture of the skill LoRAs: per-token routers trained on the skills' data (the paper's MoE row)."""
+    """A mixture of the skill LoRAs: per-token routers trained on the skills' data (the paper's MoE
+    row); ``router``: moe's ``RouterOptions`` (None: its defaults)."""
     from lorasoup.moe.config import MoeTrainOptions
     from lorasoup.moe.run import train_moe
 
     options = MoeTrainOptions(**weight_fit(settings, seed))
-    return train_moe(base_dir, adapters, data, train=options, template=template, cutoff_len=cutoff_len)
+    return train_moe(
+        base_dir, adapters, data, router=router, train=options, template=template, cutoff_len=cutoff_len
+    )
 
 
 def distil_moe(
@@ -255,10 +262,6 @@ def swap_skill_layers(
     (K = 2: the lower half takes the first skill, the upper half the second), through ``run_merge``."""
     from transformers import AutoConfig
 
-    from lorasoup.config import load_config
-    from lorasoup.merging.config import MergeRunConfig
-    from lorasoup.merging.run import run_merge
-
     layers = AutoConfig.from_pretrained(base_dir).num_hidden_layers
     names = list(adapters)
     choice = [names[layer * len(names) // layers] for layer in range(layers)]
@@ -266,11 +269,8 @@ def swap_skill_layers(
         "method": "layer_swap",
         "adapters": [{"path": str(path), "name": name} for name, path in adapters.items()],
         "layer_swap": {"layers": choice, "other": names[-1], "num_layers": layers},
-        "output": str(out),
-        "seed": seed,
-        "device": resolve_device(device),
     }
-    return run_merge(load_config(MergeRunConfig, base=raw)).output, choice
+    return run_study_merge(raw, out, seed, device), choice
 
 
 def fit_flow_gates(
@@ -285,19 +285,9 @@ def fit_flow_gates(
 ) -> Any:
     """LoRA-Flow (``router.preset: lora_flow``): soft per-layer gates trained on ``data`` (the few target
     examples), no balancing loss; moe's training with the MoE row's steps and learning rate."""
-    from lorasoup.moe.config import MoeTrainOptions, RouterOptions
-    from lorasoup.moe.run import train_moe
+    from lorasoup.moe.config import RouterOptions
 
     router = RouterOptions(preset="lora_flow", granularity="layer", balance_coef=0.0)
-    options = MoeTrainOptions(
-        learning_rate=settings.cat_learning_rate,
-        max_steps=settings.cat_steps,
-        epochs=100,
-        batch_size=settings.batch_size,
-        seed=seed,
-        logging_steps=50,
-        device=resolve_device(settings.device),
-    )
-    return train_moe(
-        base_dir, adapters, data, router=router, train=options, template=template, cutoff_len=cutoff_len
+    return fit_moe(
+        base_dir, adapters, data, settings, seed, template=template, cutoff_len=cutoff_len, router=router
     )

@@ -342,8 +342,8 @@ def procedural_code_split(
             "lower sizes.skill / sizes.test, or raise cutoff_len"
         )
     random.Random(seed).shuffle(records)
-    # Balanced: the generators alternate in the draw, so the first ``count`` after shuffling keep
-    # roughly equal shares; the shuffle only decides the order of training.
+    # Balanced: one record per generator in turn (generators with fewer usable records run out first);
+    # the seeded shuffle decides which of a generator's records are taken.
     by_generator: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_generator.setdefault(record["task"], []).append(record)

@@ -89,7 +89,7 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
     """
     import shutil
 
-    from lorasoup.artifacts import atomic_output_dir, require_free_output
+    from lorasoup.artifacts import atomic_output_dir
     from lorasoup.config import load_config
 
     folders = [Path(run) for run in runs]
@@ -113,7 +113,6 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"the runs share seeds ({seeds}); combine runs of different seeds")
     output = Path(output)
-    require_free_output(output, overwrite=overwrite)
     mode = demo_mode(first["model"])
     settings = load_config(mode.settings, base=first["settings"])
     outcomes: list[tuple[list[MethodResult], dict[str, Any]]] = []

@@ -3,7 +3,13 @@
 One process, one base model (Llama-2-7B shape, random bf16 weights) built once on the device and
 wrapped/unwrapped per variant, so every ratio is against a baseline measured in the same process.
 
-    PYTHONPATH=src python bench/cat_step.py --ks 2 4 --steps 20 [--extra-modes]
+Every variant runs in every mode (eager, plain ``torch.compile`` and ``reduce-overhead``, i.e. CUDA
+graphs), so each ratio compares like with like: CAT / floor and CAT / PEFT are taken within one mode.
+PEFT runs twice: with bf16 adapters as CAT's (``peft_multi``) and with its default fp32 adapters
+(``peft_fp32``, ``autocast_adapter_dtype=True``). ``--profile`` adds, per variant, the CUDA kernels
+of a few compiled steps (torch.profiler), grouped by kind, to show what CAT adds over the floor.
+
+    PYTHONPATH=src python bench/cat_step.py --ks 2 4 --compile-scope layers --profile   # GPU, ~4 min
     PYTHONPATH=src python bench/cat_step.py --tiny --out /tmp/cat_step_tiny.json   # CPU smoke check
 """
 
@@ -43,8 +49,10 @@ FULL = dict(  # Llama-2-7B
 SHAPE_KEYS = tuple(FULL)
 TINY = dict(zip(SHAPE_KEYS, (64, 172, 2, 4, 4, 256), strict=True))
 CHECK_RTOL = 2e-2  # bf16: compiled kernels fuse and reorder reductions, so losses differ in the 3rd digit
-VARIANTS = ("floor", "peft_multi", "peft_single", "cat")
+VARIANTS = ("floor", "peft_multi", "peft_fp32", "peft_single", "cat")
 MODES = ("eager", "compile", "reduce-overhead", "max-autotune-no-cudagraphs")
+DEFAULT_MODES = MODES[:3]
+PROFILE_MODE = "compile"  # CUDA graphs hide the kernels from the profiler: profile the plain compile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,18 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="eager warm-up steps")
     p.add_argument("--compile-warmup", type=int, default=5, help="compiled warm-up steps (compile is here)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--no-compile", action="store_true", help="eager only")
-    p.add_argument("--extra-modes", action="store_true", help="CAT also under max-autotune-no-cudagraphs")
-    p.add_argument(
-        "--cat-modes",
-        nargs="+",
-        choices=MODES,
-        help="modes for the CAT variants (default: the baselines'); e.g. eager compile reduce-overhead",
-    )
+    modes_help = "modes every variant runs in (default: eager compile reduce-overhead; on CPU eager)"
+    p.add_argument("--modes", nargs="+", choices=MODES, help=modes_help)
+    profile_help = f"record each variant's CUDA kernels over 3 steps under {PROFILE_MODE!r} (GPU only)"
+    p.add_argument("--profile", action="store_true", help=profile_help)
     scope_help = "compile the whole model, or each decoder layer (far less compile time)"
     p.add_argument("--compile-scope", choices=["model", "layers"], default="model", help=scope_help)
-    fp32_help = "PEFT's default autocast_adapter_dtype=True: LoRA A/B in fp32 (default: bf16, as CAT)"
-    p.add_argument("--peft-fp32-adapters", action="store_true", help=fp32_help)
     p.add_argument("--tiny", action="store_true", help="tiny model, 2x32 tokens, 3 steps; runs on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/cat_step.json", help="also copied to $OUT if set")
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, full, tiny in (("rank", 32, 8), ("steps", 20, 3), ("batch", 4, 2), ("seq", 256, 32)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
+    if args.modes is None:  # CUDA graphs need CUDA; compiling on the CPU smoke check only costs time
+        args.modes = list(DEFAULT_MODES) if torch.cuda.is_available() else ["eager"]
     return args
 
 
@@ -164,13 +168,14 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
         adapters = random_adapters(model, k, args.rank, args.seed)
         comp = compose_cat(model, adapters, granularity="module", parameterisation="softmax", seed=args.seed)
         return comp, [comp.weights.theta], "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
-    rank = args.rank if kind == "peft_multi" else args.rank * k
-    names = [f"a{i}" for i in range(k if kind == "peft_multi" else 1)]
+    multi = kind in ("peft_multi", "peft_fp32")
+    rank = args.rank if multi else args.rank * k
+    names = [f"a{i}" for i in range(k if multi else 1)]
     # init_lora_weights=False: non-zero B (zeros can hide work); alpha = 2r: scale 2 as CAT's adapters
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(TARGETS), init_lora_weights=False
     )
-    autocast = args.peft_fp32_adapters  # PEFT's default (True) makes A/B fp32: GEMMs in fp32
+    autocast = kind == "peft_fp32"  # PEFT's default (True) makes A/B fp32: GEMMs in fp32
     wrapped = get_peft_model(model, config, adapter_name=names[0], autocast_adapter_dtype=autocast)
     for name in names[1:]:
         wrapped.add_adapter(name, config, autocast_adapter_dtype=autocast)
@@ -264,6 +269,60 @@ def dynamo_stats() -> dict:
     return {"graph_breaks": breaks, "unique_graphs": int(counters["stats"]["unique_graphs"])}
 
 
+KERNEL_GROUPS = (  # substring of a kernel's name -> group; first match wins
+    ("adam", "optimizer"),
+    ("flash", "attention"),
+    ("fmha", "attention"),
+    ("attention", "attention"),
+    ("gemm", "GEMM"),
+    ("gemv", "GEMM"),
+    ("nvjet", "GEMM"),
+    ("cutlass", "GEMM"),
+    ("xmma", "GEMM"),
+    ("triton", "fused (Triton)"),
+    ("memcpy", "copy"),
+    ("memset", "copy"),
+    ("elementwise", "eager element-wise"),
+    ("reduce", "eager reduction"),
+)
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    return next((group for key, group in KERNEL_GROUPS if key in lowered), "other")
+
+
+def profile_kernels(step, batches, device: torch.device, steps: int = 3, top: int = 15) -> dict:
+    """The CUDA kernels of ``steps`` steps, per step: time by group and the ``top`` kernels by time.
+    Read beside the floor's profile, it says what a variant adds (GEMMs, fused element-wise, θ's
+    gradient reductions, AdamW)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        torch.cuda.synchronize()
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us > 0:
+            kernels.append((event.key, event.count / steps, us / 1e3 / steps))
+    groups: dict[str, dict[str, float]] = {}
+    for name, calls, ms in kernels:
+        group = groups.setdefault(kernel_group(name), {"ms": 0.0, "launches": 0.0})
+        group["ms"] += ms
+        group["launches"] += calls
+    kernels.sort(key=lambda kernel: -kernel[2])
+    return {
+        "mode": PROFILE_MODE,
+        "kernel_ms_per_step": sum(ms for _, _, ms in kernels),
+        "launches_per_step": sum(calls for _, calls, _ in kernels),
+        "groups": dict(sorted(groups.items(), key=lambda item: -item[1]["ms"])),
+        "top": [{"kernel": name[:160], "calls": calls, "ms": ms} for name, calls, ms in kernels[:top]],
+    }
+
+
 def run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss, args, device) -> dict:
     row = {"variant": name, "kind": kind, "k": k, "mode": mode, "note": note}
     torch._dynamo.reset()  # each compiled variant compiles from scratch, with no stale guards
@@ -283,6 +342,8 @@ def run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss
         if ref_loss is not None:
             rel = abs(row["first_loss"] - ref_loss) / abs(ref_loss)
             row["check"] = {"eager_loss": ref_loss, "rel_diff": rel, "ok": rel < CHECK_RTOL}
+        if args.profile and mode == PROFILE_MODE and device.type == "cuda":
+            row["profile"] = profile_kernels(step, batches, device)
     except Exception as err:  # keep the other variants of a costly GPU run
         row["error"] = f"{type(err).__name__}: {err}"[:2000]
         traceback.print_exc()
@@ -300,7 +361,7 @@ def run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss
     return row
 
 
-def run_variant(kind: str, k: int, model, batches, modes: list[str], args, device) -> list[dict]:
+def run_variant(kind: str, k: int, model, batches, args, device) -> list[dict]:
     """Attach once, measure every mode (fresh optimizer and theta per mode), detach."""
     name = {"floor": "floor", "peft_single": f"peft_single_{args.rank * k}"}.get(kind, f"{kind}_{k}")
     handle, params, note = attach(kind, model, k, args)
@@ -310,8 +371,7 @@ def run_variant(kind: str, k: int, model, batches, modes: list[str], args, devic
         if kind == "cat":  # eager loss of the fresh composition on batch 0: the reference for every mode
             with torch.no_grad():
                 ref_loss = float(model(input_ids=batches[0], labels=batches[0], use_cache=False).loss)
-        cat_modes = args.cat_modes or modes
-        for mode in cat_modes if kind == "cat" else [m for m in modes if m in ("eager", "compile")]:
+        for mode in args.modes:
             rows.append(
                 run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss, args, device)
             )
@@ -323,31 +383,52 @@ def run_variant(kind: str, k: int, model, batches, modes: list[str], args, devic
     return rows
 
 
-def add_ratios(rows: list[dict]) -> str:
-    """Ratios to floor compiled (floor eager if nothing compiled) and to PEFT multi of the same K and
-    mode (PEFT has no max-autotune run: that mode is compared with PEFT's default compile)."""
+def add_ratios(rows: list[dict]) -> None:
+    """Like for like: each row against the floor and against PEFT's multi-adapter loop (bf16 adapters,
+    same K) measured in the same mode."""
     ms = {(r["variant"], r["mode"]): r.get("ms_median") for r in rows}
-    floor_mode = "compile" if ms.get(("floor", "compile")) else "eager"
-    floor = ms.get(("floor", floor_mode))
     for r in rows:
         if r.get("ms_median") is None:
             continue
-        peft_mode = r["mode"] if r["mode"] in ("eager", "compile") else "compile"
-        peft_ms = ms.get((f"peft_multi_{r['k']}", peft_mode))
-        r["x_floor_compiled"] = r["ms_median"] / floor if floor else None
+        floor = ms.get(("floor", r["mode"]))
+        peft_ms = ms.get((f"peft_multi_{r['k']}", r["mode"]))
+        r["x_floor_same_mode"] = r["ms_median"] / floor if floor and r["kind"] != "floor" else None
         r["x_peft_same_mode"] = r["ms_median"] / peft_ms if peft_ms and r["kind"] != "floor" else None
-    return floor_mode
 
 
 def table(rows: list[dict]) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     cols = [("ms_median", "ms/step", ".2f", 9), ("peak_gib", "peak GiB", ".2f", 9)]
-    cols += [("x_floor_compiled", "x floor-c", ".3f", 10), ("x_peft_same_mode", "x PEFT", ".3f", 8)]
+    cols += [("x_floor_same_mode", "x floor", ".3f", 9), ("x_peft_same_mode", "x PEFT", ".3f", 8)]
     cols += [("compile_s", "compile s", ".1f", 10)]
     lines = [f"{'variant':<16} {'mode':<27}" + "".join(f"{h:>{w}}" for _, h, _, w in cols)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["mode"], r.get("k", 0))):
         cells = "".join(f"{fmt(r.get(key), f):>{w}}" for key, _, f, w in cols)
         lines.append(f"{r['variant']:<16} {r['mode']:<27}{cells}" + ("  ERROR" if "error" in r else ""))
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Kernel time per step by group, one column per profiled variant."""
+    profiled = [r for r in rows if "profile" in r]
+    if not profiled:
+        return ""
+    groups = sorted({g for r in profiled for g in r["profile"]["groups"]})
+    head = f"{'kernels (' + PROFILE_MODE + '), ms/step':<32}" + "".join(
+        f"{r['variant']:>15}" for r in profiled
+    )
+    lines = [head]
+    for group in [*groups, "total", "launches"]:
+        cells = []
+        for r in profiled:
+            prof = r["profile"]
+            if group == "total":
+                cells.append(f"{prof['kernel_ms_per_step']:15.2f}")
+            elif group == "launches":
+                cells.append(f"{prof['launches_per_step']:15.0f}")
+            else:
+                cells.append(f"{prof['groups'].get(group, {}).get('ms', 0.0):15.2f}")
+        lines.append(f"{group:<32}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -374,7 +455,7 @@ def header(args, model, device: torch.device) -> dict:
         "model": {key: getattr(model.config, key) for key in SHAPE_KEYS} | {"dtype": "bf16", "attn": "sdpa"},
         "args": vars(args),
         "targets": list(TARGETS),
-        "peft_adapter_dtype": "float32" if args.peft_fp32_adapters else "bfloat16",
+        "peft_adapter_dtype": {"peft_multi": "bfloat16", "peft_single": "bfloat16", "peft_fp32": "float32"},
         "peft_note": "PEFT variants: all LoRA A/B frozen, gradient w.r.t. inputs_embeds (as floor)",
         "timing": "CUDA events per step on an idle queue, median" if on_gpu else "CPU wall clock",
     }
@@ -387,8 +468,6 @@ def failed(row: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = device_of(args)
-    modes = ["eager"] + ([] if args.no_compile else ["compile"])
-    modes += ["max-autotune-no-cudagraphs"] if args.extra_modes and not args.no_compile else []
     t0 = time.perf_counter()
     model = build_base(args, device)
     print(f"base model built in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
@@ -398,20 +477,21 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(kind, k) for k in args.ks for kind in VARIANTS[1:] if kind in args.variants]
     for kind, k in plan:
         try:
-            result["rows"] += run_variant(kind, k, model, batches, modes, args, device)
+            result["rows"] += run_variant(kind, k, model, batches, args, device)
         except Exception as err:  # attach/detach or the reference forward failed (OOM, say): go on
             traceback.print_exc()
             result["rows"].append(
                 {"variant": f"{kind}_{k}", "kind": kind, "k": k, "mode": "-", "error": repr(err)}
             )
-        result["floor_reference_mode"] = add_ratios(result["rows"])
+        add_ratios(result["rows"])
         write_json(result, args.out, quiet=True)
     print("\n" + table(result["rows"]))
     print(
-        "PEFT: all LoRA A/B frozen, grad w.r.t. inputs_embeds (as floor). CAT: theta trains (AdamW). "
-        f"x floor-c: vs floor {result['floor_reference_mode']}. x PEFT: vs peft_multi_K, same mode "
-        "(max-autotune: vs PEFT compile)."
+        "PEFT: all LoRA A/B frozen, grad w.r.t. inputs_embeds (as floor); peft_fp32: PEFT's default fp32 "
+        "A/B. CAT: theta trains (AdamW). x floor, x PEFT: vs floor and vs peft_multi_K in the same mode."
     )
+    if profiled := profile_table(result["rows"]):
+        print("\n" + profiled)
     write_json(result, args.out)
     bad = [r for r in result["rows"] if failed(r)]
     for r in bad:

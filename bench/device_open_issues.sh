@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 4 and 6 (their session-6 figures), in one device call (under 10 minutes):
+# The GPU measurements still owed by issues 22 and 23, in one device call (under 10 minutes):
 #
 #   bash bench/device_open_issues.sh            # device tool, any one-GPU kind; nothing to carry
+#   STAGE_SMOLLM2=1 bash bench/device_open_issues.sh   # also stage part 0 of the SmolLM2 GGUF
+#       (carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels; bench/device_smollm2.sh)
 #
-# 1. the CUDA tests: compiled Triton kernels of the merges (keyed magnitude cut, trim by last tied
-#    position), captured decoding graphs with a shared prefix;
-# 2. issue 4: bench/merge.py, the ΔW-space merges against PEFT's add_weighted_adapter in one
-#    process, with a torch.profiler table per method;
-# 3. issue 6: bench/generate_throughput.py at GSM-Hard's proportions (1,186-token prompts of which
-#    1,114 are the shared 8-shot prefix, 128 new tokens), the cudagraph backend with and without
-#    sharing the prefix (the step's split attention in torch operations, or in the two Triton
-#    kernels of shared_prefix.attend_decode_fused), batch 64 and 128, against the reference loop.
+# 1. every CUDA test (`-m gpu`): the merges' compiled kernels, core-space merges, decoding graphs;
+# 2. issue 22: bench/core_merge.py, the core-space merges against lorasoup's ΔW-space merges and
+#    PEFT's add_weighted_adapter in one process (Llama-2-7B shape, two r=32 adapters);
+# 3. issue 23: bench/cat_step.py, the frozen floor, PEFT's multi-adapter loop (bf16 and its default
+#    fp32 adapters) and CAT, K = 2 and 4, each in eager, compile and reduce-overhead, in one process,
+#    with the compiled steps' CUDA kernels by group (--profile).
 #
-# Leaves in $OUT: env.txt, gpu-tests.txt, merge.json, merge-profile.txt, merge.log,
-# generate_shared_prefix.json, generate.log. Each step has its own time limit, so one that hangs
-# does not take the others' results with it.
+# Leaves in $OUT: env.txt, gpu-tests.txt, core_merge.json, core_merge.log, cat_step.json,
+# cat_step.log. Each step has its own time limit, so one that hangs does not take the others' results
+# with it.
 set -uo pipefail
 
 out=${OUT:-/tmp/lorasoup-out}
 mkdir -p "$out"
-export PYTHONPATH=src
 PY=${PYTHON:-python3}
+
+if [[ -n "${STAGE_SMOLLM2:-}" ]]; then
+  bash bench/device_smollm2.sh stage || echo "== staging SmolLM2 failed (the measurements go on)"
+fi
+export PYTHONPATH=src
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -36,12 +40,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
   local began=$SECONDS rc=0
   timeout --kill-after=10 "$limit" "$@" >"$out/$name" 2>&1 || rc=$?
   echo "== $name: exit $rc after $((SECONDS - began)) s"
-  tail -n 12 "$out/$name"
+  tail -n "${TAIL:-14}" "$out/$name"
 }
 
-step gpu-tests.txt 120 "$PY" -m pytest -q -m gpu tests/merging tests/evaluation -p no:warnings
-step merge.log 230 "$PY" bench/merge.py --methods ties dare_linear dare_ties magnitude_prune \
-  --profile "$out/merge-profile.txt" --out "$out/merge.json"
-step generate.log 220 "$PY" bench/generate_throughput.py --shape 7b --batch 64 128 --prompt-len 1186 \
-  --shared-prefix 1114 --new-tokens 128 --backends cudagraph --graph-prefix-sharing on off \
-  --graph-prefix-kernel torch triton --repeats 2 --out "$out/generate_shared_prefix.json"
+step gpu-tests.txt 130 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
+step core_merge.log 170 "$PY" bench/core_merge.py --out "$out/core_merge.json"
+TAIL=40 step cat_step.log 240 "$PY" bench/cat_step.py --ks 2 4 --variants floor peft_multi peft_fp32 cat \
+  --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"

@@ -114,22 +114,24 @@ class Scorer:
         accuracy = {}
         folder = self.out_dir / slug(method)
         folder.mkdir(parents=True, exist_ok=True)
+        backend = self.backend  # a model the CUDA-graph backend refused once is scored by hf for every task
         for name in self.tasks:
             path = folder / f"{name}.jsonl"
             scored = scored_accuracy(path, len(self.examples[name]))
             if scored is not None:  # a resumed run: this row's task was scored before it stopped
                 accuracy[name] = scored
                 continue
-            outcome = self._evaluate(method, name, model)
+            outcome, backend = self._evaluate(method, name, model, backend)
             with atomic_file(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
                 for result in outcome.results:
                     handle.write(json.dumps(result.to_json()) + "\n")
             accuracy[name] = outcome.summary["accuracy"]
         return accuracy
 
-    def _evaluate(self, method: str, name: str, model: torch.nn.Module) -> Any:
-        """One task's outcome through the settings' backend; a model the CUDA-graph backend cannot
-        capture is scored again with the hf backend, and the fallback is recorded (``fallbacks``)."""
+    def _evaluate(self, method: str, name: str, model: torch.nn.Module, backend: str) -> tuple[Any, str]:
+        """One task's outcome through ``backend``, and the backend for the model's next task: a model
+        the CUDA-graph backend cannot capture is scored again with the hf backend, which it keeps, and
+        the fallback is recorded (``fallbacks``)."""
         from lorasoup.evaluation.runner import evaluate_model
 
         settings = self.tasks[name].spec.generation.apply(self.settings)  # the task's own token budget
@@ -137,14 +139,15 @@ class Scorer:
             settings = replace(settings, batch_size=self.batch_sizes[name])
         sandbox = SandboxOptions(timeout_s=2.0, memory_mb=256)
         task, examples = self.tasks[name], self.examples[name]
-        if self.backend != "hf":
+        if backend != "hf":
             try:
-                return evaluate_model(
-                    model, self.tokenizer, task, examples, settings, sandbox=sandbox, backend=self.backend
+                outcome = evaluate_model(
+                    model, self.tokenizer, task, examples, settings, sandbox=sandbox, backend=backend
                 )
+                return outcome, backend
             except (LorasoupError, RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
                 self.fallbacks.append(f"{method} / {name}: {' '.join(str(exc).split())[:200]}")
-        return evaluate_model(model, self.tokenizer, task, examples, settings, sandbox=sandbox)
+        return evaluate_model(model, self.tokenizer, task, examples, settings, sandbox=sandbox), "hf"
 
 
 def scored_accuracy(path: Path, examples: int) -> float | None:

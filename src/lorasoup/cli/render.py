@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from lorasoup.moe.run import DistillResult, MoeRunResult
     from lorasoup.registry import Registry
     from lorasoup.report.build import ReportResult
+    from lorasoup.search.layer_swap_run import LayerSwapRunResult
     from lorasoup.search.run import SearchRunResult
     from lorasoup.training.skill import TrainResult
 
@@ -95,6 +96,28 @@ def print_search_result(console: Console, result: SearchRunResult) -> None:
     )
     names = result.composition.adapter_names
     console.print(weights_table("searched weights (over groups)", names, found.weights))
+    console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
+
+
+def print_layer_swap_search_result(console: Console, result: LayerSwapRunResult, top: int = 5) -> None:
+    """The best ``top`` layer-swap rules by loss, then the chosen one."""
+    found = result.search
+    print_notices(console, result.notices)
+    total = len(found.candidates)
+    table = Table(title=f"layer-swap rules: best {min(top, total)} of {total}")
+    table.add_column("loss", justify="right")
+    table.add_column("family")
+    table.add_column(f"layers (of {found.num_layers})")
+    rows = found.table()
+    for index in found.ranking()[:top]:
+        loss = rows[index]["loss"]
+        table.add_row("-" if loss is None else f"{loss:.4f}", rows[index]["family"], rows[index]["layers"])
+    console.print(table)
+    console.print(
+        f"chosen: {rows[found.best]['layers']} (loss {found.loss:.4f}; {len(found.candidates)} rules in "
+        f"{found.seconds:.1f} s)",
+        highlight=False,
+    )
     console.print(f"[bold green]wrote[/] {result.output} (PEFT adapter, rank {result.export_rank})")
 
 

@@ -17,7 +17,8 @@ refuses one, so a typo cannot silently change nothing.
 
     layer_swap: {first: 2, last: 2, edges: math, rest: code}   # or {layers: [math, code, ...]}
 
-(adapter names: each adapter's ``name``, default its directory name).
+(adapter names: each adapter's ``name``, default its directory name). To have the rule chosen by a
+search on a few target examples, use ``lorasoup search --layer-swap`` (``lorasoup.search.layer_swap``).
 """
 
 from __future__ import annotations

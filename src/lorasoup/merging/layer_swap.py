@@ -16,7 +16,14 @@ dropped. Where the chosen adapter does not adapt a module of its layer, that mod
 Which adapter a layer takes is a :class:`LayerSwapRule`: an explicit list (one adapter per layer), or
 ``first`` and ``last`` layers from one adapter and the rest from another, e.g.
 ``{first: 2, last: 2, from: math, rest: code}``. Modules outside numbered layers take ``other``
-(default: ``rest``). Choosing the layers by a small search over such rules is left for later.
+(default: ``rest``).
+
+The rule can also be chosen by a small search: ``lorasoup search --layer-swap``
+(``lorasoup.search.layer_swap``) scores every rule of an explicit ``O(K²L)`` family (one adapter
+everywhere; the lowest n layers from one adapter and the rest from another; the first and last n
+from one and the middle from another) on a few target examples, through one CAT composition with
+each candidate's one-hot rows, and exports the best as this module's fold. It lives in ``search/``,
+one layer up, because it scores with the search's objective (``search.scoring``).
 
 ``lorasoup merge --method layer_swap`` runs it from a config's ``layer_swap:`` section: the method
 ``layer_swap`` (registered here, space ``"layer"``) gets each module's one-hot row from

@@ -12,6 +12,8 @@ proposes the next. Unlike LoraHub, the weights act on each adapter's whole updat
   ``lorasoup cat`` can start from it with ``cat.init_from``), with the starting weights;
 - ``run.json``: config, versions, seed, timings and the loss history per iteration;
 - ``cat-warm-start.yaml`` (``warm_start_cat``): a ``lorasoup cat`` config starting from these weights.
+
+With a ``layer_swap:`` section the command chooses a layer swap instead (``search.layer_swap_run``).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from lorasoup.artifacts import (
     run_record,
     write_json_atomic,
 )
-from lorasoup.cat.inject import CatComposition, compose_cat, remove_cat, weights_from_file
+from lorasoup.cat.inject import CatComposition, Granularity, compose_cat, remove_cat, weights_from_file
 from lorasoup.cat.run import ExportedFactors, export_factors, load_training_data, weights_payload
 from lorasoup.compat import check_compatibility
 from lorasoup.devices import DTYPES, default_device
-from lorasoup.errors import DataError
+from lorasoup.errors import ConfigError, DataError
 from lorasoup.search.config import SearchOptions, SearchRunConfig
 from lorasoup.search.optimise import OptimiserSpec, ProgressHook, SearchTrace, minimise
-from lorasoup.search.scoring import l1_penalty, score_population, target_batches
+from lorasoup.search.scoring import forward_split, l1_penalty, score_population, target_batches
 
 WEIGHTS_FILE = "search_weights.json"
 WARM_START_FILE = "cat-warm-start.yaml"
@@ -88,9 +90,8 @@ def search_weights(
     rows = [examples[i] for i in range(len(examples))]
     if not rows:
         raise DataError("the search needs at least one target example; check data.train")
-    per_batch = min(len(rows), options.rows_per_forward or len(rows))
+    per_batch, chunk = forward_split(len(rows), options.population, options.rows_per_forward)
     batches = target_batches(rows, pad_token_id=pad_token_id, device=device, examples_per_batch=per_batch)
-    chunk = max(1, (options.rows_per_forward or per_batch * options.population) // per_batch)
 
     def objective(candidates: np.ndarray) -> np.ndarray:  # (P, D) → (P,)
         w = torch.from_numpy(candidates).float().view(-1, groups, adapters)  # (P, G, K)
@@ -139,8 +140,8 @@ class SearchRunResult:
 
 
 @dataclass
-class _Inputs:
-    """Everything loaded before the search: checked adapters, tokenised examples, the composition."""
+class SearchInputs:
+    """Everything loaded before a search: checked adapters, tokenised examples, the composition."""
 
     adapters: list[Any]
     notices: list[str]
@@ -151,7 +152,9 @@ class _Inputs:
     init: torch.Tensor | None
 
 
-def _load_inputs(config: SearchRunConfig) -> _Inputs:
+def load_search_inputs(config: SearchRunConfig, *, granularity: Granularity | None = None) -> SearchInputs:
+    """Adapters (checked), tokenizer, target examples, the base model at ``search.dtype`` on
+    ``search.device``, composed by CAT (``free``) at ``granularity`` (default ``search.granularity``)."""
     from lorasoup.models import load_base_model, load_tokenizer, parse_model_spec
 
     adapters = load_adapters(config.adapters)
@@ -167,22 +170,26 @@ def _load_inputs(config: SearchRunConfig) -> _Inputs:
     composition = compose_cat(
         model,
         adapters,
-        granularity=config.search.granularity,
+        granularity=granularity or config.search.granularity,
         parameterisation="free",  # θ = w: the found weights fold and export as they are
         allow_base_mismatch=config.allow_base_mismatch,
     )
     init = None
     if config.search.init_from is not None:
         init = weights_from_file(config.search.init_from, composition).clamp(*config.search.bounds)
-    return _Inputs(adapters, list(report.notices), tokenizer, dataset, formats, composition, init)
+    return SearchInputs(adapters, list(report.notices), tokenizer, dataset, formats, composition, init)
 
 
 def run_search(config: SearchRunConfig, *, progress: ProgressHook | None = None) -> SearchRunResult:
     """Search weights for ``config.adapters`` on ``config.data`` and write the artifact directory."""
+    if config.layer_swap is not None:
+        raise ConfigError(
+            "layer_swap: a layer-swap search runs with lorasoup.search.layer_swap_run.run_layer_swap_search"
+        )
     output = Path(config.output)
     require_free_output(output, overwrite=config.overwrite)
     clock = time.perf_counter()
-    inputs = _load_inputs(config)
+    inputs = load_search_inputs(config)
     composition = inputs.composition
     timings = {"load": time.perf_counter() - clock}
     result = search_weights(
@@ -215,7 +222,7 @@ def run_search(config: SearchRunConfig, *, progress: ProgressHook | None = None)
         payload = weights_payload(composition) | {"search": _search_facts(config.search, result)}
         write_json_atomic(staging / WEIGHTS_FILE, payload)
         if config.warm_start_cat:
-            _write_warm_start(staging / WARM_START_FILE, config, composition, output)
+            write_warm_start(staging / WARM_START_FILE, config, composition, output)
         if config.export.merge:
             merged = merge_factors_into(remove_cat(composition), exported.factors)
             merged.save_pretrained(staging / "merged")
@@ -230,7 +237,7 @@ def run_search(config: SearchRunConfig, *, progress: ProgressHook | None = None)
 
 def _run_record(
     config: SearchRunConfig,
-    inputs: _Inputs,
+    inputs: SearchInputs,
     result: SearchResult,
     exported: ExportedFactors,
     notices: list[str],
@@ -290,7 +297,7 @@ def _search_facts(options: SearchOptions, result: SearchResult) -> dict[str, Any
     }
 
 
-def _write_warm_start(path: Path, config: SearchRunConfig, composition: CatComposition, output: Path) -> None:
+def write_warm_start(path: Path, config: SearchRunConfig, composition: CatComposition, output: Path) -> None:
     """A ``lorasoup cat`` config that starts CAT from the found weights (module granularity spreads
     global or per-layer weights over every module)."""
     refs = [

@@ -53,6 +53,17 @@ def target_batches(
     return batches
 
 
+def forward_split(examples: int, candidates: int, rows_per_forward: int | None) -> tuple[int, int]:
+    """``(examples per batch, candidates per forward)`` for scoring ``examples`` target examples.
+
+    By default one forward holds ``candidates`` candidates × all the examples; ``rows_per_forward``
+    caps the rows (candidates × examples) of one forward: fewer candidates at a time, and when even
+    one candidate's examples are too many, the examples split over several batches too.
+    """
+    per_batch = min(examples, rows_per_forward or examples)
+    return per_batch, max(1, (rows_per_forward or per_batch * candidates) // per_batch)
+
+
 def token_loss_sums(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per row: the summed next-token cross-entropy over supervised positions, and their count.
 

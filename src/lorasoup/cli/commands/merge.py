@@ -67,8 +67,9 @@ def merge(
     adapter and reporting the discarded energy. core_* merge small cores in shared bases and tsv
     whitens task singular vectors, never dense. layer_swap gives each layer one adapter whole (rule in
     a `layer_swap:` section, e.g. --set layer_swap.first=2 --set layer_swap.edges=math --set
-    layer_swap.rest=code). `*_factor` methods reproduce PEFT's add_weighted_adapter, which merges A and
-    B separately (cross terms included).
+    layer_swap.rest=code; `lorasoup search --layer-swap` chooses the rule on a few target examples).
+    `*_factor` methods reproduce PEFT's add_weighted_adapter, which merges A and B separately (cross
+    terms included).
     """
     from lorasoup.merging import MERGE_METHODS
     from lorasoup.merging.config import MergeRunConfig

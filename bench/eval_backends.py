@@ -201,15 +201,19 @@ def header(args: argparse.Namespace, model: str, settings) -> dict:
     }
 
 
-def write_json(result: dict, out: str) -> None:
+def write_json(result: dict, out: str) -> list[Path]:
+    """``out``, and a copy in ``$OUT`` (which the device machine sends back) unless it is there already."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
+    written = [path]
     if os.environ.get("OUT"):
         copy = Path(os.environ["OUT"]) / path.name
         if copy.resolve() != path.resolve():
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, copy)
+            written.append(copy)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,11 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['backend']} / {baseline['backend']}: {ratio:.2f}x tokens/s, "
                 f"{same} of {comparison['total']} generations identical"
             )
-    write_json(result, args.out)
-    print(
-        f"wrote {args.out}"
-        + (f" and {os.environ['OUT']}/{Path(args.out).name}" if os.environ.get("OUT") else "")
-    )
+    print("wrote " + " and ".join(map(str, write_json(result, args.out))))
     if scratch is not None and args.work is None:
         shutil.rmtree(scratch, ignore_errors=True)
     failed = any("error" in r for r in result["rows"]) or not all(

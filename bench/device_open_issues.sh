@@ -6,16 +6,33 @@
 #   STAGE_SMOLLM2=1 bash bench/device_open_issues.sh   # also stage part 0 of the SmolLM2 GGUF
 #       (carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels; bench/device_smollm2.sh)
 #
+# Two more steps, never run by default: user_path (at most 330 s) and eval_backends (at most 200 s).
+# The default three take up to 540 s, so each goes in a call beside some of them, e.g. two calls back
+# to back (the SmolLM2 GGUF travels in two parts of 56 MiB, one per call):
+#   STAGE_SMOLLM2=1 STEPS="user_path" bash bench/device_open_issues.sh
+#       carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels   (part 0 and gguf ride along)
+#   STEPS="tests core_merge eval_backends" bash bench/device_open_issues.sh   # machine still warm
+#       carry .carry/smollm2/part1 .carry/smollm2/MANIFEST.json .carry/lora-soups
+#   (the carry comes from `bench/device_smollm2.sh prepare`; eval_backends stages part 1 and joins the
+#   GGUF, which needs part 0 staged on this machine: if it is not, only that step is skipped)
+#
 # 1. every CUDA test (`-m gpu`): the merges' compiled kernels, core-space merges, decoding graphs;
 # 2. issue 22: bench/core_merge.py, the core-space merges against lorasoup's ΔW-space merges and
 #    PEFT's add_weighted_adapter in one process (Llama-2-7B shape, two r=32 adapters);
 # 3. issue 23: bench/cat_step.py, the frozen floor, PEFT's multi-adapter loop (bf16 and its default
 #    fp32 adapters) and CAT, K = 2 and 4, each in eager, compile and reduce-overhead, in one process,
 #    with the compiled steps' CUDA kernels by group (--profile).
+# 4. (STEPS=user_path) issue 23: bench/user_path.py, `lorasoup cat` (train.compile=reduce-overhead)
+#    and `lorasoup train` from YAML on a 7B-shaped base saved to /tmp, each step timed from run.json,
+#    against cat_step.py's CAT step and a bare LoRA step in the same call (--bench-step);
+#    USER_PATH_KS="2 4" for both K (about a minute more).
+# 5. (STEPS=eval_backends) issue 23: bench/eval_backends.py, `lorasoup eval`'s cudagraph backend against
+#    hf on SmolLM2-135M-Instruct (the GGUF), GSM-Hard with the paper's 8-shot prompt, first
+#    EVAL_LIMIT (512) problems at batch 128: tokens/s and identical generations, one process.
 #
 # Leaves in $OUT: env.txt, gpu-tests.txt, core_merge.json, core_merge.log, cat_step.json,
-# cat_step.log. Each step has its own time limit, so one that hangs does not take the others' results
-# with it.
+# cat_step.log (and user_path.json, user_path.log, eval_backends.json, eval_backends.log). Each step
+# has its own time limit, so one that hangs does not take the others' results with it.
 set -uo pipefail
 
 out=${OUT:-/tmp/lorasoup-out}
@@ -50,4 +67,18 @@ wanted tests && step gpu-tests.txt 130 "$PY" -m pytest -q -m gpu tests -p no:war
 wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --out "$out/core_merge.json"
 wanted cat_step && TAIL=40 step cat_step.log 240 "$PY" bench/cat_step.py --ks 2 4 --variants floor peft_multi peft_fp32 cat \
   --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"
+# shellcheck disable=SC2086  # USER_PATH_KS is a list of K
+wanted user_path && TAIL=20 step user_path.log 330 "$PY" bench/user_path.py --ks ${USER_PATH_KS:-2} --bench-step \
+  --work /tmp/lorasoup-user-path --reuse --out "$out/user_path.json"
+if wanted eval_backends; then
+  ASSETS=${LORASOUP_ASSETS:-/tmp/lorasoup-assets}
+  if [[ -f .carry/smollm2/part1 ]]; then "$PY" bench/carry.py stage .carry/smollm2 --part 1; fi
+  if gguf=$("$PY" bench/carry.py join .carry/smollm2); then
+    PYTHONPATH="$ASSETS/site:src" HF_HUB_OFFLINE=1 step eval_backends.log 200 "$PY" bench/eval_backends.py \
+      --model "$gguf" --data .carry/lora-soups --limit "${EVAL_LIMIT:-512}" --batch-size 128 \
+      --out "$out/eval_backends.json"
+  else
+    echo "== eval_backends: no SmolLM2 GGUF on this machine (stage part 0 first; see the header)"
+  fi
+fi
 true  # a skipped last step is not a failure

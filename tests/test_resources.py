@@ -46,7 +46,35 @@ def test_step_clock_with_one_step_has_no_steady_rate() -> None:
     clock = StepClock(1, clock=FakeClock([0.0, 2.0]))
     clock.start()
     clock.tick(1)
-    assert clock.rates() == {"steps_per_s": 0.5, "steady_steps_per_s": None, "steady_from_step": 1}
+    assert clock.rates() == {
+        "steps_per_s": 0.5,
+        "steady_steps_per_s": None,
+        "steady_from_step": 1,
+        "step_seconds": [2.0],
+        "steady_step_seconds_median": None,
+    }
+
+
+def test_step_clock_times_each_step_and_takes_the_median_of_the_steady_ones() -> None:
+    # start at 0; step 1 ends at 5 (compile), then steps of 1, 1, 3 (a stall), 1, 1, 1, 1, 1, 1 s.
+    ends = [5.0, 6.0, 7.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0]
+    clock = StepClock(10, clock=FakeClock([0.0, *ends]))
+    clock.start()
+    for step in range(1, 11):
+        clock.tick(step)
+    rates = clock.rates()
+    assert rates["step_seconds"] == [5.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert rates["steady_step_seconds_median"] == 1.0  # steps 3..10: the stall moves the mean, not this
+    assert rates["steady_steps_per_s"] == pytest.approx(8 / 10)
+
+
+def test_step_clock_after_a_resume_times_the_first_new_step_from_the_start() -> None:
+    clock = StepClock(20, first_step=15, clock=FakeClock([10.0, 12.0, 13.0, 14.5]))
+    clock.start()
+    for step in (16, 17, 18):
+        clock.tick(step)
+    assert clock.step_seconds() == {16: 2.0, 17: 1.0, 18: 1.5}
+    assert clock.rates()["steady_step_seconds_median"] == 1.25  # steps 17 and 18
 
 
 def test_resource_record_on_the_cpu_has_no_memory_and_gathers_nothing() -> None:

@@ -6,6 +6,7 @@ through ``accelerate launch``) can be compared from their artifacts alone (``ben
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,12 @@ class StepClock:
     leaves out the first fifth of the run (at least one step). ``synchronize`` (``torch.cuda.synchronize``
     on a GPU) waits for queued device work at the two steps whose times bound the steady window, and at
     no other: the host clock then reads when the GPU finished, at the cost of two stalls per run.
+
+    Each step's own time is the host time between the ends of two consecutive steps. It is the step's
+    device time only where the loop waits for the GPU once a step: ``lorasoup cat`` (and ``moe``) read
+    the loss every step; the Trainer (``lorasoup train``) reads it on logging steps only, so there set
+    ``train.logging_steps: 1``, or the host may queue steps ahead and single steps' times spread. The
+    steady rate is exact either way.
     """
 
     def __init__(
@@ -47,15 +54,35 @@ class StepClock:
             self.synchronize()
         self.ends[step] = self.clock()
 
+    def step_seconds(self) -> dict[int, float]:
+        """``{step: seconds}``: the time from the previous step's end (from ``start`` for the first
+        step) to this one's, for every step whose previous end was recorded."""
+        previous = {**self.ends, self.first_step: self.started}
+        return {
+            step: end - previous[step - 1]
+            for step, end in sorted(self.ends.items())
+            if previous.get(step - 1) is not None
+        }
+
     def rates(self) -> dict[str, Any]:
-        """``steps_per_s`` (from ``start``), ``steady_steps_per_s`` (after ``steady_from``), or None."""
+        """``steps_per_s`` (from ``start``), ``steady_steps_per_s`` (after ``steady_from``), or None;
+        ``step_seconds`` (each step's time, in step order from ``first_step + 1``) and
+        ``steady_step_seconds_median`` (the median over the steady steps, or None)."""
         last = max(self.ends, default=None)
         overall = steady = None
         if last is not None and self.started is not None and self.ends[last] > self.started:
             overall = (last - self.first_step) / (self.ends[last] - self.started)
         if last is not None and last > self.steady_from and self.steady_from in self.ends:
             steady = (last - self.steady_from) / (self.ends[last] - self.ends[self.steady_from])
-        return {"steps_per_s": overall, "steady_steps_per_s": steady, "steady_from_step": self.steady_from}
+        seconds = self.step_seconds()
+        steady_seconds = [value for step, value in seconds.items() if step > self.steady_from]
+        return {
+            "steps_per_s": overall,
+            "steady_steps_per_s": steady,
+            "steady_from_step": self.steady_from,
+            "step_seconds": [round(value, 6) for value in seconds.values()],
+            "steady_step_seconds_median": statistics.median(steady_seconds) if steady_seconds else None,
+        }
 
 
 def synchronizer(device: torch.device) -> Callable[[], None] | None:

@@ -161,6 +161,9 @@ def test_output_is_a_plain_peft_adapter_with_run_json(trained, base_dir):
     assert set(record["timings_s"]) >= {"load", "train", "save"}
     assert record["training"]["throughput"]["steady_from_step"] == 16  # the first fifth of 80 steps
     assert record["training"]["throughput"]["steady_steps_per_s"] > 0
+    step_seconds = record["training"]["throughput"]["step_seconds"]
+    assert len(step_seconds) == 80 and min(step_seconds) > 0  # every optimizer step, timed
+    assert record["training"]["throughput"]["steady_step_seconds_median"] > 0
     assert record["resources"]["num_processes"] == 1
     if not torch.cuda.is_available():
         assert record["resources"]["peak_gpu_memory_gib"] is None

@@ -11,7 +11,8 @@ timed from its ``run.json``, against the bench's own step in the same session (s
 2. ``python -m lorasoup cat cat-K.yaml`` per K (``train.compile: --compile``, default
    ``reduce-overhead`` on a GPU, ``none`` on ``--tiny``; ``data.pad_to_multiple_of`` = the row length, so
    every step has one shape), then ``python -m lorasoup train train.yaml`` (LoRA r = 32 trained with the
-   Trainer; ``lorasoup train`` has no ``train.compile``, so it runs eager; ``train.logging_steps: 1``, so
+   Trainer; ``train.compile`` from ``--train-compile``, default ``none``, as the eager bench step it is
+   compared with; ``train.logging_steps: 1``, so
    the Trainer reads the loss every step as CAT's loop does and one step's time is its own), each in its
    own process with a time limit.
 3. From each ``run.json`` (``training.throughput``): the median of the steady steps' times
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", default=[2], help="adapters per CAT run (one run per K)")
     p.add_argument("--commands", nargs="+", choices=["cat", "train"], default=["cat", "train"])
     p.add_argument("--compile", choices=sorted(COMPILE_TO_BENCH_MODE), help="train.compile of the CAT runs")
+    train_help = "train.compile of the `lorasoup train` run (the Trainer's whole-model torch.compile; default "
+    train_help += "none, as the eager lora_train step it is compared with)"
+    p.add_argument("--train-compile", choices=sorted(COMPILE_TO_BENCH_MODE), default="none", help=train_help)
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 30; 6 with --tiny)")
     p.add_argument("--batch", type=int, help="rows per step (default 4; 2 with --tiny)")
     p.add_argument("--seq", type=int, help="tokens per row (default 256; 32 with --tiny)")
@@ -208,6 +212,7 @@ def train_config(args: argparse.Namespace, work: Path) -> dict:
             "save_steps": 0,
             "eval_steps": 0,
             "seed": args.seed,
+            "compile": args.train_compile,
         },
     }
 
@@ -329,7 +334,7 @@ def from_run_json(output: Path) -> dict:
 def run_one(name: str, command: str, config: Path, args: argparse.Namespace) -> dict:
     loaded = yaml.safe_load(config.read_text())
     row = {"run": name, "command": command, "config": str(config)}
-    row["compile"] = loaded["train"].get("compile", "none (lorasoup train has no train.compile)")
+    row["compile"] = loaded["train"].get("compile", "none")
     row.update(run_command(command, config, Path(args.work) / f"{name}.log", args.timeout))
     try:
         if row["rc"] != 0:

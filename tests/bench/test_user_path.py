@@ -64,14 +64,14 @@ def test_user_path_configs_go_through_the_commands_loaders(tmp_path, monkeypatch
     args = user_path.parse_args(["--tiny", "--ks", "2", "4", "--work", str(tmp_path)])
     configs = user_path.write_configs(args, tmp_path)
     assert set(configs) == {"cat-2", "cat-4", "train"}
-    # `lorasoup train` takes no train.compile: a config that sets it fails here, not on the GPU
+    # a key the commands' loaders refuse fails here, not on the GPU
     plain = user_path.train_config
 
-    def with_compile(args, work):
+    def with_typo(args, work):
         config = plain(args, work)
-        config["train"]["compile"] = "reduce-overhead"
+        config["train"]["compile_mode"] = "reduce-overhead"
         return config
 
-    monkeypatch.setattr(user_path, "train_config", with_compile)
-    with pytest.raises(ConfigError, match=r"unknown key 'train\.compile'"):
+    monkeypatch.setattr(user_path, "train_config", with_typo)
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.compile_mode'"):
         user_path.write_configs(args, tmp_path)

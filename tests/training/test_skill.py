@@ -30,7 +30,7 @@ from lorasoup.training.data import IGNORE_INDEX
 from lorasoup.training.packing import pack_examples
 from lorasoup.training.skill import resolve_resume, train_skill
 from lorasoup.training.skill_data import build_training_data, load_source
-from tests.conftest import TINY_DECODER
+from tests.conftest import TINY_DECODER, on_gpu
 
 runner = CliRunner()
 WORDS = [("cat", "mat"), ("sat", "dog"), ("mat", "sun"), ("the", "one"), ("what", "two")]
@@ -430,3 +430,21 @@ def test_data_parallel_is_announced_with_the_real_batch() -> None:
     two = SimpleNamespace(n_gpu=2, train_batch_size=32, gradient_accumulation_steps=1, world_size=1)
     (notice,) = data_parallel_notice(two)
     assert global_batch(two) == 32 and "DataParallel" in notice and "32 rows" in notice
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_writes_the_eager_adapter(base_dir, tmp_path, mode):
+    """``train.compile`` (the Trainer's torch.compile): the saved adapter is a plain PEFT adapter (no
+    compiled wrapper's key prefix) and close to the eager run's; the losses are finite."""
+    data = write_json(tmp_path / "pairs.json", MAPPING)
+    adapters = {}
+    for name in ("none", mode):
+        config = make_config(base_dir, tmp_path / name, [str(data)], train={"compile": name, "max_steps": 6})
+        result = train_skill(config)
+        assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+        adapters[name] = adapter_tensors(tmp_path / name)
+    assert adapters["none"].keys() == adapters[mode].keys()
+    assert not any("_orig_mod" in key for key in adapters[mode])
+    for key, eager in adapters["none"].items():  # fused kernels reorder sums: close, not bit-equal
+        torch.testing.assert_close(adapters[mode][key], eager, rtol=5e-2, atol=5e-3)

@@ -73,6 +73,17 @@ def test_minimal_config_defaults_and_overrides():
     assert args.report_to in ([], ["none"], "none") and args.disable_tqdm and args.seed == 0
 
 
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("none", None), ("default", "default"), ("reduce-overhead", "reduce-overhead")]
+)
+def test_train_compile_reaches_the_trainer(mode, expected):
+    config = load_config(TrainRunConfig, base=BASE, overrides=[f"train.compile={mode}"])
+    args = training_arguments(config, has_eval=False, quiet=True)
+    assert args.torch_compile == (expected is not None)
+    if expected is not None:  # the Trainer's own default mode is "default" when None is passed
+        assert args.torch_compile_mode in ((None, "default") if expected == "default" else (expected,))
+
+
 def test_warmup_is_steps_or_a_fraction():
     steps = load_config(TrainRunConfig, base=BASE, overrides=["train.warmup=100"])
     ratio = load_config(TrainRunConfig, base=BASE, overrides=["train.warmup=0.1"])
@@ -106,6 +117,7 @@ BAD = {
     "bad warmup": (["train.warmup=1.5"], "integer for steps"),
     "bad target string": (["lora.target_modules=all"], "all-linear"),
     "bad dtype": (["train.dtype=fp8"], "float32"),
+    "bad compile": (["train.compile=fast"], "reduce-overhead"),
     "best without eval": (
         ["train.load_best_at_end=true", "train.eval_steps=10", "train.save_steps=20"],
         "eval_size",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lorasoup.config import require
-from lorasoup.options import check_schedule
+from lorasoup.options import COMPILE_MODES, CompileMode, check_schedule
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -198,8 +198,16 @@ class TrainOptions:
     load_best_at_end: bool = False
     logging_steps: int = 10
     use_cpu: bool = False
+    # torch.compile of the whole PEFT model by the Trainer (``torch_compile``/``torch_compile_mode``):
+    # none | default | reduce-overhead (CUDA graphs: give it fixed shapes, rows of one length) |
+    # max-autotune-no-cudagraphs. Compiling is paid once, in the first steps.
+    compile: CompileMode = "none"
 
     def validate(self) -> None:
+        require(
+            self.compile in COMPILE_MODES,
+            f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}",
+        )
         check_schedule(self)
         require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         require(self.save_steps >= 0, "train.save_steps must be >= 0 (0: no checkpoints)")

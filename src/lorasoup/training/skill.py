@@ -187,6 +187,9 @@ def training_arguments(config: TrainRunConfig, *, has_eval: bool, quiet: bool) -
         use_cpu=t.use_cpu or not cuda_available(),
         remove_unused_columns=False,  # the collator already returns exactly the model's inputs
     )
+    if t.compile != "none":
+        kwargs["torch_compile"] = True
+        kwargs["torch_compile_mode"] = None if t.compile == "default" else t.compile
     return TrainingArguments(**_for_installed_transformers(kwargs))
 
 

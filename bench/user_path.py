@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", default=[2], help="adapters per CAT run (one run per K)")
     p.add_argument("--commands", nargs="+", choices=["cat", "train"], default=["cat", "train"])
     p.add_argument("--compile", choices=sorted(COMPILE_TO_BENCH_MODE), help="train.compile of the CAT runs")
-    train_help = "train.compile of the `lorasoup train` run (the Trainer's whole-model torch.compile; default "
-    train_help += "none, as the eager lora_train step it is compared with)"
+    train_help = "train.compile of the `lorasoup train` run (the Trainer's whole-model torch.compile; "
+    train_help += "default none, as the eager lora_train step it is compared with)"
     p.add_argument("--train-compile", choices=sorted(COMPILE_TO_BENCH_MODE), default="none", help=train_help)
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 30; 6 with --tiny)")
     p.add_argument("--batch", type=int, help="rows per step (default 4; 2 with --tiny)")

@@ -508,3 +508,24 @@ def _processes_mentioning(text: str) -> list[int]:
             if text.encode() in cmdline:
                 found.append(int(entry))
     return found
+
+
+def test_program_cache_runs_each_distinct_program_once(monkeypatch) -> None:
+    import lorasoup.evaluation.sandbox as sandbox_module
+
+    ran: list[list[str]] = []
+    real = sandbox_module.run_programs
+
+    def spy(codes, **kwargs):
+        ran.append(list(codes))
+        return real(codes, **kwargs)
+
+    monkeypatch.setattr(sandbox_module, "run_programs", spy)
+    cache = sandbox_module.ProgramCache()
+    first = cache.run(["def solution():\n    return 6 * 7\n", "def solution():\n    return 1\n"])
+    again = cache.run(["def solution():\n    return 1\n", "def solution():\n    return 2 + 2\n"])
+    assert [r.returned for r in first] == ["42", "1"] and [r.returned for r in again] == ["1", "4"]
+    assert ran == [ran[0], ["def solution():\n    return 2 + 2\n"]] and len(ran[0]) == 2  # only the new one
+    assert again[0] is first[1] and cache.hits == 1 and len(cache) == 3
+    other_limits = cache.run(["def solution():\n    return 1\n"], limits=SandboxLimits(timeout_s=2.0))
+    assert other_limits[0].returned == "1" and len(cache) == 4  # limits are part of the key

@@ -358,3 +358,28 @@ def test_strict_pal_scorer_and_identical_programs_run_once(monkeypatch):
     assert len(seen) == 1 and len(seen[0]) == 2  # two distinct programs, each run once
     lenient = task.score(rows[:2], texts[:2], SandboxOptions(timeout_s=2.0, workers=2))
     assert [s.verdict for s in lenient] == ["correct", "correct"]  # printing counts for `program`
+
+
+def test_a_program_cache_carries_results_across_score_calls(monkeypatch):
+    from lorasoup.evaluation import sandbox
+
+    task, examples = prepared("gsm-hard")
+    seen = []
+    real = sandbox.run_programs
+
+    def counting(codes, **kwargs):
+        seen.append(list(codes))
+        return real(codes, **kwargs)
+
+    monkeypatch.setattr(sandbox, "run_programs", counting)
+    cache = sandbox.ProgramCache()
+    options = SandboxOptions(timeout_s=2.0, workers=2)
+    texts, rows = [PROGRAMS["correct int"], PROGRAMS["printed"]], [examples[0], examples[1]]
+    first = task.score(rows, texts, options, cache)
+    second = task.score(rows, texts, options, cache)  # another model writing the same programs
+    assert [s.verdict for s in first] == [s.verdict for s in second] == ["correct", "correct"]
+    assert [s.extracted for s in first] == [s.extracted for s in second]
+    assert len(seen) == 2 and len(seen[0]) == 2 and seen[1] == []  # the second call ran nothing
+    assert cache.hits == 2 and len(cache) == 2
+    plain = task.score(rows, texts, options)  # no cache: runs again
+    assert len(seen) == 3 and [s.verdict for s in plain] == ["correct", "correct"]

@@ -448,3 +448,22 @@ def test_compiled_training_writes_the_eager_adapter(base_dir, tmp_path, mode):
     assert not any("_orig_mod" in key for key in adapters[mode])
     for key, eager in adapters["none"].items():  # fused kernels reorder sums: close, not bit-equal
         torch.testing.assert_close(adapters[mode][key], eager, rtol=5e-2, atol=5e-3)
+
+
+def test_group_by_length_batches_carry_less_padding(base_dir, tmp_path, tokenizer):
+    """``train.group_by_length``: the Trainer's batches hold rows of similar length, so they are padded
+    to narrower widths than random batches of the same rows."""
+    rows = [{"instruction": "the " * (1 + i % 12), "output": "one"} for i in range(96)]
+    data = write_json(tmp_path / "varied.json", rows)
+    widths = {}
+    for grouped in (False, True):
+        config = make_config(
+            base_dir, tmp_path / f"out-{grouped}", [str(data)],
+            train={"batch_size": 4, "group_by_length": grouped},
+        )  # fmt: skip
+        training = build_training_data(config, tokenizer)
+        trainer = skill._build_trainer(config, torch.nn.Linear(1, 1), training, tokenizer.pad_token_id, None)
+        loader = trainer.get_train_dataloader()
+        assert sum(len(batch["input_ids"]) for batch in loader) == len(rows)  # every row, once
+        widths[grouped] = sum(batch["input_ids"].shape[1] for batch in loader)
+    assert widths[True] < 0.85 * widths[False]

@@ -84,6 +84,19 @@ def test_train_compile_reaches_the_trainer(mode, expected):
         assert args.torch_compile_mode in ((None, "default") if expected == "default" else (expected,))
 
 
+def test_group_by_length_reaches_the_trainer():
+    plain = training_arguments(load_config(TrainRunConfig, base=BASE), has_eval=False, quiet=True)
+    grouped = load_config(TrainRunConfig, base=BASE, overrides=["train.group_by_length=true"])
+    args = training_arguments(grouped, has_eval=False, quiet=True)
+    strategy = lambda a: (
+        getattr(a, "train_sampling_strategy", None)
+        or (  # noqa: E731  (transformers 4.x)
+            "group_by_length" if getattr(a, "group_by_length", False) else "random"
+        )
+    )
+    assert (strategy(plain), strategy(args)) == ("random", "group_by_length")
+
+
 def test_warmup_is_steps_or_a_fraction():
     steps = load_config(TrainRunConfig, base=BASE, overrides=["train.warmup=100"])
     ratio = load_config(TrainRunConfig, base=BASE, overrides=["train.warmup=0.1"])

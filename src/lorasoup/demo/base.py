@@ -81,21 +81,29 @@ def pretrain_base(
     progress: Callable[[int, int, float], None] | None = None,
     template: str = "plain",
     device: str = "cpu",
+    group_by_length: bool = False,
 ) -> dict[str, float]:
     """Train a fresh model on ``records`` (loss on the responses) and save it with its tokenizer.
 
     ``template``: how records become prompts (``verbatim`` for records already rendered in a format);
-    ``device``: where it trains (``cpu`` or ``cuda``).
+    ``device``: where it trains (``cpu`` or ``cuda``); ``group_by_length``: batches of rows of similar
+    length (transformers' ``LengthGroupedSampler``, as the Trainer's ``group_by_length``), else random.
     """
     model = build_model(size, tokenizer, seed).to(device)
     dataset = build_dataset(records, tokenizer, template=template, cutoff_len=64, name="demo base")
+    generator = torch.Generator().manual_seed(seed)
+    order: dict[str, Any] = {"shuffle": True, "generator": generator}
+    if group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = [len(row["input_ids"]) for row in dataset]
+        order = {"sampler": LengthGroupedSampler(size.batch_size, lengths=lengths, generator=generator)}
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=size.batch_size,
-        shuffle=True,
         drop_last=True,
         collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
+        **order,
     )
     on_gpu = device != "cpu"
     fused = {"fused": True} if on_gpu else {}  # one kernel per step on the GPU; the CPU keeps its default

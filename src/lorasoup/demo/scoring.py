@@ -19,6 +19,7 @@ from lorasoup.demo.device import resolve_device
 from lorasoup.demo.settings import TASKS, DemoSettings
 from lorasoup.errors import LorasoupError
 from lorasoup.evaluation.generate import GenerationSettings
+from lorasoup.evaluation.sandbox import ProgramCache
 from lorasoup.evaluation.tasks import SandboxOptions, Task, TaskSpec
 
 
@@ -102,6 +103,8 @@ class Scorer:
         self.device = resolve_device(settings.device)
         self.backend = getattr(settings, "eval_backend", "hf")
         self.fallbacks: list[str] = []  # "method / task: why" for each score the hf backend had to redo
+        # Every row scores the same test sets, and many rows write the same programs: run each once.
+        self.programs = ProgramCache()
 
     def add_task(self, name: str, task: Task, examples: list[Any], batch_size: int | None = None) -> None:
         """Score ``task`` on ``examples`` too (a task read from files, such as GSM-Hard)."""
@@ -142,12 +145,16 @@ class Scorer:
         if backend != "hf":
             try:
                 outcome = evaluate_model(
-                    model, self.tokenizer, task, examples, settings, sandbox=sandbox, backend=backend
-                )
+                    model, self.tokenizer, task, examples, settings, sandbox=sandbox, backend=backend,
+                    program_cache=self.programs,
+                )  # fmt: skip
                 return outcome, backend
             except (LorasoupError, RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
                 self.fallbacks.append(f"{method} / {name}: {' '.join(str(exc).split())[:200]}")
-        return evaluate_model(model, self.tokenizer, task, examples, settings, sandbox=sandbox), "hf"
+        outcome = evaluate_model(
+            model, self.tokenizer, task, examples, settings, sandbox=sandbox, program_cache=self.programs
+        )
+        return outcome, "hf"
 
 
 def scored_accuracy(path: Path, examples: int) -> float | None:

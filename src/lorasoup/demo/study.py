@@ -112,7 +112,12 @@ def demo_tokenizer(settings: DemoSettings) -> Any:
 
 def _pretrain(benchmark: Benchmark, tokenizer: Any, base_dir: Path, settings: DemoSettings, seed: int) -> Any:
     """The base model; with ``format_robust`` it learns its language in every frame (robustness.py)."""
-    where = {"size": settings.base, "seed": seed, "device": resolve_device(settings.device)}
+    where = {
+        "size": settings.base,
+        "seed": seed,
+        "device": resolve_device(settings.device),
+        "group_by_length": settings.group_by_length,
+    }
     if not settings.format_robust:
         return pretrain_base(benchmark.base, tokenizer, base_dir, **where)
     records = render_in_formats(benchmark.base, BASE_FORMATS, seed)  # already framed: train verbatim

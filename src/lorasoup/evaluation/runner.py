@@ -49,6 +49,8 @@ from lorasoup.evaluation.tasks.scoring import scoring_record
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from lorasoup.evaluation.sandbox import ProgramCache
+
 EXAMPLES_FILE = "examples.jsonl"
 FINGERPRINT_FILE = "fingerprint.json"
 ProgressHook = Callable[[int, int, float], None]
@@ -91,12 +93,14 @@ def evaluate_model(
     sandbox: SandboxOptions | None = None,
     progress: ProgressHook | None = None,
     backend: str = "hf",
+    program_cache: ProgramCache | None = None,
 ) -> EvalOutcome:
     """Score an in-memory model on ``examples`` (from ``task.load(...)`` or ``task.examples(rows)``).
 
     ``task`` may be a registered task name if it needs no few-shot file; ``settings`` defaults to the
-    task's own; ``backend`` is ``hf`` or ``cudagraph`` (greedy; graphs on CUDA, eager steps elsewhere).
-    Nothing is written.
+    task's own; ``backend`` is ``hf`` or ``cudagraph`` (greedy; graphs on CUDA, eager steps elsewhere);
+    ``program_cache``: one ``sandbox.ProgramCache`` shared by the calls that score several models on
+    one test set runs each distinct program once. Nothing is written.
     """
     from lorasoup.evaluation.backends import model_generator
 
@@ -105,8 +109,9 @@ def evaluate_model(
     settings = settings or task_settings(task)
     run = model_generator(backend, model, tokenizer)
     results, throughput = run_examples(
-        run, tokenizer, task, examples, settings, sandbox=sandbox, progress=progress
-    )
+        run, tokenizer, task, examples, settings,
+        sandbox=sandbox, progress=progress, program_cache=program_cache,
+    )  # fmt: skip
     return EvalOutcome(results, summarise(results, task.spec), throughput)
 
 
@@ -121,6 +126,7 @@ def run_examples(
     chunk_size: int | None = None,
     on_chunk: Callable[[list[ExampleResult]], None] | None = None,
     progress: ProgressHook | None = None,
+    program_cache: ProgramCache | None = None,
 ) -> tuple[list[ExampleResult], dict[str, Any]]:
     """Generate and score in chunks (longest prompts first), handing each scored chunk to ``on_chunk``.
 
@@ -137,7 +143,8 @@ def run_examples(
         began = time.perf_counter()
         generations = generate_fn([prompts[i] for i in chunk], settings)
         generated = time.perf_counter()
-        scored = task.score([examples[i] for i in chunk], [g.text for g in generations], sandbox)
+        texts = [g.text for g in generations]
+        scored = task.score([examples[i] for i in chunk], texts, sandbox, program_cache)
         clock["generate_s"] += generated - began
         clock["score_s"] += time.perf_counter() - generated
         batch = [

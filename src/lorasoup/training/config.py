@@ -198,6 +198,9 @@ class TrainOptions:
     load_best_at_end: bool = False
     logging_steps: int = 10
     use_cpu: bool = False
+    # Batches of rows of similar length (the Trainer's LengthGroupedSampler: shuffled groups of 50
+    # batches, sorted by length inside a group): less padding, so fewer FLOPs where lengths vary.
+    group_by_length: bool = False
     # torch.compile of the whole PEFT model by the Trainer (``torch_compile``/``torch_compile_mode``):
     # none | default | reduce-overhead (CUDA graphs: give it fixed shapes, rows of one length) |
     # max-autotune-no-cudagraphs. Compiling is paid once, in the first steps.

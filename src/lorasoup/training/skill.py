@@ -187,6 +187,8 @@ def training_arguments(config: TrainRunConfig, *, has_eval: bool, quiet: bool) -
         use_cpu=t.use_cpu or not cuda_available(),
         remove_unused_columns=False,  # the collator already returns exactly the model's inputs
     )
+    if t.group_by_length:
+        kwargs["train_sampling_strategy"] = "group_by_length"
     if t.compile != "none":
         kwargs["torch_compile"] = True
         kwargs["torch_compile_mode"] = None if t.compile == "default" else t.compile
@@ -194,12 +196,15 @@ def training_arguments(config: TrainRunConfig, *, has_eval: bool, quiet: bool) -
 
 
 def _for_installed_transformers(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Rename v5 arguments for transformers 4.x (``gradient_checkpointing*``, ``warmup_ratio``)."""
+    """Rename v5 arguments for transformers 4.x (``gradient_checkpointing*``, ``warmup_ratio``,
+    ``group_by_length``)."""
     accepted = inspect.signature(TrainingArguments).parameters
     kwargs = dict(kwargs)
     if "activation_checkpointing" not in accepted:
         kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
         kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
+    if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in accepted:
+        kwargs["group_by_length"] = kwargs.pop("train_sampling_strategy") == "group_by_length"
     if isinstance(kwargs["warmup_steps"], float) and "warmup_ratio" in accepted:
         kwargs["warmup_ratio"] = kwargs.pop("warmup_steps")
     return kwargs

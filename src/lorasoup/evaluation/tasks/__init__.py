@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from lorasoup.errors import ConfigError, DataError
 from lorasoup.evaluation.tasks.data import Example, examples_from_rows, load_examples, read_rows
-from lorasoup.evaluation.tasks.scoring import SCORERS, SandboxOptions, Scored
+from lorasoup.evaluation.tasks.scoring import PROGRAM_SCORERS, SCORERS, SandboxOptions, Scored
 from lorasoup.evaluation.tasks.spec import FewShotSpec, TaskSpec, load_task_spec
 from lorasoup.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from lorasoup.evaluation.sandbox import ProgramCache
 
 __all__ = [
     "Example",
@@ -179,8 +181,15 @@ class Task:
         return prompt
 
     def score(
-        self, examples: Sequence[Example], texts: Sequence[str], options: SandboxOptions | None = None
+        self,
+        examples: Sequence[Example],
+        texts: Sequence[str],
+        options: SandboxOptions | None = None,
+        cache: ProgramCache | None = None,
     ) -> list[Scored]:
+        """Score ``texts``; ``cache`` (program-running scorers only) keeps programs' results across calls."""
+        if cache is not None and self.spec.scorer in PROGRAM_SCORERS:
+            return self.scorer(self.spec, examples, texts, options or SandboxOptions(), cache)
         return self.scorer(self.spec, examples, texts, options or SandboxOptions())
 
 

@@ -36,6 +36,7 @@ from lorasoup.evaluation.metrics import METRICS, reads_question
 from lorasoup.registry import Registry
 
 if TYPE_CHECKING:
+    from lorasoup.evaluation.sandbox import ProgramCache
     from lorasoup.evaluation.tasks.data import Example
     from lorasoup.evaluation.tasks.spec import TaskSpec
 
@@ -168,6 +169,7 @@ def _run_programs(
     options: SandboxOptions,
     *,
     require_solution: bool,
+    cache: ProgramCache | None,
 ) -> list[Scored]:
     from lorasoup.evaluation.sandbox import SandboxLimits, run_programs
 
@@ -176,7 +178,8 @@ def _run_programs(
         timeout_s=options.timeout_s, cpu_s=max(1, math.ceil(options.timeout_s)), memory_mb=options.memory_mb
     )
     unique = list(dict.fromkeys(code for code in codes if code is not None))
-    ran = run_programs(unique, call="solution", limits=limits, workers=options.workers) if unique else []
+    run = run_programs if cache is None else cache.run
+    ran = run(unique, call="solution", limits=limits, workers=options.workers) if unique else []
     by_code = dict(zip(unique, ran, strict=True))
     results = []
     for code, example in zip(codes, examples, strict=True):
@@ -190,16 +193,24 @@ def _run_programs(
 
 @SCORERS.register("program")
 def program(
-    spec: TaskSpec, examples: Sequence[Example], texts: Sequence[str], options: SandboxOptions
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    texts: Sequence[str],
+    options: SandboxOptions,
+    cache: ProgramCache | None = None,
 ) -> list[Scored]:
-    return _run_programs(spec, examples, texts, options, require_solution=False)
+    return _run_programs(spec, examples, texts, options, require_solution=False, cache=cache)
 
 
 @SCORERS.register("program_solution")
 def program_solution(
-    spec: TaskSpec, examples: Sequence[Example], texts: Sequence[str], options: SandboxOptions
+    spec: TaskSpec,
+    examples: Sequence[Example],
+    texts: Sequence[str],
+    options: SandboxOptions,
+    cache: ProgramCache | None = None,
 ) -> list[Scored]:
-    return _run_programs(spec, examples, texts, options, require_solution=True)
+    return _run_programs(spec, examples, texts, options, require_solution=True, cache=cache)
 
 
 def _judge_run(spec: TaskSpec, example: Example, run: Any, *, require_solution: bool) -> Scored:

@@ -356,13 +356,18 @@ def report_header(
     """The report's title and the paragraph that says what was run (``_write_report`` adds the rest)."""
     base = facts[0]["base_model"]
     sizes = settings.sizes
+    code_skill = {
+        "procedural": "programs for stated computations that are not word problems (13 reasoning-gym "
+        "procedural generators; code scored on instances from another stream)",
+        "codeio": "programs for CodeI/O tasks (code scored on held-out tasks)",
+    }[settings.code_skill]
     return [
         f"# lorasoup demo on {MODEL_NAME}: composing a math skill and a code skill",
         "",
         "Composite task: a GSM-style word problem (reasoning-gym `gsm_symbolic`) answered by a Python "
         "program that defines `solution()`, run in the sandbox. The math skill LoRA learned worked "
-        "answers to such problems; the code skill LoRA learned to write programs for CodeI/O tasks "
-        "(code scored on held-out tasks). See docs/demo.md.",
+        f"answers to such problems; the code skill LoRA learned to write {code_skill}. "
+        "See docs/real-model.md.",
         "",
         f"Seeds: {', '.join(map(str, seeds))}. Base model: {settings.model} "
         f"({base.get('num_parameters', 0):,} parameters), `{settings.template}` template. "

@@ -68,15 +68,16 @@ def demo(
         ),
     ] = False,
 ) -> None:
-    """Run the embedded default: a skill-composition study on a CPU, no download (about 6½ minutes
+    """Run the embedded default: a skill-composition study on a CPU, no download (about 4½ minutes
     on 2 idle cores).
 
     It runs on a CUDA GPU when one is visible (--set device=cpu|cuda|auto; default auto).
 
     A miniature of the LoRA Soups GSM-Hard experiment: a tiny Llama learns a base language of word
     problems, two skill LoRAs learn "multiplication stories -> arithmetic" and "arithmetic -> Python
-    solution()", and every method (DATA-MIX, linear, TIES, DARE, SVD, CAT) is scored on the composite
-    task (a program for a multiplication story, run in the sandbox) and on each skill's own task.
+    solution()", and every method (DATA-MIX, linear, TIES, DARE, SVD, core-space TIES, TSV, layer
+    swap, CAT, LoraHub, MoE, oracle) is scored on the composite task (a program for a multiplication
+    story, run in the sandbox) and on each skill's own task.
     Writes OUTPUT/report.md, report.html (table, bar chart, CAT weight heatmap) and results.json.
     """
     from lorasoup.demo import MODES, combine_runs, run_demo, seed_list

@@ -511,17 +511,10 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def test_program_cache_runs_each_distinct_program_once(monkeypatch) -> None:
-    import lorasoup.evaluation.sandbox as sandbox_module
+    from tests.evaluation.test_tasks import count_program_runs
 
-    ran: list[list[str]] = []
-    real = sandbox_module.run_programs
-
-    def spy(codes, **kwargs):
-        ran.append(list(codes))
-        return real(codes, **kwargs)
-
-    monkeypatch.setattr(sandbox_module, "run_programs", spy)
-    cache = sandbox_module.ProgramCache()
+    ran = count_program_runs(monkeypatch)
+    cache = sandbox.ProgramCache()
     first = cache.run(["def solution():\n    return 6 * 7\n", "def solution():\n    return 1\n"])
     again = cache.run(["def solution():\n    return 1\n", "def solution():\n    return 2 + 2\n"])
     assert [r.returned for r in first] == ["42", "1"] and [r.returned for r in again] == ["1", "4"]

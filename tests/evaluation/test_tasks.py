@@ -337,12 +337,11 @@ def test_shared_test_files_load():
     assert sum(1 for e in math if e.reference != int(e.reference)) == 303
 
 
-def test_strict_pal_scorer_and_identical_programs_run_once(monkeypatch):
+def count_program_runs(monkeypatch) -> list[list[str]]:
+    """Each call of the sandbox's ``run_programs`` from here on: the programs it was given."""
     from lorasoup.evaluation import sandbox
 
-    task, examples = prepared("gsm-hard")
-    strict = Task(TaskSpec(**{**vars(task.spec), "scorer": "program_solution"}), num_fewshot=0)
-    seen = []
+    seen: list[list[str]] = []
     real = sandbox.run_programs
 
     def counting(codes, **kwargs):
@@ -350,6 +349,13 @@ def test_strict_pal_scorer_and_identical_programs_run_once(monkeypatch):
         return real(codes, **kwargs)
 
     monkeypatch.setattr(sandbox, "run_programs", counting)
+    return seen
+
+
+def test_strict_pal_scorer_and_identical_programs_run_once(monkeypatch):
+    task, examples = prepared("gsm-hard")
+    strict = Task(TaskSpec(**{**vars(task.spec), "scorer": "program_solution"}), num_fewshot=0)
+    seen = count_program_runs(monkeypatch)
     texts = [PROGRAMS["correct int"], PROGRAMS["printed"], PROGRAMS["correct int"], PROGRAMS["correct int"]]
     rows = [examples[0], examples[1], examples[0], examples[0]]
     scored = strict.score(rows, texts, SandboxOptions(timeout_s=2.0, workers=2))
@@ -364,14 +370,7 @@ def test_a_program_cache_carries_results_across_score_calls(monkeypatch):
     from lorasoup.evaluation import sandbox
 
     task, examples = prepared("gsm-hard")
-    seen = []
-    real = sandbox.run_programs
-
-    def counting(codes, **kwargs):
-        seen.append(list(codes))
-        return real(codes, **kwargs)
-
-    monkeypatch.setattr(sandbox, "run_programs", counting)
+    seen = count_program_runs(monkeypatch)
     cache = sandbox.ProgramCache()
     options = SandboxOptions(timeout_s=2.0, workers=2)
     texts, rows = [PROGRAMS["correct int"], PROGRAMS["printed"]], [examples[0], examples[1]]

@@ -24,7 +24,6 @@ from typing import Any
 
 from lorasoup.artifacts import (
     atomic_output_dir,
-    inputs_fingerprint,
     require_free_output,
     run_record,
     write_json_atomic,
@@ -48,6 +47,7 @@ from lorasoup.search.run import (
     WEIGHTS_FILE,
     SearchInputs,
     load_search_inputs,
+    search_inputs_record,
     write_warm_start,
 )
 
@@ -123,21 +123,9 @@ def _run_record(
     rank: int,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    from lorasoup.models import model_fingerprint
-
     return run_record(
-        command="search",
-        config=config,
-        seed=config.search.seed,
+        **search_inputs_record(config, inputs),
         timings=timings,
-        base_model=model_fingerprint(inputs.composition.model),
-        adapters={
-            a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in inputs.adapters
-        },
-        inputs_sha256=inputs_fingerprint(
-            [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
-            + [Path(p) for p in config.data.train]
-        ),
         layer_swap={
             "method": LAYER_SWAP,
             "objective": "mean response-token loss",

@@ -235,6 +235,26 @@ def run_search(config: SearchRunConfig, *, progress: ProgressHook | None = None)
     )
 
 
+def search_inputs_record(config: SearchRunConfig, inputs: SearchInputs) -> dict[str, Any]:
+    """``run.json``'s fields every search shares: the command, config, seed, base and adapters, and
+    the sha256 of the adapters' weights and of the target data."""
+    from lorasoup.models import model_fingerprint
+
+    return {
+        "command": "search",
+        "config": config,
+        "seed": config.search.seed,
+        "base_model": model_fingerprint(inputs.composition.model),
+        "adapters": {
+            a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in inputs.adapters
+        },
+        "inputs_sha256": inputs_fingerprint(
+            [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
+            + [Path(p) for p in config.data.train]
+        ),
+    }
+
+
 def _run_record(
     config: SearchRunConfig,
     inputs: SearchInputs,
@@ -243,22 +263,10 @@ def _run_record(
     notices: list[str],
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    from lorasoup.models import model_fingerprint
-
     dataset = inputs.dataset
     return run_record(
-        command="search",
-        config=config,
-        seed=config.search.seed,
+        **search_inputs_record(config, inputs),
         timings=timings,
-        base_model=model_fingerprint(inputs.composition.model),
-        adapters={
-            a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in inputs.adapters
-        },
-        inputs_sha256=inputs_fingerprint(
-            [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
-            + [Path(p) for p in config.data.train]
-        ),
         search=_search_facts(config.search, result)
         | {
             "examples": len(dataset),

@@ -211,3 +211,17 @@ def test_cli_merge_layer_swap_needs_its_section_and_names(make_lora, tmp_path) -
     assert extra.exit_code == 2 and "remove it" in extra.output
     ranked = CliRunner().invoke(app, [*base, "--set", "layer_swap.rest=math", "--rank", "2"])
     assert ranked.exit_code == 2 and "keeps the adapters' rank" in ranked.output
+
+
+def test_a_swapped_module_stays_on_its_factors_device() -> None:
+    """The GPU study merges on CUDA: the fold's coefficients follow the factors' device (a CPU table
+    times CUDA factors failed there). The meta device stands in for CUDA: mixing it with a CPU tensor
+    fails the same way."""
+    from lorasoup.adapters import LoraFactors
+    from lorasoup.merging.base import MergeParams
+    from lorasoup.merging.layer_swap import merge_swapped
+
+    factors = [LoraFactors(torch.empty(4, 8, device="meta"), torch.empty(6, 4, device="meta"), 2.0)] * 2
+    merged = merge_swapped(factors, torch.tensor([0.0, 1.0]), MergeParams(), torch.Generator())
+    assert merged.A.device.type == merged.B.device.type == "meta"
+    assert tuple(merged.A.shape) == (4, 8) and tuple(merged.B.shape) == (6, 4)

@@ -447,7 +447,10 @@ def test_compiled_training_writes_the_eager_adapter(base_dir, tmp_path, mode):
     assert adapters["none"].keys() == adapters[mode].keys()
     assert not any("_orig_mod" in key for key in adapters[mode])
     for key, eager in adapters["none"].items():  # fused kernels reorder sums: close, not bit-equal
-        torch.testing.assert_close(adapters[mode][key], eager, rtol=5e-2, atol=5e-3)
+        # a norm-wise bound: after 6 steps an element near zero may differ by more than its own size
+        # (seen on an H100: 1 of 512 entries, 0.012 apart), which says nothing about the adapter
+        error = (adapters[mode][key] - eager).norm() / eager.norm()
+        assert error < 0.05, f"{key}: compiled adapter {error:.3f} away from the eager one (relative norm)"
 
 
 def test_group_by_length_batches_carry_less_padding(base_dir, tmp_path, tokenizer):

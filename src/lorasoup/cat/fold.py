@@ -16,8 +16,9 @@ from lorasoup.export.serving import pad_rank
 
 
 def fold_factors(A: Tensor, B: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
-    """``A (R, in)``, ``B (out, R)``, ``c (R,)`` → ``(diag(c) A, B)``; inputs are not modified."""
-    return coefficients.to(A.dtype)[:, None] * A, B.clone()
+    """``A (R, in)``, ``B (out, R)``, ``c (R,)`` → ``(diag(c) A, B)``; inputs are not modified.
+    ``c`` may live on another device than the factors (a CPU table for CUDA factors)."""
+    return coefficients.to(device=A.device, dtype=A.dtype)[:, None] * A, B.clone()
 
 
 def fold_composition(

@@ -198,7 +198,8 @@ def layer_swap_factors(
         chosen = adapters[names.index(rule.adapter_for(layer_index(path), layers))].modules.get(path)
         if chosen is None:
             some = next(a.modules[path] for a in adapters if path in a.modules)
-            zero_A, zero_B = torch.zeros(1, some.in_features), torch.zeros(some.out_features, 1)
+            zero_A = torch.zeros(1, some.in_features, device=some.A.device)
+            zero_B = torch.zeros(some.out_features, 1, device=some.A.device)
             folded[path] = LoraFactors(zero_A, zero_B, 1.0)
             continue
         coefficients = torch.full((chosen.rank,), chosen.scale)  # one-hot weight 1 times s_k

@@ -88,12 +88,11 @@ def test_group_by_length_reaches_the_trainer():
     plain = training_arguments(load_config(TrainRunConfig, base=BASE), has_eval=False, quiet=True)
     grouped = load_config(TrainRunConfig, base=BASE, overrides=["train.group_by_length=true"])
     args = training_arguments(grouped, has_eval=False, quiet=True)
-    strategy = lambda a: (
-        getattr(a, "train_sampling_strategy", None)
-        or (  # noqa: E731  (transformers 4.x)
-            "group_by_length" if getattr(a, "group_by_length", False) else "random"
-        )
-    )
+
+    def strategy(a) -> str:  # transformers 5: train_sampling_strategy; 4.x: group_by_length
+        named = getattr(a, "train_sampling_strategy", None)
+        return named or ("group_by_length" if getattr(a, "group_by_length", False) else "random")
+
     assert (strategy(plain), strategy(args)) == ("random", "group_by_length")
 
 

@@ -96,8 +96,9 @@ class FitOptions:
     dtype: Dtype = "float32"
     device: str | None = None
     # torch.compile of each decoder layer (regional: one graph serves every layer, seconds to build).
-    # reduce-overhead adds CUDA graphs: on an H100 the 7B step is 1.14-1.18x the frozen base's floor
-    # (docs/benchmarks.md); give it fixed shapes (data.pad_to_multiple_of = data.cutoff_len).
+    # reduce-overhead adds CUDA graphs: on an H100 the 7B step is 1.17-1.20x the frozen base's own
+    # step under graphs (docs/benchmarks.md); without graphs CAT is host-bound (2.5x). Give it fixed
+    # shapes (data.pad_to_multiple_of = data.cutoff_len).
     compile: CompileMode = "none"
 
     def validate(self) -> None:

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed by issues 22 and 23, in one device call (under 10 minutes):
 #
-#   bash bench/device_open_issues.sh            # device tool, any one-GPU kind; nothing to carry
+#   bash bench/device_open_issues.sh            # device tool, any one-GPU kind; carry .wheels
+#       (gguf and cma, from `bench/device_smollm2.sh prepare`: the test suite imports gguf, and without
+#       it pytest stops at collection, as the session-8 call did)
 #   STEPS="tests core_merge" bash bench/device_open_issues.sh   # some of the steps (default: all three)
 #   STAGE_SMOLLM2=1 bash bench/device_open_issues.sh   # also stage part 0 of the SmolLM2 GGUF
 #       (carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels; bench/device_smollm2.sh)
 #
 # Two more steps, never run by default: user_path (at most 330 s) and eval_backends (at most 200 s).
-# The default three take up to 540 s, so each goes in a call beside some of them, e.g. two calls back
+# The default three take up to 640 s with their limits (about 470 s on an H100 in session 8: tests 90,
+# core_merge 60, cat_step ~320), so each goes in a call beside some of them, e.g. two calls back
 # to back (the SmolLM2 GGUF travels in two parts of 56 MiB, one per call):
 #   STAGE_SMOLLM2=1 STEPS="user_path" bash bench/device_open_issues.sh
 #       carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels   (part 0 and gguf ride along)
@@ -42,7 +45,12 @@ PY=${PYTHON:-python3}
 if [[ -n "${STAGE_SMOLLM2:-}" ]]; then
   bash bench/device_smollm2.sh stage || echo "== staging SmolLM2 failed (the measurements go on)"
 fi
-export PYTHONPATH=src
+site=${LORASOUP_ASSETS:-/tmp/lorasoup-assets}/site
+if compgen -G ".wheels/*.whl" >/dev/null; then  # the packages the device lacks, when carried
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    .wheels/*.whl || echo "== installing .wheels failed"
+fi
+export PYTHONPATH="src:$site${PYTHONPATH:+:$PYTHONPATH}"
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -63,9 +71,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
 
 wanted() { [[ " ${STEPS:-tests core_merge cat_step} " == *" $1 "* ]]; }
 
-wanted tests && step gpu-tests.txt 130 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
+wanted tests && step gpu-tests.txt 150 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
 wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --out "$out/core_merge.json"
-wanted cat_step && TAIL=40 step cat_step.log 240 "$PY" bench/cat_step.py --ks 2 4 --variants floor peft_multi peft_fp32 cat \
+wanted cat_step && TAIL=40 step cat_step.log 320 "$PY" bench/cat_step.py --ks 2 4 --variants floor peft_multi peft_fp32 cat \
   --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"
 # shellcheck disable=SC2086  # USER_PATH_KS is a list of K
 wanted user_path && TAIL=20 step user_path.log 330 "$PY" bench/user_path.py --ks ${USER_PATH_KS:-2} --bench-step \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed by issues 22 and 23, in one device call (under 10 minutes):
+# The GPU measurements still owed by issues 22 and 23, in device calls of under 10 minutes each:
 #
 #   bash bench/device_open_issues.sh            # device tool, any one-GPU kind; carry .wheels
 #       (gguf and cma, from `bench/device_smollm2.sh prepare`: the test suite imports gguf, and without

@@ -95,15 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def device_of(args: argparse.Namespace) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not args.tiny:
-        sys.exit("no CUDA device: the 7B-shaped run needs a GPU (use --tiny for a CPU smoke check)")
-    torch.set_num_threads(1)
-    return torch.device("cpu")
-
-
 def bench_args(args: argparse.Namespace, k: int | None = None) -> argparse.Namespace:
     """``cat_step.py``'s arguments for the same shape, batch, rank and mode (regional compile)."""
     argv = ["--variants", "cat", "--modes", COMPILE_TO_BENCH_MODE[args.compile], "--compile-scope", "layers"]
@@ -485,7 +476,7 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = device_of(args)
+    device = cat_step.device_of(args)
     result = header(args, device)
     prepared = prepare(args, device)
     result["prepare"] = {k: v for k, v in prepared.items() if k != "configs"}

@@ -105,9 +105,14 @@ def resumable_output_dir(
 
 
 def _move_into_place(folder: Path, destination: Path) -> None:
-    """Rename a finished ``folder`` to ``destination`` (its recorded paths relocated first), replacing
-    an older one only once it is whole."""
+    """Rename a finished ``folder`` to ``destination``, its recorded paths relocated first."""
     relocate_paths(folder, destination)
+    replace_dir(folder, destination)
+
+
+def replace_dir(folder: Path, destination: Path) -> None:
+    """Rename a finished ``folder`` to ``destination``, replacing an older one only once it is whole
+    (the old one is renamed aside first and removed after)."""
     if destination.exists():
         old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
         destination.rename(old)

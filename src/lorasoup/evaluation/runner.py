@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from lorasoup.artifacts import (
     atomic_file,
     inputs_fingerprint,
+    replace_dir,
     require_free_output,
     run_record,
     to_jsonable,
@@ -392,12 +393,7 @@ def _finalise(
     write_json_atomic(work / "run.json", record)
     if output.exists():
         require_free_output(output, overwrite=config.overwrite)
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        work.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(output)
+    replace_dir(work, output)
     (output / FINGERPRINT_FILE).unlink(missing_ok=True)  # only a resume needs it
 
 

@@ -214,16 +214,14 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
             output=output, composition=composition, fit=fit, export_rank=rank, notices=notices
         )
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
-        from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+        from lorasoup.export.peft import save_merged, save_peft_adapter
 
         save_peft_adapter(
             folded, staging, base_model=config.base_model, model=model, fan_in_fan_out=fan_in_fan_out
         )
         write_json_atomic(staging / "cat_weights.json", weights_payload(composition))
         if config.export.merge:
-            merged = merge_factors_into(remove_cat(composition), folded)
-            merged.save_pretrained(staging / "merged")
-            tokenizer.save_pretrained(staging / "merged")
+            save_merged(remove_cat(composition), folded, tokenizer, staging / "merged")
         timings["export"] = time.perf_counter() - clock
         record = run_record(
             command="cat",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -94,3 +95,14 @@ def merge_factors_into(model: nn.Module, factors: Mapping[str, LoraFactors]) -> 
                 delta = delta.T
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     return model
+
+
+def save_merged(
+    model: nn.Module, factors: Mapping[str, LoraFactors], tokenizer: Any, directory: Path
+) -> nn.Module:
+    """``merge_factors_into(model, factors)`` saved with ``tokenizer`` as a plain transformers checkpoint in
+    ``directory`` (the ``merged/`` of merge, cat and search outputs); returns the merged model."""
+    merged = merge_factors_into(model, factors)
+    merged.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return merged

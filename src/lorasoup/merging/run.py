@@ -198,7 +198,7 @@ def _write_artifact(
     The base model is read only to write merged weights (``merge: true``), and was checked by
     :func:`check_base` before the work; otherwise ``target_modules`` come from the adapters.
     """
-    from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+    from lorasoup.export.peft import save_merged, save_peft_adapter
     from lorasoup.models import load_base_model, load_tokenizer, parse_model_spec
 
     clock = time.perf_counter()
@@ -209,9 +209,7 @@ def _write_artifact(
         model = None
         if config.merge:
             spec = parse_model_spec(config.base_model)
-            model = merge_factors_into(load_base_model(spec), padded)
-            model.save_pretrained(staging / "merged")
-            load_tokenizer(spec).save_pretrained(staging / "merged")
+            model = save_merged(load_base_model(spec), padded, load_tokenizer(spec), staging / "merged")
         save_peft_adapter(
             padded,
             staging,

@@ -88,7 +88,7 @@ def run_layer_swap_search(
     factors = layer_swap_factors(inputs.adapters, result.rule, num_layers=result.num_layers)
     padded, rank = pad_all(factors, DTYPES[config.export.dtype])
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
-        from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+        from lorasoup.export.peft import save_merged, save_peft_adapter
 
         save_peft_adapter(
             padded,
@@ -102,9 +102,7 @@ def run_layer_swap_search(
             write_warm_start(staging / WARM_START_FILE, config, composition, output)
         record = _run_record(config, inputs, result, rank, timings)  # before the merge changes the model
         if config.export.merge:
-            merged = merge_factors_into(remove_cat(composition), padded)
-            merged.save_pretrained(staging / "merged")
-            inputs.tokenizer.save_pretrained(staging / "merged")
+            save_merged(remove_cat(composition), padded, inputs.tokenizer, staging / "merged")
         record["timings_s"]["export"] = round(time.perf_counter() - clock, 4)
         write_json_atomic(staging / "run.json", record)
     return LayerSwapRunResult(

@@ -208,7 +208,7 @@ def run_search(config: SearchRunConfig, *, progress: ProgressHook | None = None)
     exported = export_factors(composition, config.export)
     notices = inputs.notices + exported.notices
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
-        from lorasoup.export.peft import merge_factors_into, save_peft_adapter
+        from lorasoup.export.peft import save_merged, save_peft_adapter
 
         model = composition.model
         fan_in_fan_out = inputs.adapters[0].fan_in_fan_out
@@ -224,9 +224,7 @@ def run_search(config: SearchRunConfig, *, progress: ProgressHook | None = None)
         if config.warm_start_cat:
             write_warm_start(staging / WARM_START_FILE, config, composition, output)
         if config.export.merge:
-            merged = merge_factors_into(remove_cat(composition), exported.factors)
-            merged.save_pretrained(staging / "merged")
-            inputs.tokenizer.save_pretrained(staging / "merged")
+            save_merged(remove_cat(composition), exported.factors, inputs.tokenizer, staging / "merged")
         timings["export"] = time.perf_counter() - clock
         record = _run_record(config, inputs, result, exported, notices, timings)
         write_json_atomic(staging / "run.json", record)

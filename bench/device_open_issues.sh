@@ -79,10 +79,9 @@ wanted cat_step && TAIL=40 step cat_step.log 320 "$PY" bench/cat_step.py --ks 2 
 wanted user_path && TAIL=20 step user_path.log 330 "$PY" bench/user_path.py --ks ${USER_PATH_KS:-2} --bench-step \
   --work /tmp/lorasoup-user-path --reuse --out "$out/user_path.json"
 if wanted eval_backends; then
-  ASSETS=${LORASOUP_ASSETS:-/tmp/lorasoup-assets}
   if [[ -f .carry/smollm2/part1 ]]; then "$PY" bench/carry.py stage .carry/smollm2 --part 1; fi
   if gguf=$("$PY" bench/carry.py join .carry/smollm2); then
-    PYTHONPATH="$ASSETS/site:src" HF_HUB_OFFLINE=1 step eval_backends.log 200 "$PY" bench/eval_backends.py \
+    HF_HUB_OFFLINE=1 step eval_backends.log 200 "$PY" bench/eval_backends.py \
       --model "$gguf" --data .carry/lora-soups --limit "${EVAL_LIMIT:-512}" --batch-size 128 \
       --out "$out/eval_backends.json"
   else

@@ -435,22 +435,26 @@ def test_data_parallel_is_announced_with_the_real_batch() -> None:
 @on_gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_training_writes_the_eager_adapter(base_dir, tmp_path, mode):
-    """``train.compile`` (the Trainer's torch.compile): the saved adapter is a plain PEFT adapter (no
-    compiled wrapper's key prefix) and close to the eager run's; the losses are finite."""
+    """``train.compile`` (the Trainer's torch.compile): the same training as eager (the losses step by
+    step) and a plain PEFT adapter saved (no compiled wrapper's key prefix) that holds what was trained."""
     data = write_json(tmp_path / "pairs.json", MAPPING)
-    adapters = {}
+    adapters, losses = {}, {}
     for name in ("none", mode):
         config = make_config(base_dir, tmp_path / name, [str(data)], train={"compile": name, "max_steps": 6})
         result = train_skill(config)
-        assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+        losses[name] = torch.tensor([loss for _, loss in result.losses])
+        assert torch.isfinite(losses[name]).all()
         adapters[name] = adapter_tensors(tmp_path / name)
+    # fused kernels reorder sums, so not bit-equal; the loss curve is the like-for-like check
+    torch.testing.assert_close(losses[mode], losses["none"], rtol=0.02, atol=0)
     assert adapters["none"].keys() == adapters[mode].keys()
     assert not any("_orig_mod" in key for key in adapters[mode])
-    for key, eager in adapters["none"].items():  # fused kernels reorder sums: close, not bit-equal
-        # a norm-wise bound: after 6 steps an element near zero may differ by more than its own size
-        # (seen on an H100: 1 of 512 entries, 0.012 apart), which says nothing about the adapter
+    for key, eager in adapters["none"].items():
+        # Adam moves an entry whose gradient is near zero by about the learning rate whichever sign the
+        # reordered sum gives it (an H100 run: k_proj's lora_A 5.6 % apart in norm after 6 steps), so
+        # the bound is loose; it still fails for an adapter saved untrained (lora_B would be zero: 100 %)
         error = (adapters[mode][key] - eager).norm() / eager.norm()
-        assert error < 0.05, f"{key}: compiled adapter {error:.3f} away from the eager one (relative norm)"
+        assert error < 0.25, f"{key}: compiled adapter {error:.3f} away from the eager one (relative norm)"
 
 
 def test_group_by_length_batches_carry_less_padding(base_dir, tmp_path, tokenizer):

@@ -341,14 +341,17 @@ def svd_from_gram(Y: Tensor, gram: Tensor, cutoff: float = 1e-6) -> tuple[Tensor
 
 
 def thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]:
-    """Thin QR of ``X (m, n)`` in float64: orthonormal ``Q (m, p)``, ``R (p, n)``, ``p = min(m, n)``.
+    """Thin QR of ``X (*, m, n)`` in float64: orthonormal ``Q (*, m, p)``, ``R (*, p, n)``,
+    ``p = min(m, n)``; leading dimensions are a batch (the batched core-space merge decomposes a group
+    of same-shaped modules at once).
 
     ``cholesky``: try :func:`_cholesky_qr2` first (default: on a GPU only, where Householder QR of a
     tall matrix is a long sequential kernel; a CPU does Householder QR faster than the extra GEMMs).
-    Householder QR where ``X`` lives is the fallback when ``X`` is too ill-conditioned for it.
+    Householder QR where ``X`` lives is the fallback when ``X`` is too ill-conditioned for it (for a
+    batch: when any of its matrices is).
     """
     work = X.double()
-    rows, cols = work.shape
+    rows, cols = work.shape[-2:]
     if cholesky is None:
         cholesky = X.is_cuda
     if cholesky and rows >= cols:
@@ -359,8 +362,8 @@ def thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]
 
 
 def _cholesky_qr2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CholeskyQR2 (Fukaya et al. 2014) of a tall ``X (m, n)``: ``Q (m, n)``, ``R (n, n)`` in float64,
-    and a 0-dim bool ``healthy``.
+    """CholeskyQR2 (Fukaya et al. 2014) of a tall ``X (*, m, n)``: ``Q (*, m, n)``, ``R (*, n, n)`` in
+    float64, and a 0-dim bool ``healthy`` (of the whole batch).
 
     :func:`_cholesky_qr` twice: a few GEMMs and an n×n Cholesky, all where ``X`` lives and without
     reading anything back, so a GPU never waits on the host. ``healthy`` is False when a Cholesky step
@@ -370,15 +373,15 @@ def _cholesky_qr2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Q, R1, failed1 = _cholesky_qr(X)
     Q, R2, failed2 = _cholesky_qr(Q)
     identity = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
-    drift = (Q.T @ Q - identity).abs().max()
-    return Q, R2 @ R1, (failed1 + failed2 == 0) & (drift < 1e-10)  # NaN drift compares False
+    drift = (Q.mT @ Q - identity).abs().max()
+    return Q, R2 @ R1, (failed1 + failed2 == 0).all() & (drift < 1e-10)  # NaN drift compares False
 
 
 def _cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One CholeskyQR pass of a tall ``X (m, n)``: ``Q = X R⁻¹`` with ``RᵀR = XᵀX`` in float64, ``R``,
-    and the Cholesky's ``info`` (0-dim int, 0 when it factored). In float64 the orthogonality error
+    """One CholeskyQR pass of a tall ``X (*, m, n)``: ``Q = X R⁻¹`` with ``RᵀR = XᵀX`` in float64, ``R``,
+    and the Cholesky's ``info`` (int ``(*)``, 0 where it factored). In float64 the orthogonality error
     is about ``1e-16 · cond(X)²``: enough inside the range finder, whose last basis gets a second
     pass."""
     work = X.double()
-    factor, info = torch.linalg.cholesky_ex(work.T @ work, upper=True)
+    factor, info = torch.linalg.cholesky_ex(work.mT @ work, upper=True)
     return torch.linalg.solve_triangular(factor, work, upper=True, left=False), factor, info

@@ -83,10 +83,12 @@ def test_core_linear_is_delta_space_linear(shape, weights) -> None:
 def test_cores_hold_every_update_exactly(shape) -> None:
     out, inn, ranks, seed = shape
     factors = make_factors(out, inn, ranks, seed)
-    space = core_space(factors)
-    assert space.cores.shape == (len(ranks), min(out, sum(ranks)), min(inn, sum(ranks)))
-    for f, core in zip(factors, space.cores, strict=True):
-        torch.testing.assert_close(space.U @ core @ space.V.T, f.delta(torch.float64), atol=1e-10, rtol=0)
+    space = core_space([factors])  # a batch of one module
+    assert space.cores.shape == (1, len(ranks), min(out, sum(ranks)), min(inn, sum(ranks)))
+    for f, core in zip(factors, space.cores[0], strict=True):
+        torch.testing.assert_close(
+            space.U[0] @ core @ space.V[0].T, f.delta(torch.float64), atol=1e-10, rtol=0
+        )
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -99,7 +99,8 @@ class MergeMethod:
     random: bool = False
     streaming: Callable[[torch.device], StreamingMerge] | None = None
     """Makes a :class:`StreamingMerge` for the modules of one run on a CUDA device (captured graphs,
-    pipelined); it gives ``merge``'s results. ``None``: ``merge`` everywhere."""
+    pipelined; or modules of one shape merged in batches); it gives ``merge``'s results. ``None``:
+    ``merge`` everywhere."""
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")

@@ -38,19 +38,36 @@ re-truncation (mergekit's pending port densifies and re-truncates; the reference
 
 Adapters of weight 0 are left out before the bases are built (otherwise they would still shape the
 bases, hence the trimmed entries). An adapter absent from a module contributes nothing, as elsewhere.
+
+**Batched.** Every step is written for a batch of ``G`` modules of one shape and ranks
+(:func:`merge_cores`; one module is a batch of one). The arithmetic is small, so a run merged module
+by module is bound by per-module latency, not FLOPs: two thin QRs, two small SVDs with a round trip
+to the host, and a few dozen kernels for each of a 7B model's 160 modules. On CUDA the runner streams
+the modules through ``merging.core_batched.BatchedCoreMerge``, which groups them by signature and
+merges each group with these same functions, one batched factorisation per side and group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
-from lorasoup.merging.base import MergeMethod, MergeParams, ModuleMerge, present, register
-from lorasoup.merging.delta import RECIPES, merge_tasks
+from lorasoup.merging.base import (
+    MergeMethod,
+    MergeParams,
+    ModuleMerge,
+    StreamingMerge,
+    present,
+    register,
+)
+from lorasoup.merging.core_batched import BatchedCoreMerge
+from lorasoup.merging.delta import RECIPES, merge_task_batch
 from lorasoup.merging.subspace import column_basis, thin_svd
 from lorasoup.merging.task_arithmetic import DARE, TIES
 from lorasoup.merging.tsv import (
@@ -69,10 +86,11 @@ CORE_SPACE = "Core Space merging, Panariello et al. NeurIPS 2025, https://arxiv.
 
 @dataclass(frozen=True)
 class CoreSpace:
-    """Adapters written in shared bases: ``ΔW_i = U cores[i] Vᵀ`` (float64).
+    """A batch of ``G`` modules of one shape and ranks written in shared bases:
+    ``ΔW_gi = U[g] cores[g, i] V[g]ᵀ`` (float64; ``G = 1`` for the per-module merge).
 
-    Shapes: ``U (out, m)``, ``V (in, n)`` with orthonormal columns, ``cores (K, m, n)``; ``ranks``: each
-    adapter's LoRA rank ``r_i`` (its core's rank is at most that).
+    Shapes: ``U (G, out, m)``, ``V (G, in, n)`` with orthonormal columns, ``cores (G, K, m, n)``;
+    ``ranks``: each adapter's LoRA rank ``r_i`` (its cores' rank is at most that).
     """
 
     U: Tensor
@@ -80,60 +98,81 @@ class CoreSpace:
     cores: Tensor
     ranks: tuple[int, ...]
 
-    def to_update(self, core: Tensor) -> tuple[Tensor, Tensor]:
-        """``core (m, n)`` → LoRA factors ``A (k, in)``, ``B (out, k)`` with ``B A = U core Vᵀ``,
-        ``k = min(m, n)`` (the small side carries the core)."""
-        if self.U.shape[1] < self.V.shape[1]:
-            return core @ self.V.T, self.U  # (m, in), (out, m)
-        return self.V.T, self.U @ core  # (n, in), (out, n)
+    def to_update(self, cores: Tensor) -> tuple[Tensor, Tensor]:
+        """``cores (G, m, n)`` → LoRA factors ``A (G, k, in)``, ``B (G, out, k)`` with
+        ``B A = U core Vᵀ``, ``k = min(m, n)`` (the small side carries the core)."""
+        if self.U.shape[-1] < self.V.shape[-1]:
+            return cores @ self.V.mT, self.U  # (G, m, in), (G, out, m)
+        return self.V.mT, self.U @ cores  # (G, n, in), (G, out, n)
 
 
-def core_space(factors: Sequence[LoraFactors]) -> CoreSpace:
-    """Step 1–2 of the module docstring for the adapters of one module."""
-    U = column_basis(torch.cat([f.B for f in factors], dim=1))  # (out, m)
-    V = column_basis(torch.cat([f.A for f in factors], dim=0).T)  # (in, n)
+def core_space(modules: Sequence[Sequence[LoraFactors]]) -> CoreSpace:
+    """Steps 1–2 of the module docstring for ``G`` modules at once: ``modules[g][i]`` is adapter ``i``
+    at module ``g``; every module has the same ``out``, ``in`` and ranks (a batch of one: a module).
+    The bases are one batched thin SVD per side (``subspace.column_basis``)."""
+    by_adapter = list(zip(*modules, strict=True))  # [i][g]: one stack per adapter, not per module
+    B = torch.cat([torch.stack([f.B for f in fs]) for fs in by_adapter], dim=2).double()  # (G, out, R)
+    A = torch.cat([torch.stack([f.A for f in fs]) for fs in by_adapter], dim=1).double()  # (G, R, in)
+    scales = torch.tensor([[f.scale for f in m] for m in modules], dtype=torch.float64, device=B.device)
+    U = column_basis(B)  # (G, out, m)
+    V = column_basis(A.mT)  # (G, in, n)
+    left, right = U.mT @ B, A @ V  # (G, m, R), (G, R, n)
+    ranks = tuple(f.rank for f in modules[0])
+    ends = list(accumulate(ranks))
     cores = torch.stack(
-        [f.scale * ((U.T @ f.B.double()) @ (f.A.double() @ V)) for f in factors]  # (m, r_i)(r_i, n)
-    )  # (K, m, n)
-    return CoreSpace(U=U, V=V, cores=cores, ranks=tuple(f.rank for f in factors))
+        [left[..., end - r : end] @ right[:, end - r : end] for r, end in zip(ranks, ends, strict=True)],
+        dim=1,
+    )  # (G, K, m, n): (m, r_i)(r_i, n) per module and adapter
+    return CoreSpace(U=U, V=V, cores=cores * scales[..., None, None], ranks=ranks)
 
 
-CoreMerge = Callable[[CoreSpace, Tensor, MergeParams, torch.Generator], Tensor]
-"""``(space, weights (K,) float64, params, generator) → merged core (m, n)``."""
+CoreMerge = Callable[[CoreSpace, Tensor, MergeParams, Sequence[torch.Generator]], Tensor]
+"""``(space of G modules, weights (G, K) float64, params, one generator per module) → merged cores
+(G, m, n)``: each module's result depends on its own cores, weights and generator only."""
 
 
 def linear_cores(
-    space: CoreSpace, weights: Tensor, params: MergeParams, generator: torch.Generator
+    space: CoreSpace, weights: Tensor, params: MergeParams, generators: Sequence[torch.Generator]
 ) -> Tensor:
     """``Σ_i w_i M_i``."""
-    return torch.tensordot(weights.to(space.cores), space.cores, dims=1)
+    return torch.einsum("gk,gkmn->gmn", weights.to(space.cores), space.cores)
 
 
 def preset_cores(name: str) -> CoreMerge:
-    """A sparsify × consensus preset of ``task_arithmetic`` acting on the cores' entries."""
+    """A sparsify × consensus preset of ``task_arithmetic`` acting on the cores' entries, module by
+    module (``delta.merge_task_batch``: each module trimmed on its own, drawn from its generator)."""
     recipe = RECIPES[name]
 
-    def merge(space: CoreSpace, weights: Tensor, params: MergeParams, generator: torch.Generator) -> Tensor:
-        return merge_tasks(
+    def merge(
+        space: CoreSpace, weights: Tensor, params: MergeParams, generators: Sequence[torch.Generator]
+    ) -> Tensor:
+        return merge_task_batch(
             space.cores,
             weights.to(space.cores),
             recipe,
             density=params.density,
             sign_method=params.majority_sign,
-            generator=generator,
+            generators=generators,
         )
 
     return merge
 
 
-def tsv_cores(space: CoreSpace, weights: Tensor, params: MergeParams, generator: torch.Generator) -> Tensor:
-    """TSV-Merge on the cores: each ``M_i``'s top ``⌊density · r_i⌋`` triplets, whitened, combined."""
-    tasks = []
-    for core, rank in zip(space.cores, space.ranks, strict=True):
-        u, S, vh = thin_svd(core)  # (m, p), (p,), (p, n)
-        tasks.append(truncate((u, S, vh.T), kept_triplets(rank, params.density)))
-    B, A = whiten_and_combine(tasks, weights.tolist())
-    return B @ A  # (m, n)
+def tsv_cores(
+    space: CoreSpace, weights: Tensor, params: MergeParams, generators: Sequence[torch.Generator]
+) -> Tensor:
+    """TSV-Merge on the cores: each ``M_i``'s top ``⌊density · r_i⌋`` triplets, whitened, combined.
+
+    The weights scale each task's singular values here (``whiten_and_combine`` then weighs by 1):
+    they differ from module to module when an adapter is absent from some."""
+    u, S, vh = thin_svd(space.cores)  # (G, K, m, p), (G, K, p), (G, K, p, n): every core at once
+    weights = weights.to(S)
+    tasks = [
+        truncate((u[:, i], S[:, i] * weights[:, i, None], vh[:, i].mT), kept_triplets(rank, params.density))
+        for i, rank in enumerate(space.ranks)
+    ]
+    B, A = whiten_and_combine(tasks, [1.0] * len(tasks))  # (G, m, Σk), (G, Σk, n)
+    return B @ A  # (G, m, n)
 
 
 def merge_in_core_space(
@@ -143,16 +182,29 @@ def merge_in_core_space(
     params: MergeParams,
     generator: torch.Generator,
 ) -> ModuleMerge:
-    """One module through core space (module docstring): bases, cores, ``combine``, map back."""
+    """One module through core space (module docstring): bases, cores, ``combine``, map back: a batch
+    of one for :func:`merge_cores`, which ``BatchedCoreMerge`` (``merging.core_batched``) runs on many."""
     kept, w = present(factors, weights)
     dtype = result_dtype(kept)
     active, numbers = nonzero(kept, w)
     if not active:
         return zero_merge(kept, dtype)
-    space = core_space(active)
-    weight_tensor = torch.tensor(numbers, dtype=torch.float64, device=space.cores.device)
-    A, B = space.to_update(combine(space, weight_tensor, params, generator))
-    return finish(A, B, params, dtype)
+    A, B = merge_cores(combine, [active], torch.tensor([numbers], dtype=torch.float64), params, [generator])
+    return finish(A[0], B[0], params, dtype)
+
+
+def merge_cores(
+    combine: CoreMerge,
+    modules: Sequence[Sequence[LoraFactors]],
+    weights: Tensor,
+    params: MergeParams,
+    generators: Sequence[torch.Generator],
+) -> tuple[Tensor, Tensor]:
+    """Steps 1–4 for ``G`` modules of one shape and ranks (``modules[g][i]``: adapter ``i`` at module
+    ``g``, every one weighted, ``weights (G, K)``): ``A (G, k, in)``, ``B (G, out, k)`` float64."""
+    space = core_space(modules)
+    merged = combine(space, weights.to(space.cores.device, torch.float64), params, generators)  # (G, m, n)
+    return space.to_update(merged)
 
 
 def _method(combine: CoreMerge) -> Callable[..., ModuleMerge]:
@@ -165,6 +217,13 @@ def _method(combine: CoreMerge) -> Callable[..., ModuleMerge]:
         return merge_in_core_space(combine, factors, weights, params, generator)
 
     return merge
+
+
+def _batched(combine: CoreMerge) -> Callable[[torch.device], StreamingMerge]:
+    def start(device: torch.device) -> StreamingMerge:
+        return BatchedCoreMerge(partial(merge_cores, combine), device)
+
+    return start
 
 
 _SUFFIX = " in core space (shared SVD bases of the stacked A's and B's; never dense)"
@@ -203,5 +262,6 @@ for _name, (_combine, _summary, _reference) in _METHODS.items():
             uses_density=_name != "core_linear",
             uses_sign=_name in ("core_ties", "core_dare_ties"),
             random=_name in ("core_dare", "core_dare_ties"),
+            streaming=_batched(_combine),
         )
     )

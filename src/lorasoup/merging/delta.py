@@ -37,6 +37,7 @@ from lorasoup.merging.ops import (
     drop_random,
     elect_sign,
     keep_top_magnitude,
+    keep_top_magnitude_each,
     sign_agreement,
     weight_tasks,
     weighted_sum,
@@ -75,18 +76,63 @@ def merge_tasks(
     vote, as task negation intends) or from the unweighted ``τ̂_i`` (what PEFT does; used by the
     factor-space variants to reproduce it).
     """
+    sparse = sparsify_tasks(tasks, recipe, density, generator)
+    return combine_tasks(sparse, weights, recipe, sign_method, elect_on_weighted=elect_on_weighted)
+
+
+def sparsify_tasks(tasks: Tensor, recipe: Recipe, density: float, generator: torch.Generator) -> Tensor:
+    """The sparsify half of :func:`merge_tasks`: each of ``tasks (K, *shape)`` trimmed to its top
+    ``density`` by magnitude, dropped at random (draws in task order), or kept → ``(K, *shape)``."""
     if recipe.sparsify == "magnitude":
-        sparse = torch.stack([keep_top_magnitude(t, density) for t in tasks])
-    elif recipe.sparsify == "random":
-        sparse = torch.stack([drop_random(t, density, generator) for t in tasks])
-    else:
-        sparse = tasks
+        return torch.stack([keep_top_magnitude(t, density) for t in tasks])
+    if recipe.sparsify == "random":
+        return torch.stack([drop_random(t, density, generator) for t in tasks])
+    return tasks
+
+
+def combine_tasks(
+    sparse: Tensor,
+    weights: Tensor,
+    recipe: Recipe,
+    sign_method: SignMethod,
+    *,
+    elect_on_weighted: bool = True,
+) -> Tensor:
+    """The consensus half of :func:`merge_tasks`, on sparsified ``sparse (K, *shape)``: a weighted sum,
+    or sign election and disjoint mean. Elementwise over ``shape``, so ``weights`` may be ``(K,)`` or
+    ``(K, *lead)`` for a batch ``lead`` of independent merges leading ``shape``."""
     if recipe.consensus == "none":
         return weighted_sum(sparse, weights)
     weighted = weight_tasks(sparse, weights)
     voters = weighted if elect_on_weighted else sparse
     sign = elect_sign(voters, sign_method)
     return disjoint_mean(weighted, sign_agreement(voters, sign))
+
+
+def merge_task_batch(
+    tasks: Tensor,
+    weights: Tensor,
+    recipe: Recipe,
+    *,
+    density: float,
+    sign_method: SignMethod,
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """:func:`merge_tasks` on each of G independent merges at once: ``tasks (G, K, *shape)``,
+    ``weights (G, K)``, one generator per merge → ``(G, *shape)``.
+
+    Each merge's result is :func:`merge_tasks`'s for it: the trim ranks each task of each merge on
+    its own (:func:`keep_top_magnitude_each`, which reads nothing back), the random drop draws from
+    merge ``g``'s own generator in the order :func:`merge_tasks` would, and the consensus is elementwise.
+    """
+    if recipe.sparsify == "magnitude":  # every task of every merge in one pass
+        sparse = keep_top_magnitude_each(tasks.flatten(0, 1), density).reshape(tasks.shape)
+    else:  # DARE's draws, merge by merge, each from its own generator
+        sparse = torch.stack(
+            [sparsify_tasks(t, recipe, density, g) for t, g in zip(tasks, generators, strict=True)]
+        )
+    # tasks first for the consensus, which reduces over dim 0
+    return combine_tasks(sparse.transpose(0, 1), weights.T, recipe, sign_method)
 
 
 def merge_delta(

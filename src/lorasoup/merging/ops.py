@@ -11,7 +11,9 @@ Every merge of the task-arithmetic family is built from three orthogonal steps (
    the weighted entries that agree with it ("disjoint mean").
 
 All functions are pure: inputs are never modified, randomness only through the ``generator`` given.
-Shapes: ``tasks (K, *shape)`` stacks K task tensors of any common shape; ``weights (K,)``.
+Shapes: ``tasks (K, *shape)`` stacks K task tensors of any common shape; ``weights (K,)``, or
+``(K, *lead)`` where ``shape`` starts with a batch ``lead`` of independent merges (one weight per task
+and per merge: the batched core-space merge).
 """
 
 from __future__ import annotations
@@ -52,6 +54,29 @@ def keep_top_magnitude(tensor: Tensor, density: float) -> Tensor:
     else:  # more entries equal the threshold than places left: keep the first ones, by position
         mask |= ties & (ties.cumsum(0) <= missing)
     return (flat * mask).reshape(tensor.shape)
+
+
+def keep_top_magnitude_each(tensors: Tensor, density: float) -> Tensor:
+    """:func:`keep_top_magnitude` on each of ``tensors (N, *shape)`` on its own, in one pass.
+
+    The same entries are kept (the ``int(density · numel)`` largest per tensor, ties at the threshold
+    taken first by position), but nothing is read back to the host: the tie count is compared on the
+    device, at the price of an int64 running count per entry. For many small tensors (the cores of a
+    batch of modules), not for a whole ``ΔW``.
+    """
+    check_density(density)
+    if density == 1.0:
+        return tensors.clone()
+    flat = tensors.reshape(tensors.shape[0], -1)  # (N, L)
+    k = max(1, int(density * flat.shape[1]))
+    magnitude = flat.abs()
+    threshold = magnitude.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # (N, 1)
+    above = magnitude > threshold
+    ties = magnitude == threshold
+    missing = k - above.sum(dim=1, keepdim=True)  # (N, 1)
+    # when the ties exactly fill the places left, every one has a running count within them
+    keep = above | (ties & (ties.cumsum(dim=1) <= missing))
+    return (flat * keep).reshape(tensors.shape)
 
 
 def drop_random(
@@ -108,10 +133,13 @@ def disjoint_mean(weighted: Tensor, agrees: Tensor) -> Tensor:
 
 
 def weighted_sum(tasks: Tensor, weights: Tensor) -> Tensor:
-    """``Σ_i w_i τ_i``: ``tasks (K, *shape)``, ``weights (K,)`` → ``(*shape)``."""
-    return torch.tensordot(weights.to(tasks.dtype), tasks, dims=1)
+    """``Σ_i w_i τ_i``: ``tasks (K, *shape)``, ``weights (K,)`` or ``(K, *lead)`` → ``(*shape)``."""
+    if weights.dim() == 1:  # one GEMM, without a weighted copy of the tasks
+        return torch.tensordot(weights.to(tasks.dtype), tasks, dims=1)
+    return weight_tasks(tasks, weights).sum(dim=0)
 
 
 def weight_tasks(tasks: Tensor, weights: Tensor) -> Tensor:
-    """``w_i τ_i`` for each task: ``(K, *shape)`` → ``(K, *shape)``."""
-    return tasks * weights.to(tasks.dtype).reshape(-1, *([1] * (tasks.dim() - 1)))
+    """``w_i τ_i`` for each task: ``(K, *shape)`` → ``(K, *shape)``; ``weights (K,)`` or ``(K, *lead)``."""
+    trailing = [1] * (tasks.dim() - weights.dim())
+    return tasks * weights.to(tasks.dtype).reshape(*weights.shape, *trailing)

@@ -73,7 +73,9 @@ def merge_adapters(
     """Merge ``adapters`` module by module: ``{path: LoraFactors}`` (``A (k, in)``, ``B (out, k)``, scale
     1) on the CPU in float32,
     plus per-module facts (rank, discarded energy). At most two modules are on ``device`` at a time
-    (a streaming method overlaps one module's host work with the next one's device work).
+    (a streaming method overlaps one module's host work with the next one's device work), except
+    for a batched streaming method, which holds the modules it groups up to its byte cap
+    (``merging.core_batched``).
     ``module_weights``: per-module rows multiplying ``weights`` (a layer swap's one-hot rows)."""
     target = torch.device(default_device(device))
     # on the host: methods read weights as numbers, which would be a device read per module

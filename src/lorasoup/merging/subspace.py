@@ -3,8 +3,10 @@
 Pure tensor functions shared by the core-space merges (``merging.core_space``) and TSV-Merge
 (``merging.tsv``). Everything works in float64 (the matrices are thin: ``(n, R)`` with ``R`` a sum
 of LoRA ranks) and returns float64 on the input's device; the small ``R × R`` SVDs run on the CPU
-whatever the device, as ``lorasoup.lowrank.recompress`` does. Cost ``O(n·R²)``; no ``n × n`` or
-``out × in`` tensor is ever built.
+whatever the device, as ``lorasoup.lowrank.recompress`` does. Leading dimensions are a batch (the
+batched core-space merge decomposes a group of same-shaped modules in one call, so one transfer to
+the host and back serves the whole group). Cost ``O(n·R²)``; no ``n × n`` or ``out × in`` tensor is
+ever built.
 """
 
 from __future__ import annotations
@@ -16,23 +18,25 @@ from lorasoup.lowrank import thin_qr
 
 
 def thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of a tall or wide ``X (n, m)``: ``U (n, p)``, ``S (p,)``, ``Vh (p, m)``, ``p = min(n, m)``.
+    """Thin SVD of a tall or wide ``X (*, n, m)``: ``U (*, n, p)``, ``S (*, p)``, ``Vh (*, p, m)``,
+    ``p = min(n, m)``.
 
     Through a thin QR of the tall side (``lowrank.thin_qr``: CholeskyQR2 on a GPU, Householder on a
     CPU) and the SVD of its small triangular factor, so the large dimension is only ever multiplied,
     never decomposed densely. ``S`` is in descending order.
     """
     work = X.double()
-    if work.shape[0] < work.shape[1]:  # wide: the SVD of Xᵀ, transposed back
-        V, S, Uh = thin_svd(work.T)
-        return Uh.T, S, V.T
-    Q, R = thin_qr(work)  # (n, p), (p, m)
-    u, S, Vh = torch.linalg.svd(R.cpu(), full_matrices=False)  # (p, p), (p,), (p, m)
+    if work.shape[-2] < work.shape[-1]:  # wide: the SVD of Xᵀ, transposed back
+        V, S, Uh = thin_svd(work.mT)
+        return Uh.mT, S, V.mT
+    Q, R = thin_qr(work)  # (*, n, p), (*, p, m)
+    u, S, Vh = torch.linalg.svd(R.cpu(), full_matrices=False)  # (*, p, p), (*, p), (*, p, m)
     return Q @ u.to(work.device), S.to(work.device), Vh.to(work.device)
 
 
 def column_basis(X: Tensor) -> Tensor:
-    """``U (n, p)``: the left singular vectors of ``X (n, m)``, an orthonormal basis holding its columns."""
+    """``U (*, n, p)``: the left singular vectors of ``X (*, n, m)``, an orthonormal basis holding its
+    columns."""
     return thin_svd(X)[0]
 
 
@@ -51,7 +55,7 @@ def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def polar_factor(X: Tensor) -> Tensor:
-    """The orthogonal polar factor of ``X (n, m)``: ``P Qᵀ`` where ``X = P Σ Qᵀ`` (thin SVD).
+    """The orthogonal polar factor of ``X (*, n, m)``: ``P Qᵀ`` where ``X = P Σ Qᵀ`` (thin SVD).
 
     It is the matrix with orthonormal columns (rows, if ``m > n``) nearest to ``X`` in Frobenius norm
     (the orthogonal Procrustes solution), TSV-Merge's "whitening" of concatenated singular vectors.

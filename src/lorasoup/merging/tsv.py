@@ -46,9 +46,10 @@ def kept_triplets(rank: int, density: float) -> int:
 
 
 def truncate(svd: TaskSvd, keep: int) -> TaskSvd:
-    """The ``keep`` leading triplets of ``svd`` (singular values in descending order)."""
+    """The ``keep`` leading triplets of ``svd`` (singular values in descending order; leading
+    dimensions, if any, are a batch)."""
     U, S, V = svd
-    return U[:, :keep], S[:keep], V[:, :keep]
+    return U[..., :keep], S[..., :keep], V[..., :keep]
 
 
 def task_singular_vectors(factors: LoraFactors, keep: int) -> TaskSvd:
@@ -59,13 +60,13 @@ def task_singular_vectors(factors: LoraFactors, keep: int) -> TaskSvd:
 def whiten_and_combine(tasks: Sequence[TaskSvd], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """Steps 2–4 (module docstring): ``B (n, Σk)``, ``A (Σk, m)`` with ``B A = U⊥ diag(w S) V⊥ᵀ``.
 
-    ``tasks[i] = (U_i (n, k_i), S_i (k_i,), V_i (m, k_i))`` in any coordinates (``n × m`` is the
-    module's ``out × in``, or a core's size).
+    ``tasks[i] = (U_i (*, n, k_i), S_i (*, k_i), V_i (*, m, k_i))`` in any coordinates (``n × m`` is
+    the module's ``out × in``, or a core's size); leading dimensions, if any, are a batch of modules.
     """
-    U = torch.cat([u for u, _, _ in tasks], dim=1)  # (n, Σk)
-    V = torch.cat([v for _, _, v in tasks], dim=1)  # (m, Σk)
-    S = torch.cat([float(w) * s for (_, s, _), w in zip(tasks, weights, strict=True)])  # (Σk,)
-    return polar_factor(U) * S, polar_factor(V).T
+    U = torch.cat([u for u, _, _ in tasks], dim=-1)  # (*, n, Σk)
+    V = torch.cat([v for _, _, v in tasks], dim=-1)  # (*, m, Σk)
+    S = torch.cat([float(w) * s for (_, s, _), w in zip(tasks, weights, strict=True)], dim=-1)  # (*, Σk)
+    return polar_factor(U) * S[..., None, :], polar_factor(V).mT
 
 
 def nonzero(factors: Sequence[LoraFactors], weights: Tensor) -> tuple[list[LoraFactors], list[float]]:

@@ -5,8 +5,10 @@ Two random r=32 adapters on q, k, v, up, down of a Llama-2-7B-shaped model (160 
 (``core_linear``, ``core_ties``, ``core_dare``, ``core_dare_ties``, ``core_tsv``, and ``tsv``) is timed
 beside the ΔW-space lorasoup method it corresponds to (``linear``, ``ties``, ``dare_linear``,
 ``dare_ties``) and the PEFT combination of the same name, on the same device, each with its peak
-memory above what is resident (CUDA only). Each row also gives the bytes of the largest module's
-factors (``ΣR·(out+in)``) and of its dense ``ΔW`` (``out·in``), fp32, for scale: the claim to check
+memory above what is resident (CUDA only); on CUDA each core-space method also one module at a time
+(``core_per_module_s``: without the batched streaming path of ``merging.core_batched``). Each row
+also gives the bytes of the largest module's factors (``ΣR·(out+in)``) and of its dense ``ΔW``
+(``out·in``), fp32, for scale: the claim to check
 is "≥ 10× faster than ΔW-space TIES/DARE, memory of the order of the factors".
 
     PYTHONPATH=src python bench/core_merge.py --out bench/results/core_merge_h100.json   # GPU, ~3 min
@@ -17,6 +19,7 @@ is "≥ 10× faster than ΔW-space TIES/DARE, memory of the order of the factors
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/merge.py's helpers, when
 import merge as merge_bench
 
 from lorasoup.adapters import LoraAdapter
+from lorasoup.merging import MERGE_METHODS, MergeParams
+from lorasoup.merging.run import merge_adapters
 
 # (core-space method, the ΔW-space lorasoup method it is compared with, the PEFT combination)
 TRIPLES = [
@@ -68,6 +73,17 @@ def module_bytes(adapters: list[LoraAdapter]) -> dict[str, int]:
     }
 
 
+def per_module(method: str, adapters: list[LoraAdapter], args, device: torch.device):
+    """``method`` one module at a time (its ``merge``), not through its batched streaming path: the
+    baseline of the batching (``merging.core_batched``), in the same process."""
+    entry = dataclasses.replace(MERGE_METHODS.get(method), streaming=None)
+    params = MergeParams(density=args.density if entry.uses_density else 1.0)
+    modules = sorted(adapters[0].modules)
+    return lambda: merge_adapters(
+        adapters, merge_bench.WEIGHTS, entry, params, modules=modules, seed=args.seed, device=device
+    )
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -99,6 +115,11 @@ def main() -> None:
                 delta, merge_bench.ours(delta, adapters, args, device)
             )
             row["speedup_vs_delta"] = round(row["delta_s"] / row["core_s"], 2)
+            if core.startswith("core_") and device.type == "cuda":  # the runner streams them in batches
+                row["core_per_module_s"], row["core_per_module_peak_gib"] = time_once(
+                    f"{core}:per-module", per_module(core, adapters, args, device)
+                )
+                row["batched_speedup"] = round(row["core_per_module_s"] / row["core_s"], 2)
         except Exception as err:  # record and go on: one failing method must not hide the others
             row["error"] = f"{type(err).__name__}: {err}"
         if model is not None and "core_s" in row:

@@ -3,7 +3,7 @@
 What this guarantees: the table under the ``demo-default`` marker in docs/demo.md is, cell for cell,
 the table rendered (with the CLI's own ``accuracy_cell``) from docs/results/demo-default/results.json,
 the results.json of one real ``lorasoup demo`` run (seed 0, one seed); and that run used today's
-default settings. What it does not: rerun the ~6½-minute demo, so a code change that moves the numbers
+default settings. What it does not: rerun the ~5-minute demo, so a code change that moves the numbers
 (as DARE's mask did) is not caught here. The reduced-demo tests (tests/demo/test_demo.py:
 ``test_same_seed_same_numbers``) check that a run is deterministic; after a change that moves the
 numbers, rerun ``lorasoup demo --output runs/demo`` and copy its results.json here.

@@ -68,7 +68,7 @@ def demo(
         ),
     ] = False,
 ) -> None:
-    """Run the embedded default: a skill-composition study on a CPU, no download (about 6½ minutes
+    """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes
     on 2 idle cores).
 
     It runs on a CUDA GPU when one is visible (--set device=cpu|cuda|auto; default auto).

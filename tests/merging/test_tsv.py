@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lorasoup.merging import subspace
 from lorasoup.merging.subspace import polar_factor, product_svd
 from tests.merging.test_core_space import make_factors, merged_update, shapes, weight_lists
 
@@ -88,3 +89,24 @@ def test_one_task_at_full_density_is_that_task() -> None:
         atol=1e-12,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize("batch", [(), (5,), (40,), (3, 17)])
+def test_host_svd_in_threads_gives_the_one_call_bits(batch, monkeypatch) -> None:
+    """The batch's small SVDs split over threads (``subspace.host_svd``): the same bits as one batched
+    ``torch.linalg.svd`` call, whatever the batch's shape, and the split really happens."""
+    torch.manual_seed(0)
+    R = torch.randn(*batch, 12, 9, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    started = []
+    real = subspace.ThreadPoolExecutor
+    monkeypatch.setattr(subspace, "ThreadPoolExecutor", lambda n, **kw: started.append(n) or real(n, **kw))
+    try:
+        ours = subspace.host_svd(R)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(ours, torch.linalg.svd(R, full_matrices=False), strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    count = R[..., 0, 0].numel()
+    assert started == ([min(4, count // 8)] if count >= 16 else [])

@@ -8,7 +8,9 @@
 #   STAGE_SMOLLM2=1 bash bench/device_open_issues.sh   # also stage part 0 of the SmolLM2 GGUF
 #       (carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels; bench/device_smollm2.sh)
 #
-# Two more steps, never run by default: user_path (at most 330 s) and eval_backends (at most 200 s).
+# Three more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s)
+# and study (at most STUDY_LIMIT, 540 s: the scaling study of docs/study.md on one GPU, sizes
+# STUDY_ONLY, e.g. "4M,100M", default all; its reports come back as study.tar.gz).
 # The default three take up to 640 s with their limits (about 470 s on an H100 in session 8: tests 90,
 # core_merge 60, cat_step ~320), so each goes in a call beside some of them, e.g. two calls back
 # to back (the SmolLM2 GGUF travels in two parts of 56 MiB, one per call):
@@ -64,7 +66,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
   local name=$1 limit=$2
   shift 2
   local began=$SECONDS rc=0
-  timeout --kill-after=10 "$limit" "$@" >"$out/$name" 2>&1 || rc=$?
+  # INT_FIRST: an interrupt, not TERM, at the limit (the study then keeps its finished sizes)
+  timeout ${INT_FIRST:+-s INT} --kill-after=10 "$limit" "$@" >"$out/$name" 2>&1 || rc=$?
   echo "== $name: exit $rc after $((SECONDS - began)) s"
   tail -n "${TAIL:-14}" "$out/$name"
 }
@@ -87,5 +90,14 @@ if wanted eval_backends; then
   else
     echo "== eval_backends: no SmolLM2 GGUF on this machine (stage part 0 first; see the header)"
   fi
+fi
+if wanted study; then  # issue 22's GPU-study rows: the scaling study with today's default rows
+  work=/tmp/lorasoup-study
+  # shellcheck disable=SC2086  # STUDY_ONLY: a comma list of sizes, or empty for the whole ladder
+  INT_FIRST=1 TAIL=20 step study.log "${STUDY_LIMIT:-540}" "$PY" -m lorasoup study "${STUDY_CONFIG:-configs/study/scale-gpu.yaml}" \
+    --output "$work" ${STUDY_ONLY:+--only "$STUDY_ONLY"}
+  "$PY" -m lorasoup study "${STUDY_CONFIG:-configs/study/scale-gpu.yaml}" --output "$work" --report-only >>"$out/study.log" 2>&1 || true
+  tar -C "$work" -czf "$out/study.tar.gz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
+    --exclude='*/base' --exclude='*/eval' . || echo "== study: nothing to pack"
 fi
 true  # a skipped last step is not a failure

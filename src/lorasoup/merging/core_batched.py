@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from lorasoup.adapters import LoraFactors
-from lorasoup.merging.base import MergeParams, ModuleMerge, present
-from lorasoup.merging.tsv import finish, nonzero, result_dtype, zero_merge
+from lorasoup.merging.base import MergeParams, ModuleMerge
+from lorasoup.merging.tsv import finish, taking_part
 
 MAX_BYTES = 64 * 2**20
 """Buffered factor bytes that start a flush (see the module docstring)."""
@@ -92,11 +92,9 @@ class BatchedCoreMerge:
         generator: torch.Generator,
     ) -> Finished:
         """Queue module ``name``; returns every queued module, merged, when the buffer is full."""
-        kept, w = present(factors, weights)
-        dtype = result_dtype(kept)
-        active, numbers = nonzero(kept, w)
-        if not active:
-            self.queue.append((name, _on_host(zero_merge(kept, dtype))))
+        active, numbers, dtype, zero = taking_part(factors, weights)
+        if zero is not None:
+            self.queue.append((name, _on_host(zero)))
             return []
         self.queue.append(_Module(name, active, numbers, params, generator, dtype))
         self.buffered += sum(t.numel() * t.element_size() for f in active for t in (f.A, f.B))

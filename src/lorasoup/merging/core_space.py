@@ -63,7 +63,6 @@ from lorasoup.merging.base import (
     MergeParams,
     ModuleMerge,
     StreamingMerge,
-    present,
     register,
 )
 from lorasoup.merging.core_batched import BatchedCoreMerge
@@ -74,11 +73,9 @@ from lorasoup.merging.tsv import (
     TSV,
     finish,
     kept_triplets,
-    nonzero,
-    result_dtype,
+    taking_part,
     truncate,
     whiten_and_combine,
-    zero_merge,
 )
 
 CORE_SPACE = "Core Space merging, Panariello et al. NeurIPS 2025, https://arxiv.org/abs/2509.17786"
@@ -184,11 +181,9 @@ def merge_in_core_space(
 ) -> ModuleMerge:
     """One module through core space (module docstring): bases, cores, ``combine``, map back: a batch
     of one for :func:`merge_cores`, which ``BatchedCoreMerge`` (``merging.core_batched``) runs on many."""
-    kept, w = present(factors, weights)
-    dtype = result_dtype(kept)
-    active, numbers = nonzero(kept, w)
-    if not active:
-        return zero_merge(kept, dtype)
+    active, numbers, dtype, zero = taking_part(factors, weights)
+    if zero is not None:
+        return zero
     A, B = merge_cores(combine, [active], torch.tensor([numbers], dtype=torch.float64), params, [generator])
     return finish(A[0], B[0], params, dtype)
 

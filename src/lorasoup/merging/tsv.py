@@ -69,10 +69,19 @@ def whiten_and_combine(tasks: Sequence[TaskSvd], weights: Sequence[float]) -> tu
     return polar_factor(U) * S[..., None, :], polar_factor(V).mT
 
 
-def nonzero(factors: Sequence[LoraFactors], weights: Tensor) -> tuple[list[LoraFactors], list[float]]:
-    """The adapters whose weight is not 0, with their weights as numbers."""
-    pairs = [(f, float(w)) for f, w in zip(factors, weights, strict=True) if float(w) != 0.0]
-    return [f for f, _ in pairs], [w for _, w in pairs]
+def taking_part(
+    factors: Sequence[LoraFactors | None], weights: Tensor
+) -> tuple[list[LoraFactors], list[float], torch.dtype, ModuleMerge | None]:
+    """The adapters a merge of one module takes: present and weighted not 0, their weights as
+    numbers, the result's dtype, and the module's zero update when none takes part (else ``None``).
+
+    Adapters of weight 0 are left out before anything is built from the factors: in TSV and core
+    space they would still shape the bases."""
+    kept, w = present(factors, weights)
+    dtype = result_dtype(kept)
+    pairs = [(f, float(x)) for f, x in zip(kept, w, strict=True) if float(x) != 0.0]
+    zero = None if pairs else zero_merge(kept, dtype)
+    return [f for f, _ in pairs], [x for _, x in pairs], dtype, zero
 
 
 def result_dtype(factors: Sequence[LoraFactors]) -> torch.dtype:
@@ -101,11 +110,9 @@ def merge_tsv(
     factors: Sequence[LoraFactors | None], weights: Tensor, params: MergeParams, generator: torch.Generator
 ) -> ModuleMerge:
     """TSV-Merge of one module (module docstring); ``density``: the share of each task's triplets kept."""
-    kept, w = present(factors, weights)
-    dtype = result_dtype(kept)
-    active, numbers = nonzero(kept, w)
-    if not active:
-        return zero_merge(kept, dtype)
+    active, numbers, dtype, zero = taking_part(factors, weights)
+    if zero is not None:
+        return zero
     tasks = [task_singular_vectors(f, kept_triplets(f.rank, params.density)) for f in active]
     B, A = whiten_and_combine(tasks, numbers)
     return finish(A, B, params, dtype)

@@ -15,6 +15,8 @@ if not Path("/dev/nvidiactl").exists():
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -76,6 +78,21 @@ def build_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
 def build_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **TINY_DECODER)).eval()
+
+
+def build_gemma3(vocab_size: int, seed: int = 0, sliding_window: int = 128) -> Gemma3ForCausalLM:
+    """Gemma-3's traits on the tiny shape: a sliding-window layer then a global one (the 270M model has
+    five of one to one of the other, window 512), per-type RoPE, q/k norms, scaled and tied embeddings."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        head_dim=8,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        **TINY_DECODER,
+    )
+    return Gemma3ForCausalLM(config).eval()
 
 
 def build_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:

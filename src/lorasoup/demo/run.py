@@ -349,4 +349,24 @@ class DemoMode:
 MODES: dict[str, DemoMode] = {
     "tiny": DemoMode(DemoSettings, lambda folder, settings, stage: run_seed, _tiny_header),
     "smollm2": DemoMode(RealDemoSettings, seed_runner, report_header, real_tasks),
+    # The same study on the model its settings name (`--model PATH` sets it; ``demo_choice``).
+    "real": DemoMode(RealDemoSettings, seed_runner, report_header, real_tasks),
 }
+
+
+def demo_choice(model: str) -> tuple[str, dict[str, Any]]:
+    """``--model``'s mode and the settings it fixes: ``tiny`` and ``smollm2`` are modes; any other
+    model ``lorasoup.models.parse_model_spec`` accepts (a .gguf file, a checkpoint directory, a hub
+    id) runs the real-model study (mode ``real``) on it, as ``--model smollm2 --set model=...`` does.
+    Local paths become absolute, so run.json names the same files from any directory."""
+    from lorasoup.errors import ModelError
+    from lorasoup.models import parse_model_spec
+
+    if model in MODES:
+        return model, {}
+    try:
+        parse_model_spec(model)  # a typo fails here, in one line, before any work
+    except ModelError as exc:
+        raise ConfigError(f"--model must be one of tiny, smollm2 or a model: {exc}") from exc
+    local = Path(model).expanduser()
+    return "real", {"model": str(local.resolve()) if local.exists() else model}

@@ -122,6 +122,14 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedToke
     return path
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    build_gemma3(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_peft_lora(
     base_dir: Path,
     out_dir: Path,

@@ -47,7 +47,8 @@ def run_demo(
     """Run the study for ``seeds`` seeds (``seed``, ``seed + 1``, ...; or a list of seeds) and write
     the report.
 
-    ``model`` picks the mode (``MODES``): ``tiny`` (a base pre-trained from a seed) or ``smollm2``.
+    ``model`` picks the mode (``MODES``): ``tiny`` (a base pre-trained from a seed), ``smollm2``, or
+    ``real`` (the smollm2 study on ``settings.model``; ``demo_choice`` maps ``--model PATH`` to it).
     ``jobs``: how many seeds run at once, each in a worker process (``seeds.py``; 1: one after
     another in this process). The settings' ``device`` says where everything runs (``device.py``).
     ``resume``: work in ``.OUTPUT.partial`` and keep it if the run is stopped; run again with the

@@ -15,6 +15,8 @@ if not Path("/dev/nvidiactl").exists():
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -78,6 +80,21 @@ def build_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **TINY_DECODER)).eval()
 
 
+def build_gemma3(vocab_size: int, seed: int = 0, sliding_window: int = 128) -> Gemma3ForCausalLM:
+    """Gemma-3's traits on the tiny shape: a sliding-window layer then a global one (the 270M model has
+    five of one to one of the other, window 512), per-type RoPE, q/k norms, scaled and tied embeddings."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        head_dim=8,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        **TINY_DECODER,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
 def build_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128)
@@ -101,6 +118,14 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTok
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
     path = tmp_path_factory.mktemp("tiny-gpt2")
     build_gpt2(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    build_gemma3(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -162,3 +162,26 @@ def test_fold_and_pad_preserve_the_product(rank, extra, seed):
     assert A2.shape == (rank + extra, 5)
     torch.testing.assert_close(B2 @ A2, B @ torch.diag(c) @ A)
     assert torch.equal(A, A_before)  # pure: the input is not scaled in place
+
+
+@pytest.mark.parametrize("granularity", ["module", "layer"])
+def test_gemma3_cat_export(gemma3_dir, tmp_path, ids, granularity):
+    """Gemma-3 (issue 18's second architecture): q/k norms after the projections, scaled tied
+    embeddings, sliding and global layers; the real-model study's seven targets."""
+    from lorasoup.demo.settings import TARGETS
+    from tests.conftest import make_peft_lora
+
+    paths = [
+        make_peft_lora(gemma3_dir, tmp_path / n, targets=TARGETS, seed=s) for n, s in (("a", 1), ("b", 2))
+    ]
+    model = AutoModelForCausalLM.from_pretrained(gemma3_dir)
+    composition = compose_cat(model, [load_adapter(p) for p in paths], granularity=granularity, seed=1)
+    assert len(composition.sites) == 2 * len(TARGETS)
+    cat_logits = logits(model, ids)
+    out = tmp_path / "export"
+    out.mkdir()
+    folded = fold_composition(composition)
+    save_peft_adapter(folded, out, base_model=str(gemma3_dir), model=model)
+    assert (cat_logits - peft_logits(gemma3_dir, out, ids)).abs().max() <= 1e-5
+    merged = merge_factors_into(remove_cat(composition), folded)
+    assert (cat_logits - logits(merged, ids)).abs().max() <= 1e-5

@@ -9,7 +9,7 @@ from lorasoup.errors import ConfigError
 from lorasoup.evaluation.generate import GenerationSettings, encode_prompt, generate
 from lorasoup.evaluation.graph_decode import GraphGenerator, generate_graphed
 from lorasoup.evaluation.runner import evaluate
-from tests.conftest import build_gpt2, build_llama, build_qwen2, on_gpu
+from tests.conftest import build_gemma3, build_gpt2, build_llama, build_qwen2, on_gpu
 from tests.evaluation.test_generate import PROMPTS
 from tests.evaluation.test_runner import config_for, greedy, write_task  # noqa: F401 (greedy: fixture)
 
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(arch: str, vocab_size: int):
-    model = {"llama": build_llama, "gpt2": build_gpt2, "qwen2": build_qwen2}[arch](vocab_size)
+    builders = {"llama": build_llama, "gpt2": build_gpt2, "qwen2": build_qwen2, "gemma3": build_gemma3}
+    model = builders[arch](vocab_size)
     model.generation_config.eos_token_id = 2  # GPT-2's default (50256) lies outside the tiny vocabulary
     return model
 
@@ -40,7 +41,7 @@ def graphed(model, tokenizer, prompts=PROMPTS, **kwargs):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3"])  # gemma3: sliding-window layers
 def test_greedy_equals_the_hf_path(arch, case, tokenizer):
     model = build(arch, len(tokenizer))
     settings = GenerationSettings(**CASES[case])
@@ -143,6 +144,10 @@ def test_what_it_cannot_serve_is_refused(llama, tokenizer):
     sliding.config.sliding_window = 8
     with pytest.raises(ConfigError, match="sliding window of 8 tokens"):
         graphed(sliding, tokenizer).generate(PROMPTS, GenerationSettings(max_new_tokens=4))
+    gemma = build("gemma3", len(tokenizer))
+    gemma.config.sliding_window = 8  # its sliding layers would not see every cache column
+    with pytest.raises(ConfigError, match="sliding window of 8 tokens"):
+        graphed(gemma, tokenizer).generate(PROMPTS, GenerationSettings(max_new_tokens=4))
     sliding.config.sliding_window = None
     sliding.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(ConfigError, match="full-attention layers only"):

@@ -121,7 +121,7 @@ def test_the_attention_function_refuses_what_it_does_not_compute():
         )
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3"])
 def test_prompts_sharing_a_prefix_make_the_hf_paths_tokens(arch, tokenizer):
     model = build(arch, len(tokenizer))
     settings = GenerationSettings(max_new_tokens=12, batch_size=2)

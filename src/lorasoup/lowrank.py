@@ -372,7 +372,7 @@ def _cholesky_qr2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     Q, R1, failed1 = _cholesky_qr(X)
     Q, R2, failed2 = _cholesky_qr(Q)
-    identity = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
+    identity = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
     drift = (Q.mT @ Q - identity).abs().max()
     return Q, R2 @ R1, (failed1 + failed2 == 0).all() & (drift < 1e-10)  # NaN drift compares False
 

@@ -125,19 +125,23 @@ def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 3), st.booleans(), st.integers(0, 2**16))
-def test_thin_qr_factors_tall_wide_and_rank_deficient_matrices(rows, cols, deficit, cholesky, seed) -> None:
+@given(
+    st.integers(1, 40), st.integers(1, 12), st.integers(0, 3), st.booleans(), st.integers(0, 3), st.integers(0, 2**16)
+)
+def test_thin_qr_factors_tall_wide_and_rank_deficient_matrices(rows, cols, deficit, cholesky, batch, seed) -> None:
     """Q has orthonormal columns and Q R reproduces X, whichever path (CholeskyQR2 or the Householder
-    fallback for rank-deficient or wide X) produced them."""
+    fallback for rank-deficient or wide X) produced them, for one matrix or a batch (batch 0: none;
+    the batched core-space merge's CholeskyQR2 once built its identity from the batch size)."""
     from lorasoup.lowrank import thin_qr
 
     g = torch.Generator().manual_seed(seed)
     inner = max(1, min(rows, cols) - deficit)
-    X = torch.randn(rows, inner, generator=g) @ torch.randn(inner, cols, generator=g)
+    lead = (batch,) if batch else ()
+    X = torch.randn(*lead, rows, inner, generator=g) @ torch.randn(*lead, inner, cols, generator=g)
     Q, R = thin_qr(X, cholesky=cholesky)  # CholeskyQR2 is what a GPU runs
     p = min(rows, cols)
-    assert Q.shape == (rows, p) and R.shape == (p, cols) and Q.dtype == torch.float64
-    assert torch.allclose(Q.T @ Q, torch.eye(p, dtype=torch.float64), atol=1e-10)
+    assert Q.shape == (*lead, rows, p) and R.shape == (*lead, p, cols) and Q.dtype == torch.float64
+    assert torch.allclose(Q.mT @ Q, torch.eye(p, dtype=torch.float64).expand(*lead, p, p), atol=1e-10)
     assert torch.allclose(Q @ R, X.double(), atol=1e-5 * max(1.0, float(X.abs().max())))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,7 @@ def test_single_seed_runs_combine_into_the_two_seed_study(demo_run: tuple[Path, 
     assert combined.seeds == [5, 6] and combined.table == together["table"]
     written = json.loads((tmp_path / "combined" / "results.json").read_text())
     assert written["table"] == together["table"]
+    assert written["device"] == together["device"]  # the seeds' machine, read from their results
     accuracies = [[(r["method"], r["accuracy"]) for r in rows] for rows in written["per_seed"]]
     assert accuracies == [[(r["method"], r["accuracy"]) for r in rows] for rows in together["per_seed"]]
     assert (tmp_path / "combined" / "cat_weights.png").is_file()
@@ -172,6 +174,12 @@ def test_single_seed_runs_combine_into_the_two_seed_study(demo_run: tuple[Path, 
     with pytest.raises(ConfigError, match="share seeds"):
         combine_runs([tmp_path / "alone-5", tmp_path / "alone-5"], tmp_path / "twice")
     assert not (tmp_path / "twice").exists()
+    stripped = tmp_path / "results-only"  # a results folder without its work folder: one line, no output
+    stripped.mkdir()
+    shutil.copy(tmp_path / "alone-6" / "results.json", stripped / "results.json")
+    with pytest.raises(ConfigError, match="lacks its work folder seed-6"):
+        combine_runs([tmp_path / "alone-5", stripped], tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
 
 
 class Stop(Exception):

@@ -40,7 +40,7 @@ def rendered_table(results: dict, tasks: tuple[str, ...] | list[str] = TASKS) ->
     header = ["method", *(DEMO_COLUMNS[t] for t in tasks)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["table"]:
-        cells = [row["method"], *(accuracy_cell(row[t], False) for t in tasks)]
+        cells = [row["method"], *(accuracy_cell(row[t], len(results["seeds"]) > 1) for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -60,6 +60,7 @@ def test_the_committed_run_used_todays_default_settings():
 @pytest.mark.parametrize(
     ("marker", "run"),
     [
+        ("<!-- smollm2-gpu-3seeds:", "demo-smollm2-gpu-h100-3seeds"),
         ("<!-- smollm2-gpu:", "demo-smollm2-gpu-h100-procedural"),
         ("<!-- smollm2-cpu:", "demo-smollm2-cpu-procedural"),
     ],

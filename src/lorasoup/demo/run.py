@@ -102,6 +102,11 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
         results = json.loads(path.read_text(encoding="utf-8"))
         if "seed_facts" not in results:
             raise ConfigError(f"{path} was written before runs could be combined; run that seed again")
+        missing = [f"seed-{seed}" for seed in results.get("seeds", []) if not (folder / f"seed-{seed}").is_dir()]
+        if missing:
+            raise ConfigError(
+                f"{folder} lacks its work folder {missing[0]}: combine the run folders as the demo wrote them"
+            )
         loaded.append(results)
     first = loaded[0]
     for folder, results in zip(folders[1:], loaded[1:], strict=True):
@@ -132,7 +137,12 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
         seconds = sum(
             json.loads((f / "run.json").read_text(encoding="utf-8"))["timings_s"]["total"] for f in folders
         )
-        table = write_demo(staging, outcomes, seeds, settings, first["model"], seconds)
+        # the machines that ran the seeds, not this one (a GPU study is often combined on a laptop)
+        hardware = {"device": first["device"]}
+        gpus = sorted({results["gpu"] for results in loaded if "gpu" in results})
+        if gpus:
+            hardware["gpu"] = ", ".join(gpus)
+        table = write_demo(staging, outcomes, seeds, settings, first["model"], seconds, hardware=hardware)
     return DemoSummary(output=output, table=table, seeds=seeds, seconds=seconds)
 
 
@@ -182,14 +192,16 @@ def write_demo(
     seconds: float,
     *,
     jobs: int = 1,
+    hardware: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Aggregate the seeds' outcomes and write ``results.json``, the report and ``run.json`` into
-    ``folder``; returns the table (mean ± std over seeds)."""
+    ``folder``; returns the table (mean ± std over seeds). ``hardware``: what ran the seeds, when it
+    was not this machine (runs combined); by default this machine's device for ``settings.device``."""
     from lorasoup.artifacts import run_record, write_json_atomic
     from lorasoup.demo.device import device_facts
     from lorasoup.demo.settings import settings_record
 
-    hardware = device_facts(settings.device)
+    hardware = hardware or device_facts(settings.device)
     per_seed: list[list[MethodResult]] = [rows for rows, _ in outcomes]
     facts: list[dict[str, Any]] = [seed_facts for _, seed_facts in outcomes]
     # Paths inside the run, relative to it: the staging folder is renamed, and runs are combined.

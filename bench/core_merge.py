@@ -14,6 +14,7 @@ is "≥ 10× faster than ΔW-space TIES/DARE, memory of the order of the factors
     PYTHONPATH=src python bench/core_merge.py --out bench/results/core_merge_h100.json   # GPU, ~3 min
     PYTHONPATH=src python bench/core_merge.py --tiny --out /tmp/core_merge_tiny.json     # CPU smoke run
     PYTHONPATH=src python bench/core_merge.py --skip-peft --device cpu                   # ours, 7B, CPU
+    PYTHONPATH=src python bench/core_merge.py --profile --methods core_ties   # + where the time goes
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method (the minimum is kept)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model: a CPU smoke run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record each core-space method's top operators over one batched run (torch.profiler: "
+        "host time with the waits for the device, and device time), to show where the time goes",
+    )
     p.add_argument("--out", default="bench/results/core_merge.json", help="also copied to $OUT if set")
     return p.parse_args()
 
@@ -82,6 +89,30 @@ def per_module(method: str, adapters: list[LoraAdapter], args, device: torch.dev
     return lambda: merge_adapters(
         adapters, merge_bench.WEIGHTS, entry, params, modules=modules, seed=args.seed, device=device
     )
+
+
+def profile_ops(fn, device: torch.device, top: int = 20) -> list[dict]:
+    """The operators of one run of ``fn`` by host time (their own, and with what they called),
+    with their device time: a wait for the device shows as host time of ``aten::_local_scalar_dense``
+    or ``aten::copy_`` (a read back), a host LAPACK call as ``aten::linalg_svd`` with no device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    merge_bench.sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        merge_bench.sync(device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_host_ms": round(e.self_cpu_time_total / 1e3, 2),
+            "host_ms": round(e.cpu_time_total / 1e3, 2),
+            "device_ms": round(getattr(e, "device_time_total", 0.0) / 1e3, 2),
+        }
+        for e in events
+    ]
 
 
 def main() -> None:
@@ -120,6 +151,8 @@ def main() -> None:
                     f"{core}:per-module", per_module(core, adapters, args, device)
                 )
                 row["batched_speedup"] = round(row["core_per_module_s"] / row["core_s"], 2)
+            if args.profile and core.startswith("core_"):
+                row["profile"] = profile_ops(merge_bench.ours(core, adapters, args, device), device)
         except Exception as err:  # record and go on: one failing method must not hide the others
             row["error"] = f"{type(err).__name__}: {err}"
         if model is not None and "core_s" in row:

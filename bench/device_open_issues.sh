@@ -75,7 +75,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
 wanted() { [[ " ${STEPS:-tests core_merge cat_step} " == *" $1 "* ]]; }
 
 wanted tests && step gpu-tests.txt 150 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
-wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --out "$out/core_merge.json"
+wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --profile --out "$out/core_merge.json"
 wanted cat_step && TAIL=40 step cat_step.log 320 "$PY" bench/cat_step.py --ks 2 4 --variants floor peft_multi peft_fp32 cat \
   --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"
 # shellcheck disable=SC2086  # USER_PATH_KS is a list of K

@@ -41,13 +41,16 @@ def host_svd(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     torch's intra-op threads.
 
     One batched call runs LAPACK's small SVDs one after another on one core (a 7B adapter pair's
-    core-space bases: ~320 of 64 × 64, ~0.75 ms each); chunks of the batch in threads (the SVD
-    releases the GIL) give the same bits, ~1.7× faster on 2 cores and more on a GPU host's 16.
+    core-space bases: ~320 of 64 × 64, 0.6–0.75 ms each, about half of a batched core-space merge's
+    host time); chunks of the batch in threads (the SVD releases the GIL) give the same bits, ~1.7×
+    faster on 2 cores and more on a GPU host's 16. Every batch of two or more is split: the batched
+    merge's groups are small (a 7B pair's q/k/v modules come 15 to a group, up and down 5), and a
+    thread's start (~0.1 ms) is a fraction of one SVD.
     """
     host = R.cpu()
     batch = host.shape[:-2]
     count = batch.numel() if host.dim() > 2 else 1
-    workers = min(torch.get_num_threads(), count // _MIN_CHUNK)
+    workers = min(torch.get_num_threads(), count)
     if workers < 2:
         return torch.linalg.svd(host, full_matrices=False)
     chunks = host.reshape(count, *host.shape[-2:]).chunk(workers)
@@ -56,8 +59,6 @@ def host_svd(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     u, S, Vh = (torch.cat(pieces) for pieces in zip(*parts, strict=True))
     return u.reshape(*batch, *u.shape[1:]), S.reshape(*batch, *S.shape[1:]), Vh.reshape(*batch, *Vh.shape[1:])
 
-
-_MIN_CHUNK = 8  # matrices per thread below which a thread's start costs more than it saves
 
 
 def column_basis(X: Tensor) -> Tensor:

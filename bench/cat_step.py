@@ -6,7 +6,8 @@ wrapped/unwrapped per variant, so every ratio is against a baseline measured in 
 Every variant runs in every mode (eager, plain ``torch.compile`` and ``reduce-overhead``, i.e. CUDA
 graphs), so each ratio compares like with like: CAT / floor and CAT / PEFT are taken within one mode.
 PEFT runs twice: with bf16 adapters as CAT's (``peft_multi``) and with its default fp32 adapters
-(``peft_fp32``, ``autocast_adapter_dtype=True``). ``--profile`` adds, per variant, the CUDA kernels
+(``peft_fp32``, ``autocast_adapter_dtype=True``). ``cat_stacked``: CAT with each module's base weight
+and ``A`` stacked in one frozen matrix (``bench/cat_stacked.py``, an experiment for issue 23). ``--profile`` adds, per variant, the CUDA kernels
 of a few compiled steps (torch.profiler), grouped by kind, to show what CAT adds over the floor.
 
     PYTHONPATH=src python bench/cat_step.py --ks 2 4 --compile-scope layers --profile   # GPU, ~4 min
@@ -34,6 +35,10 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
+sys.path.insert(0, str(Path(__file__).parent))  # bench/cat_stacked.py, when run from anywhere
+
+import cat_stacked
+
 from lorasoup.adapters import LoraAdapter, LoraFactors
 from lorasoup.cat.inject import compose_cat, remove_cat
 
@@ -49,7 +54,7 @@ FULL = dict(  # Llama-2-7B
 SHAPE_KEYS = tuple(FULL)
 TINY = dict(zip(SHAPE_KEYS, (64, 172, 2, 4, 4, 256), strict=True))
 CHECK_RTOL = 2e-2  # bf16: compiled kernels fuse and reorder reductions, so losses differ in the 3rd digit
-VARIANTS = ("floor", "peft_multi", "peft_fp32", "peft_single", "cat")
+VARIANTS = ("floor", "peft_multi", "peft_fp32", "peft_single", "cat", "cat_stacked")
 MODES = ("eager", "compile", "reduce-overhead", "max-autotune-no-cudagraphs")
 DEFAULT_MODES = MODES[:3]
 PROFILE_MODE = "compile"  # CUDA graphs hide the kernels from the profiler: profile the plain compile
@@ -164,10 +169,13 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
     """Wrap the base model for one variant: (handle for detach, trainable params, note)."""
     if kind == "floor":
         return None, [], "frozen base; grad w.r.t. inputs_embeds"
-    if kind == "cat":
+    if kind in ("cat", "cat_stacked"):
         adapters = random_adapters(model, k, args.rank, args.seed)
         comp = compose_cat(model, adapters, granularity="module", parameterisation="softmax", seed=args.seed)
-        return comp, [comp.weights.theta], "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
+        note = "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
+        if kind == "cat_stacked":  # the experiment of bench/cat_stacked.py: one frozen [W0; A] per module
+            note += f"; {cat_stacked.stack(model)} modules with [W0; A] stacked (bench/cat_stacked.py)"
+        return comp, [comp.weights.theta], note
     multi = kind in ("peft_multi", "peft_fp32")
     rank = args.rank if multi else args.rank * k
     names = [f"a{i}" for i in range(k if multi else 1)]
@@ -188,7 +196,8 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
 
 def detach(kind: str, model, handle) -> None:
     """Give the plain frozen base back for the next variant."""
-    if kind == "cat":
+    if kind.startswith("cat"):
+        cat_stacked.unstack(model)  # nothing to do for the plain layer
         remove_cat(handle)
     elif kind.startswith("peft"):
         handle.unload()
@@ -368,7 +377,7 @@ def run_variant(kind: str, k: int, model, batches, args, device) -> list[dict]:
     rows = []
     try:
         ref_loss = None
-        if kind == "cat":  # eager loss of the fresh composition on batch 0: the reference for every mode
+        if kind.startswith("cat"):  # eager loss of the fresh composition on batch 0: the reference for every mode
             with torch.no_grad():
                 ref_loss = float(model(input_ids=batches[0], labels=batches[0], use_cache=False).loss)
         for mode in args.modes:

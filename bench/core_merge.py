@@ -6,7 +6,8 @@ Two random r=32 adapters on q, k, v, up, down of a Llama-2-7B-shaped model (160 
 beside the ΔW-space lorasoup method it corresponds to (``linear``, ``ties``, ``dare_linear``,
 ``dare_ties``) and the PEFT combination of the same name, on the same device, each with its peak
 memory above what is resident (CUDA only); on CUDA each core-space method also one module at a time
-(``core_per_module_s``: without the batched streaming path of ``merging.core_batched``). Each row
+(``core_per_module_s``: without the batched streaming path of ``merging.core_batched``), and with
+larger buffer caps (``core_by_cap_mib``: seconds and peak GiB per cap). Each row
 also gives the bytes of the largest module's factors (``ΣR·(out+in)``) and of its dense ``ΔW``
 (``out·in``), fp32, for scale: the claim to check
 is "≥ 10× faster than ΔW-space TIES/DARE, memory of the order of the factors".
@@ -59,6 +60,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model: a CPU smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--caps-mib",
+        type=int,
+        nargs="*",
+        default=[256, 1024],
+        help="also time each batched core method with these buffer caps (MiB; the runner's is "
+        "merging.core_batched.MAX_BYTES, 64): bigger groups, fewer syncs, more memory (CUDA only)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also record each core-space method's top operators over one batched run (torch.profiler: "
@@ -78,6 +87,23 @@ def module_bytes(adapters: list[LoraAdapter]) -> dict[str, int]:
         "factor_bytes": 4 * total_rank * (f.in_features + f.out_features),
         "dense_bytes": 4 * f.in_features * f.out_features,
     }
+
+
+def with_cap(method: str, adapters: list[LoraAdapter], args, device: torch.device, cap_mib: int):
+    """``method`` through its batched streaming path with a buffer cap of ``cap_mib`` MiB."""
+    entry = MERGE_METHODS.get(method)
+
+    def start(target: torch.device):
+        streaming = entry.streaming(target)
+        streaming.max_bytes = cap_mib * 2**20
+        return streaming
+
+    capped = dataclasses.replace(entry, streaming=start)
+    params = MergeParams(density=args.density if entry.uses_density else 1.0)
+    modules = sorted(adapters[0].modules)
+    return lambda: merge_adapters(
+        adapters, merge_bench.WEIGHTS, capped, params, modules=modules, seed=args.seed, device=device
+    )
 
 
 def per_module(method: str, adapters: list[LoraAdapter], args, device: torch.device):
@@ -151,6 +177,10 @@ def main() -> None:
                     f"{core}:per-module", per_module(core, adapters, args, device)
                 )
                 row["batched_speedup"] = round(row["core_per_module_s"] / row["core_s"], 2)
+                row["core_by_cap_mib"] = {
+                    cap: time_once(f"{core}:cap{cap}", with_cap(core, adapters, args, device, cap))
+                    for cap in args.caps_mib
+                }
             if args.profile and core.startswith("core_"):
                 row["profile"] = profile_ops(merge_bench.ours(core, adapters, args, device), device)
         except Exception as err:  # record and go on: one failing method must not hide the others

@@ -70,8 +70,7 @@ def demo(
         ),
     ] = False,
 ) -> None:
-    """Run the embedded default: a skill-composition study on a CPU, no download (about 5 minutes
-    on 2 idle cores).
+    """Run the embedded default: a skill-composition study on a CPU, no download (~5 min, 2 cores).
 
     It runs on a CUDA GPU when one is visible (--set device=cpu|cuda|auto; default auto).
 

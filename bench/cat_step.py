@@ -7,8 +7,9 @@ Every variant runs in every mode (eager, plain ``torch.compile`` and ``reduce-ov
 graphs), so each ratio compares like with like: CAT / floor and CAT / PEFT are taken within one mode.
 PEFT runs twice: with bf16 adapters as CAT's (``peft_multi``) and with its default fp32 adapters
 (``peft_fp32``, ``autocast_adapter_dtype=True``). ``cat_stacked``: CAT with each module's base weight
-and ``A`` stacked in one frozen matrix (``bench/cat_stacked.py``, an experiment for issue 23). ``--profile`` adds, per variant, the CUDA kernels
-of a few compiled steps (torch.profiler), grouped by kind, to show what CAT adds over the floor.
+and ``A`` stacked in one frozen matrix (``bench/cat_stacked.py``, an experiment for issue 23).
+``--profile`` adds, per variant, the CUDA kernels of a few compiled steps (torch.profiler), grouped
+by kind, to show what CAT adds over the floor.
 
     PYTHONPATH=src python bench/cat_step.py --ks 2 4 --compile-scope layers --profile   # GPU, ~4 min
     PYTHONPATH=src python bench/cat_step.py --tiny --out /tmp/cat_step_tiny.json   # CPU smoke check
@@ -377,7 +378,7 @@ def run_variant(kind: str, k: int, model, batches, args, device) -> list[dict]:
     rows = []
     try:
         ref_loss = None
-        if kind.startswith("cat"):  # eager loss of the fresh composition on batch 0: the reference for every mode
+        if kind.startswith("cat"):  # eager loss of the fresh composition on batch 0: every mode's reference
             with torch.no_grad():
                 ref_loss = float(model(input_ids=batches[0], labels=batches[0], use_cache=False).loss)
         for mode in args.modes:

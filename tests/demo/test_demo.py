@@ -174,6 +174,14 @@ def test_single_seed_runs_combine_into_the_two_seed_study(demo_run: tuple[Path, 
     with pytest.raises(ConfigError, match="share seeds"):
         combine_runs([tmp_path / "alone-5", tmp_path / "alone-5"], tmp_path / "twice")
     assert not (tmp_path / "twice").exists()
+    # a run recorded before a settings field existed (its default is what that run did) still combines
+    older = json.loads((tmp_path / "alone-6" / "results.json").read_text())
+    assert older["settings"].pop("group_by_length") is False
+    (tmp_path / "alone-6" / "results.json").write_text(json.dumps(older))
+    assert (
+        combine_runs([tmp_path / "alone-5", tmp_path / "alone-6"], tmp_path / "again").table
+        == together["table"]
+    )
     stripped = tmp_path / "results-only"  # a results folder without its work folder: one line, no output
     stripped.mkdir()
     shutil.copy(tmp_path / "alone-6" / "results.json", stripped / "results.json")

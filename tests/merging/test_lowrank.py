@@ -126,9 +126,16 @@ def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(
-    st.integers(1, 40), st.integers(1, 12), st.integers(0, 3), st.booleans(), st.integers(0, 3), st.integers(0, 2**16)
+    st.integers(1, 40),
+    st.integers(1, 12),
+    st.integers(0, 3),
+    st.booleans(),
+    st.integers(0, 3),
+    st.integers(0, 2**16),
 )
-def test_thin_qr_factors_tall_wide_and_rank_deficient_matrices(rows, cols, deficit, cholesky, batch, seed) -> None:
+def test_thin_qr_factors_tall_wide_and_rank_deficient_matrices(
+    rows, cols, deficit, cholesky, batch, seed
+) -> None:
     """Q has orthonormal columns and Q R reproduces X, whichever path (CholeskyQR2 or the Householder
     fallback for rank-deficient or wide X) produced them, for one matrix or a batch (batch 0: none;
     the batched core-space merge's CholeskyQR2 once built its identity from the batch size)."""

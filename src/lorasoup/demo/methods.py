@@ -66,7 +66,7 @@ def train_lora(
             "seed": seed,
             "logging_steps": 50,
             "use_cpu": resolve_device(settings.device) == "cpu",
-            "group_by_length": getattr(settings, "group_by_length", False),  # RealDemoSettings: random
+            "group_by_length": settings.group_by_length,
         },
     }
     # A progress hook keeps the Trainer's own bars and log lines out of the demo's output.

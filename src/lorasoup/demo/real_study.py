@@ -57,6 +57,8 @@ class RealDemoSettings:
     lora_steps: int = 40
     lora_learning_rate: float = 1e-3
     batch_size: int = 4
+    # batches of rows of similar length (the Trainer's group_by_length) for every LoRA; off: random
+    group_by_length: bool = False
     cat_steps: int = 30
     cat_learning_rate: float = 0.1
     density: float = 0.75  # TIES and DARE, as the paper's code

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lorasoup.demo.real_study import STAGES as REAL_STAGES
 from lorasoup.demo.real_study import RealDemoSettings, SeedRunner, report_header, seed_runner
 from lorasoup.demo.real_study import tasks as real_tasks
-from lorasoup.demo.settings import TASKS, DemoSettings, MethodResult, StageHook, aggregate
+from lorasoup.demo.settings import TASKS, DemoSettings, MethodResult, StageHook, aggregate, settings_record
 from lorasoup.demo.study import run_seed
 from lorasoup.demo.tables import extra_results, extra_sections
 from lorasoup.errors import ConfigError
@@ -58,7 +58,6 @@ def run_demo(
     from lorasoup.artifacts import atomic_output_dir, require_free_output, resumable_output_dir
     from lorasoup.demo.device import resolve_device
     from lorasoup.demo.seeds import run_units
-    from lorasoup.demo.settings import settings_record
 
     mode = demo_mode(model)
     settings = settings or mode.settings()
@@ -102,16 +101,26 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
         results = json.loads(path.read_text(encoding="utf-8"))
         if "seed_facts" not in results:
             raise ConfigError(f"{path} was written before runs could be combined; run that seed again")
-        missing = [f"seed-{seed}" for seed in results.get("seeds", []) if not (folder / f"seed-{seed}").is_dir()]
+        missing = [
+            f"seed-{seed}" for seed in results.get("seeds", []) if not (folder / f"seed-{seed}").is_dir()
+        ]
         if missing:
             raise ConfigError(
                 f"{folder} lacks its work folder {missing[0]}: combine the run folders as the demo wrote them"
             )
         loaded.append(results)
     first = loaded[0]
+    mode = demo_mode(first["model"])
+
+    def complete(results: dict[str, Any]) -> dict[str, Any]:
+        """The run's settings with every field a later lorasoup added at its default (which is what
+        that run did), so a run recorded before a field existed combines with one recorded after."""
+        return settings_record(load_config(mode.settings, base=results["settings"]))
+
     for folder, results in zip(folders[1:], loaded[1:], strict=True):
         for key in ("model", "tasks", "settings"):
-            if results[key] != first[key]:
+            same = complete(results) == complete(first) if key == "settings" else results[key] == first[key]
+            if not same:
                 raise ConfigError(
                     f"{folder} differs from {folders[0]} in {key}: only runs of one study combine"
                 )
@@ -119,7 +128,6 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"the runs share seeds ({seeds}); combine runs of different seeds")
     output = Path(output)
-    mode = demo_mode(first["model"])
     settings = load_config(mode.settings, base=first["settings"])
     outcomes: list[tuple[list[MethodResult], dict[str, Any]]] = []
     with atomic_output_dir(output, overwrite=overwrite) as staging:
@@ -199,7 +207,6 @@ def write_demo(
     was not this machine (runs combined); by default this machine's device for ``settings.device``."""
     from lorasoup.artifacts import run_record, write_json_atomic
     from lorasoup.demo.device import device_facts
-    from lorasoup.demo.settings import settings_record
 
     hardware = hardware or device_facts(settings.device)
     per_seed: list[list[MethodResult]] = [rows for rows, _ in outcomes]

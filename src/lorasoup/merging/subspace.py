@@ -60,7 +60,6 @@ def host_svd(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return u.reshape(*batch, *u.shape[1:]), S.reshape(*batch, *S.shape[1:]), Vh.reshape(*batch, *Vh.shape[1:])
 
 
-
 def column_basis(X: Tensor) -> Tensor:
     """``U (*, n, p)``: the left singular vectors of ``X (*, n, m)``, an orthonormal basis holding its
     columns."""

@@ -7,6 +7,9 @@
 #   STEPS="tests core_merge" bash bench/device_open_issues.sh   # some of the steps (default: all three)
 #   STAGE_SMOLLM2=1 bash bench/device_open_issues.sh   # also stage part 0 of the SmolLM2 GGUF
 #       (carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels; bench/device_smollm2.sh)
+#   STAGE_REAL_MODEL=gemma3 bash bench/device_open_issues.sh   # also stage the Gemma part carried
+#       (carry .carry/gemma3/partK .carry/gemma3/MANIFEST.json; parts 0-3 ride on four calls' measurements,
+#       part 4 on bench/device_real_model.sh's run call: see docs/real-model.md)
 #
 # Three more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s)
 # and study (at most STUDY_LIMIT, 540 s: the scaling study of docs/study.md on one GPU, sizes
@@ -45,8 +48,10 @@ out=${OUT:-/tmp/lorasoup-out}
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 
-if [[ -n "${STAGE_SMOLLM2:-}" ]]; then
-  bash bench/device_smollm2.sh stage || echo "== staging SmolLM2 failed (the measurements go on)"
+staged_model=${STAGE_REAL_MODEL:-${STAGE_SMOLLM2:+smollm2}}
+if [[ -n "$staged_model" ]]; then
+  REAL_MODEL=$staged_model bash bench/device_real_model.sh stage ||
+    echo "== staging $staged_model failed (the measurements go on)"
 fi
 site=${LORASOUP_ASSETS:-/tmp/lorasoup-assets}/site
 if compgen -G ".wheels/*.whl" >/dev/null; then  # the packages the device lacks, when carried

@@ -39,7 +39,11 @@ def test_settings_per_model_and_a_wrong_model_in_one_line(tmp_path: Path) -> Non
     assert "--set lora_steps=200" in smollm2 and "template=plain" not in smollm2
     assert "--set template=plain" in gemma and "lora_steps" not in gemma  # --sizes: what the data depend on
     wrong = script(tree, "settings", REAL_MODEL="llama")
-    assert wrong.returncode == 2 and wrong.stderr.strip().count("\n") == 0 and "smollm2 or gemma3" in wrong.stderr
+    assert (
+        wrong.returncode == 2
+        and wrong.stderr.strip().count("\n") == 0
+        and "smollm2 or gemma3" in wrong.stderr
+    )
 
 
 def test_parts_staged_call_by_call_join_whole(tmp_path: Path) -> None:

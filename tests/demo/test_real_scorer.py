@@ -67,6 +67,11 @@ def test_both_backends_score_every_task_alike(settings, tokenizer, long_llama, t
                             tmp_path / backend)  # fmt: skip
         scores[backend] = scorer.score("base model", model)
         assert scorer.fallbacks == []
+        timed = scorer.timings["base model"]  # where the row's time went, per task, for run records
+        assert set(timed) == {"composite", "math", "code", "gsm-hard"}
+        assert all(
+            t["backend"] == backend and t["new_tokens"] > 0 and t["generate_s"] > 0 for t in timed.values()
+        )
         written = (tmp_path / backend / "base-model" / "gsm-hard.jsonl").read_text().splitlines()
         assert len(written) == 3 and {"prompt", "generation"} <= set(json.loads(written[0]))
     assert set(scores["hf"]) == {"composite", "math", "code", "gsm-hard"}

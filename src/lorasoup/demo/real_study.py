@@ -373,6 +373,7 @@ def run_real_seed(
         "cat_weights": str(artifacts["cat"] / "cat_weights.json"),
         "eval_backend": settings.eval_backend,
         "backend_fallbacks": scorer.fallbacks,
+        "scoring_s": scorer.timings,  # per row and task: generation and sandbox seconds, tokens
     }
     return rows, facts
 

@@ -105,6 +105,9 @@ class Scorer:
         self.fallbacks: list[str] = []  # "method / task: why" for each score the hf backend had to redo
         # Every row scores the same test sets, and many rows write the same programs: run each once.
         self.programs = ProgramCache()
+        # method → task → the evaluation's throughput (generate_s, score_s, tokens): where a row's
+        # time goes, for the GPU runs' run records (tasks a resumed run had scored are not timed)
+        self.timings: dict[str, dict[str, dict[str, Any]]] = {}
 
     def add_task(self, name: str, task: Task, examples: list[Any], batch_size: int | None = None) -> None:
         """Score ``task`` on ``examples`` too (a task read from files, such as GSM-Hard)."""
@@ -129,6 +132,7 @@ class Scorer:
                 for result in outcome.results:
                     handle.write(json.dumps(result.to_json()) + "\n")
             accuracy[name] = outcome.summary["accuracy"]
+            self.timings.setdefault(method, {})[name] = outcome.throughput | {"backend": backend}
         return accuracy
 
     def _evaluate(self, method: str, name: str, model: torch.nn.Module, backend: str) -> tuple[Any, str]:

@@ -93,37 +93,10 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
     from lorasoup.config import load_config
 
     folders = [Path(run) for run in runs]
-    loaded = []
-    for folder in folders:
-        path = folder / "results.json"
-        if not path.is_file():
-            raise ConfigError(f"{folder} is not a finished demo run (no results.json)")
-        results = json.loads(path.read_text(encoding="utf-8"))
-        if "seed_facts" not in results:
-            raise ConfigError(f"{path} was written before runs could be combined; run that seed again")
-        missing = [
-            f"seed-{seed}" for seed in results.get("seeds", []) if not (folder / f"seed-{seed}").is_dir()
-        ]
-        if missing:
-            raise ConfigError(
-                f"{folder} lacks its work folder {missing[0]}: combine the run folders as the demo wrote them"
-            )
-        loaded.append(results)
+    loaded = [_finished_run(folder) for folder in folders]
     first = loaded[0]
     mode = demo_mode(first["model"])
-
-    def complete(results: dict[str, Any]) -> dict[str, Any]:
-        """The run's settings with every field a later lorasoup added at its default (which is what
-        that run did), so a run recorded before a field existed combines with one recorded after."""
-        return settings_record(load_config(mode.settings, base=results["settings"]))
-
-    for folder, results in zip(folders[1:], loaded[1:], strict=True):
-        for key in ("model", "tasks", "settings"):
-            same = complete(results) == complete(first) if key == "settings" else results[key] == first[key]
-            if not same:
-                raise ConfigError(
-                    f"{folder} differs from {folders[0]} in {key}: only runs of one study combine"
-                )
+    _check_one_study(folders, loaded, mode)
     seeds = [seed for results in loaded for seed in results["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"the runs share seeds ({seeds}); combine runs of different seeds")
@@ -152,6 +125,40 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
             hardware["gpu"] = ", ".join(gpus)
         table = write_demo(staging, outcomes, seeds, settings, first["model"], seconds, hardware=hardware)
     return DemoSummary(output=output, table=table, seeds=seeds, seconds=seconds)
+
+
+def _finished_run(folder: Path) -> dict[str, Any]:
+    """``folder``'s results, if it is a whole demo run that can be combined (else a one-line error)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} is not a finished demo run (no results.json)")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if "seed_facts" not in results:
+        raise ConfigError(f"{path} was written before runs could be combined; run that seed again")
+    missing = [f"seed-{seed}" for seed in results.get("seeds", []) if not (folder / f"seed-{seed}").is_dir()]
+    if missing:
+        raise ConfigError(
+            f"{folder} lacks its work folder {missing[0]}: combine the run folders as the demo wrote them"
+        )
+    return results
+
+
+def _check_one_study(folders: list[Path], loaded: list[dict[str, Any]], mode: DemoMode) -> None:
+    """Every run has the first's model, tasks and settings. Settings are compared with the fields a
+    later lorasoup added at their defaults (which is what a run recorded before them did)."""
+    from lorasoup.config import load_config
+
+    def complete(results: dict[str, Any]) -> dict[str, Any]:
+        return settings_record(load_config(mode.settings, base=results["settings"]))
+
+    first = loaded[0]
+    for folder, results in zip(folders[1:], loaded[1:], strict=True):
+        for key in ("model", "tasks", "settings"):
+            same = complete(results) == complete(first) if key == "settings" else results[key] == first[key]
+            if not same:
+                raise ConfigError(
+                    f"{folder} differs from {folders[0]} in {key}: only runs of one study combine"
+                )
 
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")

@@ -158,6 +158,21 @@ def export_factors(composition: CatComposition, export: ExportOptions) -> Export
     return ExportedFactors(folded, rank, recompression, notices)
 
 
+def _training_record(dataset: Any, fit: FitResult, formats: FormatReport | None) -> dict[str, Any]:
+    """run.json's ``training``: the data used and how the fit went."""
+    return {
+        "examples": len(dataset),
+        "dropped_examples": dataset.dropped,
+        "steps": fit.steps,
+        "resumed_from_step": fit.resumed_from_step,
+        "first_loss": fit.first_loss,
+        "last_loss": fit.last_loss,
+        "losses": fit.losses,
+        "throughput": fit.throughput,
+        **({"formats": formats} if formats is not None else {}),
+    }
+
+
 def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> CatRunResult:
     """Compose ``config.adapters`` by CAT on ``config.base_model`` and write the artifact directory."""
     from lorasoup.models import load_base_model, load_tokenizer, model_fingerprint, parse_model_spec
@@ -236,17 +251,7 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
                 [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
                 + [Path(p) for p in config.data.train]
             ),
-            training={
-                "examples": len(dataset),
-                "dropped_examples": dataset.dropped,
-                "steps": fit.steps,
-                "resumed_from_step": fit.resumed_from_step,
-                "first_loss": fit.first_loss,
-                "last_loss": fit.last_loss,
-                "losses": fit.losses,
-                "throughput": fit.throughput,
-                **({"formats": formats} if formats is not None else {}),
-            },
+            training=_training_record(dataset, fit, formats),
             resources=resources,
             weight_movement=weight_movement(composition),
             export={

@@ -6,9 +6,8 @@ wrapped/unwrapped per variant, so every ratio is against a baseline measured in 
 Every variant runs in every mode (eager, plain ``torch.compile`` and ``reduce-overhead``, i.e. CUDA
 graphs), so each ratio compares like with like: CAT / floor and CAT / PEFT are taken within one mode.
 PEFT runs twice: with bf16 adapters as CAT's (``peft_multi``) and with its default fp32 adapters
-(``peft_fp32``, ``autocast_adapter_dtype=True``). ``cat_stacked``, ``cat_leaves``, ``cat_stacked_leaves``:
-CAT with each module's base weight and ``A`` stacked in one frozen matrix, with per-module θ leaves,
-or both (``bench/cat_stacked.py``, experiments for issue 23).
+(``peft_fp32``, ``autocast_adapter_dtype=True``). ``cat_stacked``: CAT with each module's base weight
+and ``A`` stacked in one frozen matrix (``bench/cat_stacked.py``, an experiment for issue 23).
 ``--profile`` adds, per variant, the CUDA kernels of a few compiled steps (torch.profiler), grouped
 by kind, to show what CAT adds over the floor.
 
@@ -56,12 +55,7 @@ FULL = dict(  # Llama-2-7B
 SHAPE_KEYS = tuple(FULL)
 TINY = dict(zip(SHAPE_KEYS, (64, 172, 2, 4, 4, 256), strict=True))
 CHECK_RTOL = 2e-2  # bf16: compiled kernels fuse and reorder reductions, so losses differ in the 3rd digit
-EXPERIMENTS = {  # bench/cat_stacked.py's forms of the CAT layer: (stacked [W0; A], per-module θ leaves)
-    "cat_stacked": (True, False),
-    "cat_leaves": (False, True),
-    "cat_stacked_leaves": (True, True),
-}
-VARIANTS = ("floor", "peft_multi", "peft_fp32", "peft_single", "cat", *EXPERIMENTS)
+VARIANTS = ("floor", "peft_multi", "peft_fp32", "peft_single", "cat", "cat_stacked")
 MODES = ("eager", "compile", "reduce-overhead", "max-autotune-no-cudagraphs")
 DEFAULT_MODES = MODES[:3]
 PROFILE_MODE = "compile"  # CUDA graphs hide the kernels from the profiler: profile the plain compile
@@ -176,15 +170,12 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
     """Wrap the base model for one variant: (handle for detach, trainable params, note)."""
     if kind == "floor":
         return None, [], "frozen base; grad w.r.t. inputs_embeds"
-    if kind.startswith("cat"):
+    if kind in ("cat", "cat_stacked"):
         adapters = random_adapters(model, k, args.rank, args.seed)
         comp = compose_cat(model, adapters, granularity="module", parameterisation="softmax", seed=args.seed)
         note = "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
-        if kind in EXPERIMENTS:  # bench/cat_stacked.py
-            stacked, leaves = EXPERIMENTS[kind]
-            trained = cat_stacked.stack(model, stacked=stacked, leaves=leaves)
-            note += f"; bench/cat_stacked.py: stacked [W0; A] {stacked}, per-module theta leaves {leaves}"
-            return comp, trained or [comp.weights.theta], note
+        if kind == "cat_stacked":  # the experiment of bench/cat_stacked.py: one frozen [W0; A] per module
+            note += f"; {cat_stacked.stack(model)} modules with [W0; A] stacked (bench/cat_stacked.py)"
         return comp, [comp.weights.theta], note
     multi = kind in ("peft_multi", "peft_fp32")
     rank = args.rank if multi else args.rank * k
@@ -348,9 +339,7 @@ def run_mode(name, kind, k, mode, model, handle, params, note, batches, ref_loss
     counters.clear()
     row["resident_gib"] = reset_memory(device)
     if params:  # every mode starts from the same theta, so its first loss can be checked
-        starts = [handle.theta_init] if len(params) == 1 else list(handle.theta_init)  # θ, or its leaves
-        for param, start in zip(params, starts, strict=True):
-            param.data.copy_(start.to(param))
+        params[0].data.copy_(handle.theta_init.to(params[0]))
     fn, undo = compiled(model, mode, args.compile_scope)
     t0 = time.perf_counter()
     try:

@@ -14,9 +14,9 @@
 # Three more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s)
 # and study (at most STUDY_LIMIT, 540 s: the scaling study of docs/study.md on one GPU, sizes
 # STUDY_ONLY, e.g. "4M,100M", default all; its reports come back as study.tar.gz).
-# The default three take up to 860 s with their limits (about 470 s on an H100 in session 8: tests 90,
-# core_merge 60, cat_step ~320 with floor, PEFT bf16 and fp32, CAT; now CAT_VARIANTS, default floor,
-# PEFT bf16, CAT and bench/cat_stacked.py's three experiments: expect ~450 s), so run
+# The default three take up to 740 s with their limits (about 470 s on an H100 in session 8: tests 90,
+# core_merge 60, cat_step ~320 with floor, PEFT bf16 and fp32 and CAT; CAT_VARIANTS now defaults to
+# floor, PEFT bf16, CAT and the cat_stacked experiment: about as long), so run
 # STEPS="tests core_merge" and STEPS=cat_step as two calls; each other step goes in a call beside some of them, e.g. two calls back
 # to back (the SmolLM2 GGUF travels in two parts of 56 MiB, one per call):
 #   STAGE_SMOLLM2=1 STEPS="user_path" bash bench/device_open_issues.sh
@@ -30,8 +30,8 @@
 # 2. issue 22: bench/core_merge.py, the core-space merges against lorasoup's ΔW-space merges and
 #    PEFT's add_weighted_adapter in one process (Llama-2-7B shape, two r=32 adapters);
 # 3. issue 23: bench/cat_step.py, the frozen floor, PEFT's multi-adapter loop (bf16 and its default
-#    fp32 adapters; peft_fp32 only if CAT_VARIANTS names it), CAT and bench/cat_stacked.py's
-#    experiments (stacked [W0; A], per-module θ leaves, both), K = 2 and 4, each in eager, compile and reduce-overhead, in one process,
+#    fp32 adapters, only if CAT_VARIANTS names peft_fp32), CAT and the stacked-[W0; A] experiment
+#    (bench/cat_stacked.py), K = 2 and 4, each in eager, compile and reduce-overhead, in one process,
 #    with the compiled steps' CUDA kernels by group (--profile).
 # 4. (STEPS=user_path) issue 23: bench/user_path.py, `lorasoup cat` (train.compile=reduce-overhead)
 #    and `lorasoup train` from YAML on a 7B-shaped base saved to /tmp, each step timed from run.json,
@@ -85,7 +85,7 @@ wanted() { [[ " ${STEPS:-tests core_merge cat_step} " == *" $1 "* ]]; }
 wanted tests && step gpu-tests.txt 150 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
 wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --profile --out "$out/core_merge.json"
 # shellcheck disable=SC2086  # CAT_VARIANTS is a list
-wanted cat_step && TAIL=40 step cat_step.log 540 "$PY" bench/cat_step.py --ks 2 4 --variants ${CAT_VARIANTS:-floor peft_multi cat cat_stacked cat_leaves cat_stacked_leaves} \
+wanted cat_step && TAIL=40 step cat_step.log 420 "$PY" bench/cat_step.py --ks 2 4 --variants ${CAT_VARIANTS:-floor peft_multi cat cat_stacked} \
   --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"
 # shellcheck disable=SC2086  # USER_PATH_KS is a list of K
 wanted user_path && TAIL=20 step user_path.log 330 "$PY" bench/user_path.py --ks ${USER_PATH_KS:-2} --bench-step \

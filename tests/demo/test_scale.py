@@ -31,8 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _study(*args: str) -> tuple[int, str]:
+    """Exit code and output; an exception the command raised is appended (a failed assert then
+    names it: the runner keeps it out of the output)."""
     result = CliRunner().invoke(app, ["study", *args])
-    return result.exit_code, result.output
+    raised = (
+        "" if result.exception is None or isinstance(result.exception, SystemExit) else repr(result.exception)
+    )
+    return result.exit_code, result.output + raised
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

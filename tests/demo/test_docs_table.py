@@ -76,3 +76,22 @@ def test_real_model_tables_are_the_committed_runs(marker: str, run: str):
     assert len(header) == len(expected)
     assert all(cell.startswith(name) for cell, name in zip(header, expected, strict=True))
     assert documented[2:] == rendered[2:]
+
+
+def test_real_model_failure_modes_are_what_bench_verdicts_prints() -> None:
+    """docs/real-model.md's failure-mode table is bench/verdicts.py's output over the committed
+    per-example archives of the three H100 seeds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verdicts", ROOT / "bench" / "verdicts.py")
+    verdicts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdicts)
+    runs = ROOT / "docs" / "results"
+    results = json.loads((runs / "demo-smollm2-gpu-h100-3seeds" / "results.json").read_text(encoding="utf-8"))
+    archives = [
+        runs / f"demo-smollm2-gpu-h100-procedural{suffix}" / "per-example.tar.gz"
+        for suffix in ("", "-seed1", "-seed2")
+    ]
+    printed = verdicts.verdict_table(results, archives)
+    assert len(printed) == 2 + len(results["table"])  # every row has its 600 answers
+    assert documented_table("real-model.md", "<!-- smollm2-gpu-verdicts:") == printed

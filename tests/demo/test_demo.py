@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -216,10 +217,17 @@ def test_a_stopped_run_resumes_without_redoing_finished_work(
     swapped = partial / "merges" / "layer_swap" / "adapter_config.json"
     assert math_lora.is_file() and scored.is_file() and swapped.is_file() and not out.exists()
     before = (math_lora.stat().st_mtime_ns, scored.stat().st_mtime_ns)
+    first_call = json.loads((tmp_path / ".run.partial" / "elapsed.json").read_text())["elapsed_s"]
     other = load_config(DemoSettings, None, [*TINY, "cat_steps=4"])
     with pytest.raises(LorasoupError, match="partial run of other settings"):
         run_demo(out, seed=5, settings=other, resume=True)
+    began = time.perf_counter()
     run_demo(out, seed=5, settings=settings, resume=True)
+    second_call = time.perf_counter() - began
+    # the wall time counts both calls (up to the stage the first was stopped in), not the last alone
+    total = json.loads((out / "run.json").read_text())["timings_s"]["total"]
+    assert first_call > 0 and first_call + 0.5 * second_call <= total <= first_call + second_call + 1.0
+    assert not (out / "elapsed.json").exists()
     resumed = out / "seed-5"
     after = (
         (resumed / "adapters" / "math" / "adapter_model.safetensors").stat().st_mtime_ns,

@@ -75,11 +75,47 @@ def run_demo(
         else atomic_output_dir(output, overwrite=overwrite)
     )
     with folder as staging:
-        units = seed_units(staging, chosen, settings, model, stage)
-        outcomes = run_units(units, jobs=jobs, stage=stage, resume=resume)
-        seconds = time.perf_counter() - started
+        clock = RunClock(staging / "elapsed.json" if resume else None, started)
+        units = seed_units(staging, chosen, settings, model, clock.hook(stage))
+        outcomes = run_units(units, jobs=jobs, stage=clock.hook(stage), resume=resume)
+        seconds = clock.finish()
         table = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
     return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)
+
+
+class RunClock:
+    """A run's wall seconds across the calls a resumed run took (a GPU call's time limit cuts it, the
+    next call goes on): at every stage it reports, the time so far goes to ``path`` in the work
+    folder, and a resumed run starts counting from there. Without ``path``, this call's time."""
+
+    def __init__(self, path: Path | None, started: float) -> None:
+        self.path, self.started = path, started
+        saved = path is not None and path.is_file()
+        self.before = float(json.loads(path.read_text(encoding="utf-8"))["elapsed_s"]) if saved else 0.0
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def hook(self, stage: StageHook | None) -> StageHook | None:
+        """``stage``, also saving the time so far (the stage that a kill interrupts is not counted)."""
+        if self.path is None:
+            return stage
+        path = self.path
+
+        def report(what: str, done: int, total: int) -> None:
+            from lorasoup.artifacts import write_json_atomic
+
+            write_json_atomic(path, {"elapsed_s": self.elapsed()})
+            if stage is not None:
+                stage(what, done, total)
+
+        return report
+
+    def finish(self) -> float:
+        """The total, and the work folder rid of the clock file (run.json records the total)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        return self.elapsed()
 
 
 def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False) -> DemoSummary:

@@ -110,3 +110,39 @@ def test_host_svd_in_threads_gives_the_one_call_bits(batch, monkeypatch) -> None
         assert got.shape == want.shape and torch.equal(got, want)
     count = R[..., 0, 0].numel()
     assert started == ([min(4, count)] if count >= 2 else [])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(6, 30),
+    st.integers(6, 30),
+    st.integers(1, 5),
+    st.integers(0, 2),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_both_sides_bases_in_one_host_call_are_each_sides_bits(
+    batch, out, width, rank, deficit, cholesky, seed
+):
+    """``column_bases(B, Aᵀ)`` (the core space's two sides, their small SVDs in one host call) gives
+    exactly ``column_basis`` of each, on the CholeskyQR2 path a GPU takes and on Householder, and
+    falls back to one call per side when the shapes do not stack (a wide side)."""
+    g = torch.Generator().manual_seed(seed)
+    inner = max(1, rank - deficit)  # rank-deficient stacks too
+    B = torch.randn(batch, out, inner, generator=g) @ torch.randn(batch, inner, rank, generator=g)
+    At = torch.randn(batch, width, rank, generator=g)
+    with pytest.MonkeyPatch.context() as patch:
+        real = subspace.thin_qr
+        patch.setattr(subspace, "thin_qr", lambda X: real(X, cholesky=cholesky))
+        together = subspace.column_bases(B, At)
+        apart = [subspace.column_basis(B), subspace.column_basis(At)]
+        for got, want in zip(together, apart, strict=True):
+            assert torch.equal(got, want)
+        wide = torch.randn(batch, 2, 9, generator=g)  # n < m: no stacking
+        for got, want in zip(
+            subspace.column_bases(B, wide),
+            [subspace.column_basis(B), subspace.column_basis(wide)],
+            strict=True,
+        ):
+            assert torch.equal(got, want)

@@ -11,8 +11,8 @@ per-module merge runs on a batch of one (``core_space.core_space``, the method's
 ``CoreSpace.to_update``), with a leading group dimension ``G``:
 
 1. the factors stacked per side, ``(G, out, R)`` and ``(G, R, in)`` in float64, and each side's bases
-   by one batched thin QR and one batched SVD of the ``G`` small triangular factors
-   (``subspace.thin_svd``);
+   by one batched thin QR, the ``2G`` small triangular factors of both sides then SVD'd in one host
+   call (``subspace.column_bases``);
 2. the cores ``(G, K, m, n)`` and the combine: ``core_linear`` one contraction, the TIES / DARE
    presets ``delta.merge_task_batch`` (each module's tasks trimmed on their own, with no read back;
    DARE's draws from each module's own generator, in the per-module order, so the masks are the

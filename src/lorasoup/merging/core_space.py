@@ -67,7 +67,7 @@ from lorasoup.merging.base import (
 )
 from lorasoup.merging.core_batched import BatchedCoreMerge
 from lorasoup.merging.delta import RECIPES, merge_task_batch
-from lorasoup.merging.subspace import column_basis, thin_svd
+from lorasoup.merging.subspace import column_bases, thin_svd
 from lorasoup.merging.task_arithmetic import DARE, TIES
 from lorasoup.merging.tsv import (
     TSV,
@@ -106,13 +106,13 @@ class CoreSpace:
 def core_space(modules: Sequence[Sequence[LoraFactors]]) -> CoreSpace:
     """Steps 1–2 of the module docstring for ``G`` modules at once: ``modules[g][i]`` is adapter ``i``
     at module ``g``; every module has the same ``out``, ``in`` and ranks (a batch of one: a module).
-    The bases are one batched thin SVD per side (``subspace.column_basis``)."""
+    The bases are one batched thin QR per side and one host call for both sides' small SVDs
+    (``subspace.column_bases``)."""
     by_adapter = list(zip(*modules, strict=True))  # [i][g]: one stack per adapter, not per module
     B = torch.cat([torch.stack([f.B for f in fs]) for fs in by_adapter], dim=2).double()  # (G, out, R)
     A = torch.cat([torch.stack([f.A for f in fs]) for fs in by_adapter], dim=1).double()  # (G, R, in)
     scales = torch.tensor([[f.scale for f in m] for m in modules], dtype=torch.float64, device=B.device)
-    U = column_basis(B)  # (G, out, m)
-    V = column_basis(A.mT)  # (G, in, n)
+    U, V = column_bases(B, A.mT)  # (G, out, m), (G, in, n)
     left, right = U.mT @ B, A @ V  # (G, m, R), (G, R, n)
     ranks = tuple(f.rank for f in modules[0])
     ends = list(accumulate(ranks))

@@ -66,6 +66,19 @@ def column_basis(X: Tensor) -> Tensor:
     return thin_svd(X)[0]
 
 
+def column_bases(*Xs: Tensor) -> list[Tensor]:
+    """``[column_basis(X) for X in Xs]``, bit for bit, with the small SVDs of all of them in one host
+    call when every ``X (*, n_j, m)`` is tall with the same batch and ``m`` (the core space's two
+    sides: ``B (G, out, R)`` and ``Aᵀ (G, in, R)``): one round trip to the host instead of one per
+    ``X``, and twice the matrices to spread over the threads (``host_svd``)."""
+    shapes = {(X.shape[:-2], X.shape[-1]) for X in Xs}
+    if len(shapes) != 1 or any(X.shape[-2] < X.shape[-1] for X in Xs):
+        return [column_basis(X) for X in Xs]
+    factored = [thin_qr(X.double()) for X in Xs]  # [(Q (*, n_j, m), R (*, m, m))]
+    u, _, _ = host_svd(torch.stack([R for _, R in factored]))  # (len(Xs), *, m, m)
+    return [Q @ u_j.to(Q.device) for (Q, _), u_j in zip(factored, u, strict=True)]
+
+
 def product_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Exact thin SVD of ``B @ A`` from the factors: ``B (out, r)``, ``A (r, in)`` →
     ``U (out, p)``, ``S (p,)``, ``V (in, p)`` with ``B A = U diag(S) Vᵀ``, ``p = min(out, in, r)``.

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorasoup.cat.layer import CatLinear
+from lorasoup.sites import replace_module
 
 
 class StackedCatLinear(nn.Module):
@@ -55,9 +56,7 @@ def stack(model: nn.Module) -> int:
     """Replace every ``CatLinear`` of ``model`` by its stacked form; returns how many."""
     paths = [path for path, module in model.named_modules() if isinstance(module, CatLinear)]
     for path in paths:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, StackedCatLinear(getattr(parent, child)))
+        replace_module(model, path, StackedCatLinear(model.get_submodule(path)))
     return len(paths)
 
 
@@ -65,10 +64,8 @@ def unstack(model: nn.Module) -> None:
     """Put the ``CatLinear`` modules back, each with its own contiguous ``W0`` and ``A``."""
     paths = [path for path, module in model.named_modules() if isinstance(module, StackedCatLinear)]
     for path in paths:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        wrapper: StackedCatLinear = getattr(parent, child)
+        wrapper: StackedCatLinear = model.get_submodule(path)
         layer = wrapper.layer
         layer.base.weight = nn.Parameter(wrapper.stacked[: wrapper.out].clone(), requires_grad=False)
         layer.A = wrapper.stacked[wrapper.out :].to(wrapper.a_dtype, copy=True)
-        setattr(parent, child, layer)
+        replace_module(model, path, layer)

@@ -69,3 +69,10 @@ def plan_sites(
             )
         plan.append((path, base))
     return plan
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (dotted, as ``named_modules`` names it) in ``model``: a wrapper in,
+    or the base back. (``nn.Module.set_submodule`` does this from torch 2.5; lorasoup supports 2.2.)"""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)

@@ -27,7 +27,7 @@ from lorasoup.adapters import LoraAdapter
 from lorasoup.cat.layer import CatLinear, CatWeights, Parameterisation
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import CompatibilityError, ConfigError
-from lorasoup.sites import concat_site, plan_sites
+from lorasoup.sites import concat_site, plan_sites, replace_module
 
 Granularity = Literal["module", "layer", "global"]
 WEIGHTS_ATTR = "lorasoup_cat_weights"
@@ -162,10 +162,8 @@ def compose_cat(
     for path, base in plan:
         A, B, owner, ranks, scales = concat_site(adapters, path, device, dtype)
         group = group_names.index(group_name(path, granularity))
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
         scale_tensor = torch.tensor(scales, device=device)
-        setattr(parent, child, CatLinear(base, A, B, owner, scale_tensor, weights, group, dropout))
+        replace_module(model, path, CatLinear(base, A, B, owner, scale_tensor, weights, group, dropout))
         sites.append(CatSite(path=path, group=group, ranks=ranks, scales=scales))
     model.add_module(WEIGHTS_ATTR, weights)
     return CatComposition(
@@ -256,9 +254,7 @@ def remove_cat(composition: CatComposition) -> nn.Module:
     """Put the original base modules back; the model is the frozen base again."""
     model = composition.model
     for path, layer in composition.layers().items():
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, layer.base)
+        replace_module(model, path, layer.base)
     if hasattr(model, WEIGHTS_ATTR):
         delattr(model, WEIGHTS_ATTR)
     return model

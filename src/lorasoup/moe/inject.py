@@ -29,7 +29,7 @@ from lorasoup.cat.inject import WEIGHTS_ATTR, CatSite
 from lorasoup.compat import check_compatibility
 from lorasoup.errors import CompatibilityError, ConfigError, ModelError
 from lorasoup.moe.layer import GatedLoraLinear, RouterRecord, TokenRouter, load_balancing_loss
-from lorasoup.sites import base_shape, concat_site, plan_sites
+from lorasoup.sites import base_shape, concat_site, plan_sites, replace_module
 
 Granularity = Literal["module", "layer"]
 ROUTERS_ATTR = "lorasoup_moe_routers"
@@ -251,8 +251,7 @@ def compose_moe(
         layer = GatedLoraLinear(
             base, A, B, owner, scale_tensor, routers[group], shared=granularity == "layer", dropout=dropout
         )
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+        replace_module(model, path, layer)
         sites.append(CatSite(path=path, group=group, ranks=ranks, scales=scales))
     model.add_module(ROUTERS_ATTR, routers)
     hooks = []
@@ -283,9 +282,7 @@ def remove_moe(composition: MoeComposition) -> nn.Module:
         handle.remove()
     composition.hooks.clear()
     for path, layer in composition.layers().items():
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, layer.base)
+        replace_module(model, path, layer.base)
     if hasattr(model, ROUTERS_ATTR):
         delattr(model, ROUTERS_ATTR)
     return model

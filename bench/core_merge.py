@@ -7,10 +7,10 @@ beside the ΔW-space lorasoup method it corresponds to (``linear``, ``ties``, ``
 ``dare_ties``) and the PEFT combination of the same name, on the same device, each with its peak
 memory above what is resident (CUDA only); on CUDA each core-space method also one module at a time
 (``core_per_module_s``: without the batched streaming path of ``merging.core_batched``), and with
-larger buffer caps (``core_by_cap_mib``: seconds and peak GiB per cap). Each row
-also gives the bytes of the largest module's factors (``ΣR·(out+in)``) and of its dense ``ΔW``
-(``out·in``), fp32, for scale: the claim to check
-is "≥ 10× faster than ΔW-space TIES/DARE, memory of the order of the factors".
+larger buffer caps (``core_by_cap_mib``: seconds and peak GiB per cap). Each row also gives the
+bytes of the largest module's factors (``ΣR·(out+in)``) and of its dense ``ΔW`` (``out·in``), fp32,
+for scale: the claim to check is "≥ 10× faster than ΔW-space TIES/DARE, memory of the order of the
+factors".
 
     PYTHONPATH=src python bench/core_merge.py --out bench/results/core_merge_h100.json   # GPU, ~3 min
     PYTHONPATH=src python bench/core_merge.py --tiny --out /tmp/core_merge_tiny.json     # CPU smoke run
@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/merge.py's helpers, when
 import merge as merge_bench
 
 from lorasoup.adapters import LoraAdapter
-from lorasoup.merging import MERGE_METHODS, MergeParams
-from lorasoup.merging.run import merge_adapters
+from lorasoup.merging import MERGE_METHODS
 
 # (core-space method, the ΔW-space lorasoup method it is compared with, the PEFT combination)
 TRIPLES = [
@@ -98,23 +97,14 @@ def with_cap(method: str, adapters: list[LoraAdapter], args, device: torch.devic
         streaming.max_bytes = cap_mib * 2**20
         return streaming
 
-    capped = dataclasses.replace(entry, streaming=start)
-    params = MergeParams(density=args.density if entry.uses_density else 1.0)
-    modules = sorted(adapters[0].modules)
-    return lambda: merge_adapters(
-        adapters, merge_bench.WEIGHTS, capped, params, modules=modules, seed=args.seed, device=device
-    )
+    return merge_bench.ours_with(dataclasses.replace(entry, streaming=start), adapters, args, device)
 
 
 def per_module(method: str, adapters: list[LoraAdapter], args, device: torch.device):
     """``method`` one module at a time (its ``merge``), not through its batched streaming path: the
     baseline of the batching (``merging.core_batched``), in the same process."""
     entry = dataclasses.replace(MERGE_METHODS.get(method), streaming=None)
-    params = MergeParams(density=args.density if entry.uses_density else 1.0)
-    modules = sorted(adapters[0].modules)
-    return lambda: merge_adapters(
-        adapters, merge_bench.WEIGHTS, entry, params, modules=modules, seed=args.seed, device=device
-    )
+    return merge_bench.ours_with(entry, adapters, args, device)
 
 
 def profile_ops(fn, device: torch.device, top: int = 20) -> list[dict]:

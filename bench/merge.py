@@ -173,7 +173,11 @@ def random_adapters(shape: dict, rank: int, device: torch.device, seed: int) -> 
 
 
 def ours(method: str, adapters: list[LoraAdapter], args, device: torch.device):
-    entry = MERGE_METHODS.get(method)
+    return ours_with(MERGE_METHODS.get(method), adapters, args, device)
+
+
+def ours_with(entry, adapters: list[LoraAdapter], args, device: torch.device):
+    """A merge of the adapters by the registry entry ``entry`` (or a variant of one), to time."""
     params = MergeParams(density=args.density if entry.uses_density else 1.0)
     modules = sorted(adapters[0].modules)
     return lambda: merge_adapters(

@@ -76,8 +76,9 @@ def run_demo(
     )
     with folder as staging:
         clock = RunClock(staging / "elapsed.json" if resume else None, started)
-        units = seed_units(staging, chosen, settings, model, clock.hook(stage))
-        outcomes = run_units(units, jobs=jobs, stage=clock.hook(stage), resume=resume)
+        timed_stage = clock.hook(stage)
+        units = seed_units(staging, chosen, settings, model, timed_stage)
+        outcomes = run_units(units, jobs=jobs, stage=timed_stage, resume=resume)
         seconds = clock.finish()
         table = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
     return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)
@@ -188,9 +189,10 @@ def _check_one_study(folders: list[Path], loaded: list[dict[str, Any]], mode: De
         return settings_record(load_config(mode.settings, base=results["settings"]))
 
     first = loaded[0]
+    expected = complete(first)
     for folder, results in zip(folders[1:], loaded[1:], strict=True):
         for key in ("model", "tasks", "settings"):
-            same = complete(results) == complete(first) if key == "settings" else results[key] == first[key]
+            same = complete(results) == expected if key == "settings" else results[key] == first[key]
             if not same:
                 raise ConfigError(
                     f"{folder} differs from {folders[0]} in {key}: only runs of one study combine"

@@ -49,7 +49,7 @@ def host_svd(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     host = R.cpu()
     batch = host.shape[:-2]
-    count = batch.numel() if host.dim() > 2 else 1
+    count = batch.numel()  # 1 for a single matrix
     workers = min(torch.get_num_threads(), count)
     if workers < 2:
         return torch.linalg.svd(host, full_matrices=False)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 MANIFEST = "MANIFEST.json"
 DEFAULT_STORE = Path(os.environ.get("LORASOUP_ASSETS", "/tmp/lorasoup-assets"))
-DEFAULT_PART_MIB = 56  # leaves room under the 64 MiB carry for the repository itself
+DEFAULT_PART_MIB = 50  # leaves room under the 64 MiB carry for the repository itself (10 MiB in session 11)
 LOST = 3  # exit code: the machine went back between two calls; the parts must be sent again
 
 

@@ -17,6 +17,9 @@
 #   then, carry the last part .carry/MODEL/MANIFEST.json .carry/MODEL-bench.json.gz .carry/lora-soups:
 #       bash bench/device_real_model.sh run [--set KEY=VALUE ...]
 #   a later call (same carry, no part needed if the machine is still warm) runs the seeds not finished.
+#   or, in its place, the steps check of issue 18 (bench/skill_steps.py: the math LoRA alone at each of
+#   SWEEP_STEPS, default "400 800", scored on its own task; skill-steps-seed-K.json come back):
+#       SEEDS="0 1 2" DEMO_TIMEOUT=540 bash bench/device_real_model.sh sweep [--set KEY=VALUE ...]
 # (bench/device_smollm2.sh is this script with REAL_MODEL=smollm2.)
 # Each seed runs as its own `lorasoup demo --seed K --resume` process (the GPU is far from busy with one
 # small model). A seed cut off by the call's limit keeps its work folder, and the next call, if it
@@ -160,8 +163,28 @@ for name in ("transformers", "peft", "accelerate", "tokenizers", "gguf", "cma"):
   ls -l "$out"
 }
 
+sweep() {  # issue 18's steps check: the math LoRA alone at SWEEP_STEPS, one process per seed side by side
+  stage --optional
+  local gguf out=${OUT:-/tmp/lorasoup-out} pids=() seed
+  gguf=$("$PY" bench/carry.py join "$PARTS")  # says so, exit 3, when the machine was lost
+  [[ -f "$BENCH" ]] || die "no benchmark file $BENCH: carry it"
+  mkdir -p "$out"
+  export PYTHONPATH="$ASSETS/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+  for seed in "${SEEDS[@]}"; do
+    # shellcheck disable=SC2046,SC2086  # word splitting of the settings and of the step list is wanted
+    timeout --kill-after=10 "$DEMO_TIMEOUT" "$PY" bench/skill_steps.py --model "$gguf" --seed "$seed" \
+      --skill "${SWEEP_SKILL:-math}" --steps ${SWEEP_STEPS:-400 800} --work "$RUNS/sweep-seed-$seed" \
+      --out "$out/skill-steps-seed-$seed.json" --set "benchmark_file=$BENCH" $(settings) "$@" \
+      >"$out/skill-steps-seed-$seed.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || true; done
+  grep -h "LoRA, " "$out"/skill-steps-seed-*.log || tail -n 5 "$out"/skill-steps-seed-*.log
+}
+
 case "${1:-}" in
   prepare) shift; prepare ;;
+  sweep) shift; sweep "$@" ;;
   stage) shift; stage ;;
   run) shift; run "$@" ;;
   settings) shift; settings "$@" ;;

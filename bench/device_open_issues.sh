@@ -42,6 +42,8 @@
 #    hf on SmolLM2-135M-Instruct (the GGUF), GSM-Hard with the paper's 8-shot prompt, first
 #    EVAL_LIMIT (512) problems at batch 128: tokens/s and identical generations, one process.
 #
+# CAT_MODES limits cat_step's modes (default eager, compile, reduce-overhead), e.g. "compile reduce-overhead".
+#
 # Leaves in $OUT: env.txt, gpu-tests.txt, core_merge.json, core_merge.log, cat_step.json,
 # cat_step.log (and user_path.json, user_path.log, eval_backends.json, eval_backends.log). Each step
 # has its own time limit, so one that hangs does not take the others' results with it.
@@ -87,7 +89,7 @@ wanted tests && step gpu-tests.txt 150 "$PY" -m pytest -q -m gpu tests -p no:war
 wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --profile --out "$out/core_merge.json"
 # shellcheck disable=SC2086  # CAT_VARIANTS is a list
 wanted cat_step && TAIL=40 step cat_step.log 420 "$PY" bench/cat_step.py --ks 2 4 --variants ${CAT_VARIANTS:-floor peft_multi cat cat_stacked} \
-  --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"
+  ${CAT_MODES:+--modes $CAT_MODES} --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"
 # shellcheck disable=SC2086  # USER_PATH_KS is a list of K
 wanted user_path && TAIL=20 step user_path.log 330 "$PY" bench/user_path.py --ks ${USER_PATH_KS:-2} --bench-step \
   --work /tmp/lorasoup-user-path --reuse --out "$out/user_path.json"

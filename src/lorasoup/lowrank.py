@@ -14,7 +14,7 @@ Dense matrices (the output of elementwise merges such as TIES) go through :func:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -350,15 +350,24 @@ def thin_qr(X: Tensor, *, cholesky: bool | None = None) -> tuple[Tensor, Tensor]
     Householder QR where ``X`` lives is the fallback when ``X`` is too ill-conditioned for it (for a
     batch: when any of its matrices is).
     """
-    work = X.double()
-    rows, cols = work.shape[-2:]
+    return thin_qrs([X], cholesky=cholesky)[0]
+
+
+def thin_qrs(Xs: Sequence[Tensor], *, cholesky: bool | None = None) -> list[tuple[Tensor, Tensor]]:
+    """:func:`thin_qr` of each of ``Xs`` (on one device), bit for bit, with the CholeskyQR2 health of
+    all of them read back in one sync instead of one each (the core space's two sides of a group).
+
+    ``cholesky``: default, when every ``X`` is on a GPU."""
+    works = [X.double() for X in Xs]
     if cholesky is None:
-        cholesky = X.is_cuda
-    if cholesky and rows >= cols:
-        Q, R, healthy = _cholesky_qr2(work)
-        if bool(healthy):
-            return Q, R
-    return torch.linalg.qr(work)
+        cholesky = all(X.is_cuda for X in Xs)
+    tried = [_cholesky_qr2(w) if cholesky and w.shape[-2] >= w.shape[-1] else None for w in works]
+    checks = [t[2] for t in tried if t is not None]
+    verdicts = iter(torch.stack(checks).tolist() if checks else [])  # the one read back
+    return [
+        (t[0], t[1]) if t is not None and next(verdicts) else torch.linalg.qr(w)
+        for w, t in zip(works, tried, strict=True)
+    ]
 
 
 def _cholesky_qr2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -124,6 +124,23 @@ def test_orthonormal_falls_back_on_rank_deficient_input() -> None:
     assert torch.allclose(Q @ (Q.T @ Y), Y, atol=1e-4)
 
 
+def test_several_thin_qrs_are_each_ones_bits_with_fallback_per_matrix() -> None:
+    """``thin_qrs`` (one health read back for all) gives each matrix's own ``thin_qr``: the healthy one
+    keeps CholeskyQR2, the rank-deficient one alone falls back to Householder."""
+    from lorasoup.lowrank import _cholesky_qr2, thin_qr, thin_qrs
+
+    g = torch.Generator().manual_seed(0)
+    healthy = torch.randn(30, 6, generator=g)
+    deficient = torch.cat([torch.randn(30, 5, generator=g), torch.zeros(30, 1)], dim=1)  # Cholesky fails
+    assert not bool(_cholesky_qr2(deficient.double())[2]) and bool(_cholesky_qr2(healthy.double())[2])
+    together = thin_qrs([healthy, deficient], cholesky=True)
+    for X, (Q, R) in zip([healthy, deficient], together, strict=True):
+        want_Q, want_R = thin_qr(X, cholesky=True)
+        assert torch.equal(Q, want_Q) and torch.equal(R, want_R)
+    assert torch.equal(together[0][0], _cholesky_qr2(healthy.double())[0])  # not redone by Householder
+    assert torch.equal(together[1][0], torch.linalg.qr(deficient.double())[0])
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     st.integers(1, 40),

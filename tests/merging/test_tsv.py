@@ -133,8 +133,9 @@ def test_both_sides_bases_in_one_host_call_are_each_sides_bits(
     B = torch.randn(batch, out, inner, generator=g) @ torch.randn(batch, inner, rank, generator=g)
     At = torch.randn(batch, width, rank, generator=g)
     with pytest.MonkeyPatch.context() as patch:
-        real = subspace.thin_qr
+        real, real_many = subspace.thin_qr, subspace.thin_qrs
         patch.setattr(subspace, "thin_qr", lambda X: real(X, cholesky=cholesky))
+        patch.setattr(subspace, "thin_qrs", lambda Xs: real_many(Xs, cholesky=cholesky))
         together = subspace.column_bases(B, At)
         apart = [subspace.column_basis(B), subspace.column_basis(At)]
         for got, want in zip(together, apart, strict=True):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from lorasoup.lowrank import thin_qr
+from lorasoup.lowrank import thin_qr, thin_qrs
 
 
 def thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,11 +70,12 @@ def column_bases(*Xs: Tensor) -> list[Tensor]:
     """``[column_basis(X) for X in Xs]``, bit for bit, with the small SVDs of all of them in one host
     call when every ``X (*, n_j, m)`` is tall with the same batch and ``m`` (the core space's two
     sides: ``B (G, out, R)`` and ``Aᵀ (G, in, R)``): one round trip to the host instead of one per
-    ``X``, and twice the matrices to spread over the threads (``host_svd``)."""
+    ``X``, and twice the matrices to spread over the threads (``host_svd``); their thin QRs' health
+    is read back in one sync too (``lowrank.thin_qrs``)."""
     shapes = {(X.shape[:-2], X.shape[-1]) for X in Xs}
     if len(shapes) != 1 or any(X.shape[-2] < X.shape[-1] for X in Xs):
         return [column_basis(X) for X in Xs]
-    factored = [thin_qr(X.double()) for X in Xs]  # [(Q (*, n_j, m), R (*, m, m))]
+    factored = thin_qrs(Xs)  # [(Q (*, n_j, m), R (*, m, m))]
     u, _, _ = host_svd(torch.stack([R for _, R in factored]))  # (len(Xs), *, m, m)
     return [Q @ u_j.to(Q.device) for (Q, _), u_j in zip(factored, u, strict=True)]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lorasoup.adapters import LoraFactors, load_adapters
+from lorasoup.adapters import LoraAdapter, LoraFactors, load_adapters
 from lorasoup.artifacts import (
     atomic_output_dir,
     inputs_fingerprint,
@@ -173,15 +173,22 @@ def _training_record(dataset: Any, fit: FitResult, formats: FormatReport | None)
     }
 
 
-def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> CatRunResult:
-    """Compose ``config.adapters`` by CAT on ``config.base_model`` and write the artifact directory."""
-    from lorasoup.models import load_base_model, load_tokenizer, model_fingerprint, parse_model_spec
-    from lorasoup.training.data import collate
+@dataclass
+class _CatInputs:
+    """What ``run_cat`` loads before composing: the checked adapters, the data and the base model."""
 
-    output = Path(config.output)
-    require_free_output(output, overwrite=config.overwrite)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    adapters: list[LoraAdapter]
+    notices: list[str]  # the compatibility report's
+    tokenizer: Any
+    dataset: Any
+    formats: FormatReport | None
+    model: torch.nn.Module
+
+
+def _load_inputs(config: CatRunConfig) -> _CatInputs:
+    """Load and check the adapters first, so an incompatible set fails before the base model is read."""
+    from lorasoup.models import load_base_model, load_tokenizer, parse_model_spec
+
     adapters = load_adapters(config.adapters)
     report = check_compatibility(
         adapters, allow_base_mismatch=config.allow_base_mismatch, base_model=config.base_model
@@ -191,11 +198,14 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     tokenizer = load_tokenizer(spec)
     dataset, formats = load_training_data(config.data, tokenizer, seed=config.train.seed)
     model = load_base_model(spec, dtype=DTYPES[config.train.dtype], device=config.train.device)
-    timings["load"] = time.perf_counter() - clock
+    return _CatInputs(adapters, list(report.notices), tokenizer, dataset, formats, model)
 
+
+def _compose(config: CatRunConfig, inputs: _CatInputs) -> CatComposition:
+    """CAT over the base model as ``config.cat`` asks, started from ``cat.init_from`` when given."""
     composition = compose_cat(
-        model,
-        adapters,
+        inputs.model,
+        inputs.adapters,
         granularity=config.cat.granularity,
         parameterisation=config.cat.parameterisation,
         seed=config.train.seed,
@@ -204,65 +214,127 @@ def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> Ca
     )
     if config.cat.init_from is not None:
         start_from_file(composition, config.cat.init_from)
-    clock = time.perf_counter()
-    fit = fit_cat_weights(
+    return composition
+
+
+def _fit(
+    config: CatRunConfig,
+    inputs: _CatInputs,
+    composition: CatComposition,
+    output: Path,
+    progress: ProgressHook | None,
+) -> FitResult:
+    """Train the composition's weights on the data; checkpoints go to ``OUTPUT.checkpoints``."""
+    from lorasoup.training.data import collate
+
+    return fit_cat_weights(
         composition,
-        dataset,
+        inputs.dataset,
         functools.partial(
-            collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=config.data.pad_to_multiple_of
+            collate,
+            pad_token_id=inputs.tokenizer.pad_token_id,
+            pad_to_multiple_of=config.data.pad_to_multiple_of,
         ),
         config.train,
         checkpoint_dir=output.with_name(output.name + ".checkpoints"),
         resume_from=config.resume_from,
         progress=progress,
     )
+
+
+def _write_exports(
+    staging: Path,
+    config: CatRunConfig,
+    inputs: _CatInputs,
+    composition: CatComposition,
+    exported: ExportedFactors,
+) -> None:
+    """The PEFT adapter, ``cat_weights.json``, and ``merged/`` when ``export.merge`` is set."""
+    from lorasoup.export.peft import save_merged, save_peft_adapter
+
+    save_peft_adapter(
+        exported.factors,
+        staging,
+        base_model=config.base_model,
+        model=inputs.model,
+        fan_in_fan_out=inputs.adapters[0].fan_in_fan_out,
+    )
+    write_json_atomic(staging / "cat_weights.json", weights_payload(composition))
+    if config.export.merge:
+        save_merged(remove_cat(composition), exported.factors, inputs.tokenizer, staging / "merged")
+
+
+def _cat_run_json(
+    config: CatRunConfig,
+    inputs: _CatInputs,
+    composition: CatComposition,
+    exported: ExportedFactors,
+    fit: FitResult,
+    timings: dict[str, float],
+    resources: dict[str, Any],
+    notices: list[str],
+) -> dict[str, Any]:
+    """``run.json``: config, versions, seed, timings, inputs, the fit, weight movement, the export."""
+    from lorasoup.models import model_fingerprint
+
+    return run_record(
+        command="cat",
+        config=config,
+        seed=config.train.seed,
+        timings=timings,
+        base_model=model_fingerprint(inputs.model),
+        adapters={
+            a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in inputs.adapters
+        },
+        inputs_sha256=inputs_fingerprint(
+            [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
+            + [Path(p) for p in config.data.train]
+        ),
+        training=_training_record(inputs.dataset, fit, inputs.formats),
+        resources=resources,
+        weight_movement=weight_movement(composition),
+        export={
+            "rank": exported.rank,
+            "concatenated_rank": max(sum(site.ranks) for site in composition.sites),
+            "merged": config.export.merge,
+            "recompression": exported.recompression,
+        },
+        notices=notices,
+    )
+
+
+def run_cat(config: CatRunConfig, *, progress: ProgressHook | None = None) -> CatRunResult:
+    """Compose ``config.adapters`` by CAT on ``config.base_model`` and write the artifact directory."""
+    output = Path(config.output)
+    require_free_output(output, overwrite=config.overwrite)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    inputs = _load_inputs(config)
+    timings["load"] = time.perf_counter() - clock
+
+    composition = _compose(config, inputs)
+    clock = time.perf_counter()
+    fit = _fit(config, inputs, composition, output, progress)
     timings["train"] = time.perf_counter() - clock
     resources = resource_record(torch.device(fit.device))  # every process takes part
 
     clock = time.perf_counter()
     exported = export_factors(composition, config.export)
-    folded, rank, recompression = exported.factors, exported.rank, exported.recompression
-    notices = list(report.notices) + exported.notices
-    fan_in_fan_out = adapters[0].fan_in_fan_out
+    notices = inputs.notices + exported.notices
     if not _is_main_process():  # under `accelerate launch`, one process writes the artifact
         return CatRunResult(
-            output=output, composition=composition, fit=fit, export_rank=rank, notices=notices
+            output=output, composition=composition, fit=fit, export_rank=exported.rank, notices=notices
         )
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
-        from lorasoup.export.peft import save_merged, save_peft_adapter
-
-        save_peft_adapter(
-            folded, staging, base_model=config.base_model, model=model, fan_in_fan_out=fan_in_fan_out
-        )
-        write_json_atomic(staging / "cat_weights.json", weights_payload(composition))
-        if config.export.merge:
-            save_merged(remove_cat(composition), folded, tokenizer, staging / "merged")
+        _write_exports(staging, config, inputs, composition, exported)
         timings["export"] = time.perf_counter() - clock
-        record = run_record(
-            command="cat",
-            config=config,
-            seed=config.train.seed,
-            timings=timings,
-            base_model=model_fingerprint(model),
-            adapters={
-                a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters
-            },
-            inputs_sha256=inputs_fingerprint(
-                [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
-                + [Path(p) for p in config.data.train]
-            ),
-            training=_training_record(dataset, fit, formats),
-            resources=resources,
-            weight_movement=weight_movement(composition),
-            export={
-                "rank": rank,
-                "concatenated_rank": max(sum(site.ranks) for site in composition.sites),
-                "merged": config.export.merge,
-                "recompression": recompression,
-            },
-            notices=notices,
-        )
+        record = _cat_run_json(config, inputs, composition, exported, fit, timings, resources, notices)
         write_json_atomic(staging / "run.json", record)
     return CatRunResult(
-        output=output, composition=composition, fit=fit, export_rank=rank, notices=notices, formats=formats
+        output=output,
+        composition=composition,
+        fit=fit,
+        export_rank=exported.rank,
+        notices=notices,
+        formats=inputs.formats,
     )

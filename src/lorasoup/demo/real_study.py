@@ -300,6 +300,79 @@ def _run_on_base(
     return run_real_seed(out, seed, settings, base_dir, base_facts, stage)
 
 
+def _stage_steps(stage: StageHook | None, total: int) -> Callable[[str], None]:
+    """``step(name)``: tell ``stage`` (if any) that stage ``name`` begins, the next of ``total`` from 0."""
+    done = 0
+
+    def step(name: str) -> None:
+        nonlocal done
+        if stage is not None:
+            stage(name, done, total)
+        done += 1
+
+    return step
+
+
+def _write_data(folder: Path, benchmark: Benchmark) -> dict[str, str]:
+    """Write each training split as ``<name>.json``, each test set as ``test-<name>.json``; return the
+    training files by split name."""
+    files = {
+        name: write_records(folder / f"{name}.json", records) for name, records in benchmark.train.items()
+    }
+    for name, records in benchmark.test.items():
+        write_records(folder / f"test-{name}.json", records)
+    return files
+
+
+def _real_scorer(benchmark: Benchmark, tokenizer: Any, settings: RealDemoSettings, out: Path) -> Scorer:
+    """The scorer of the three study tasks, with GSM-Hard added when its data are given."""
+    scorer = Scorer(benchmark, tokenizer, settings, out / "eval", specs=task_specs(settings))
+    if settings.gsm_hard_data is not None:
+        scorer.add_task("gsm-hard", *gsm_hard_task(settings), batch_size=settings.gsm_hard_batch_size)
+    return scorer
+
+
+def _score_base_and_skills(
+    study: SeedStudy, scorer: Scorer, settings: RealDemoSettings
+) -> tuple[list[MethodResult], dict[str, Path]]:
+    """The base model's row, then each skill LoRA trained and scored: the rows and the adapters."""
+    rows: list[MethodResult] = []
+    study.add(
+        rows,
+        scorer,
+        "base model",
+        "reference",
+        load_study_model(study.base_dir),
+        study.base_dir,
+        f"{model_title(settings.model)}, no adapter",
+    )
+    adapters: dict[str, Path] = {}
+    for name in ("math", "code"):
+        adapters[name] = study.train_skill(name)
+        study.add_skill(rows, scorer, name, adapters[name])
+    return rows, adapters
+
+
+def _seed_facts(
+    seed: int,
+    settings: RealDemoSettings,
+    base_facts: dict[str, Any],
+    clock: dict[str, float],
+    artifacts: dict[str, Path],
+    scorer: Scorer,
+) -> dict[str, Any]:
+    """What the report records of one seed besides its rows: timings, the base, CAT's weights, scoring."""
+    return {
+        "seed": seed,
+        "timings_s": clock,
+        "base_model": base_facts,
+        "cat_weights": str(artifacts["cat"] / "cat_weights.json"),
+        "eval_backend": settings.eval_backend,
+        "backend_fallbacks": scorer.fallbacks,
+        "scoring_s": scorer.timings,  # per row and task: generation and sandbox seconds, tokens
+    }
+
+
 def run_real_seed(
     out: Path,
     seed: int,
@@ -312,29 +385,15 @@ def run_real_seed(
     from transformers import AutoTokenizer
 
     clock: dict[str, float] = {}
-    done = 0
-
-    def step(name: str) -> None:
-        nonlocal done
-        if stage is not None:
-            stage(name, done, STAGES + (EXTRA_STEPS if settings.extra_rows else 0))
-        done += 1
-
+    step = _stage_steps(stage, STAGES + (EXTRA_STEPS if settings.extra_rows else 0))
     started = time.perf_counter()
     source = settings.benchmark_file or "reasoning-gym"
     step(f"{'reading' if settings.benchmark_file else 'drawing'} the data from {source}")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     benchmark = real_benchmark(seed, settings, tokenizer)
-    files = {
-        name: write_records(out / "data" / f"{name}.json", records)
-        for name, records in benchmark.train.items()
-    }
-    for name, records in benchmark.test.items():
-        write_records(out / "data" / f"test-{name}.json", records)
+    files = _write_data(out / "data", benchmark)
     clock["data_s"] = time.perf_counter() - started
-    scorer = Scorer(benchmark, tokenizer, settings, out / "eval", specs=task_specs(settings))
-    if settings.gsm_hard_data is not None:
-        scorer.add_task("gsm-hard", *gsm_hard_task(settings), batch_size=settings.gsm_hard_batch_size)
+    scorer = _real_scorer(benchmark, tokenizer, settings, out)
     study = SeedStudy(
         out,
         seed,
@@ -348,34 +407,12 @@ def run_real_seed(
         cutoff_len=settings.cutoff_len,
         gate_examples=settings.gate_examples,
     )
-    rows: list[MethodResult] = []
-    study.add(
-        rows,
-        scorer,
-        "base model",
-        "reference",
-        load_study_model(base_dir),
-        base_dir,
-        f"{model_title(settings.model)}, no adapter",
-    )
-    adapters: dict[str, Path] = {}
-    for name in ("math", "code"):
-        adapters[name] = study.train_skill(name)
-        study.add_skill(rows, scorer, name, adapters[name])
+    rows, adapters = _score_base_and_skills(study, scorer, settings)
     clock["skills_s"] = time.perf_counter() - started - clock["data_s"]
     composed, artifacts = compose_methods(study, scorer, adapters, target="composite")
     rows += composed
     clock["total_s"] = time.perf_counter() - started
-    facts = {
-        "seed": seed,
-        "timings_s": clock,
-        "base_model": base_facts,
-        "cat_weights": str(artifacts["cat"] / "cat_weights.json"),
-        "eval_backend": settings.eval_backend,
-        "backend_fallbacks": scorer.fallbacks,
-        "scoring_s": scorer.timings,  # per row and task: generation and sandbox seconds, tokens
-    }
-    return rows, facts
+    return rows, _seed_facts(seed, settings, base_facts, clock, artifacts, scorer)
 
 
 def _token_budget(tokenizer: Any, settings: RealDemoSettings) -> Callable[[dict[str, Any]], bool]:

@@ -71,6 +71,78 @@ def build_model(size: BaseModelSize, tokenizer: Any, seed: int) -> torch.nn.Modu
         return LlamaForCausalLM(config)
 
 
+def _batch_loader(
+    dataset: Any, tokenizer: Any, size: BaseModelSize, seed: int, group_by_length: bool
+) -> torch.utils.data.DataLoader:
+    """Full batches in an order drawn from a private generator seeded with ``seed``: random, or rows of
+    similar length together (``group_by_length``)."""
+    generator = torch.Generator().manual_seed(seed)
+    order: dict[str, Any] = {"shuffle": True, "generator": generator}
+    if group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = [len(row["input_ids"]) for row in dataset]
+        order = {"sampler": LengthGroupedSampler(size.batch_size, lengths=lengths, generator=generator)}
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=size.batch_size,
+        drop_last=True,
+        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        **order,
+    )
+
+
+def _optimizer(
+    model: torch.nn.Module, size: BaseModelSize, on_gpu: bool
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay; its rate a cosine decay over ``size.steps`` times a linear warmup
+    (the first 1/30 of the steps)."""
+    fused = {"fused": True} if on_gpu else {}  # one kernel per step on the GPU; the CPU keeps its default
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.learning_rate, weight_decay=0.0, **fused)
+    warmup = max(1, size.steps // 30)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, size.steps) / size.steps))
+        ),
+    )
+    return optimizer, schedule
+
+
+def _train_steps(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    *,
+    steps: int,
+    device: str,
+    autocast: contextlib.AbstractContextManager[Any],
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[int, float, float]:
+    """Run ``steps`` optimizer steps, passing over the loader as often as it takes: steps run, first and
+    last loss (NaN where none)."""
+    model.train()
+    step, first, loss = 0, math.nan, torch.tensor(math.nan)
+    while step < steps:
+        for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == 1:
+                first = float(loss.detach())
+            if progress is not None:  # reading the loss waits for the GPU: only when someone looks
+                progress(step, steps, float(loss.detach()))
+            if step >= steps:
+                break
+    return step, first, float(loss.detach())
+
+
 def pretrain_base(
     records: list[dict[str, Any]],
     tokenizer: Any,
@@ -91,51 +163,21 @@ def pretrain_base(
     """
     model = build_model(size, tokenizer, seed).to(device)
     dataset = build_dataset(records, tokenizer, template=template, cutoff_len=64, name="demo base")
-    generator = torch.Generator().manual_seed(seed)
-    order: dict[str, Any] = {"shuffle": True, "generator": generator}
-    if group_by_length:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        lengths = [len(row["input_ids"]) for row in dataset]
-        order = {"sampler": LengthGroupedSampler(size.batch_size, lengths=lengths, generator=generator)}
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=size.batch_size,
-        drop_last=True,
-        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        **order,
-    )
+    loader = _batch_loader(dataset, tokenizer, size, seed, group_by_length)
     on_gpu = device != "cpu"
-    fused = {"fused": True} if on_gpu else {}  # one kernel per step on the GPU; the CPU keeps its default
-    optimizer = torch.optim.AdamW(model.parameters(), lr=size.learning_rate, weight_decay=0.0, **fused)
-    warmup = max(1, size.steps // 30)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, size.steps) / size.steps))
-        ),
-    )
+    optimizer, schedule = _optimizer(model, size, on_gpu)
     bf16 = on_gpu and size.cuda_bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    model.train()
-    step, first, loss = 0, math.nan, torch.tensor(math.nan)
-    while step < size.steps:
-        for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            with autocast:
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step == 1:
-                first = float(loss.detach())
-            if progress is not None:  # reading the loss waits for the GPU: only when someone looks
-                progress(step, size.steps, float(loss.detach()))
-            if step >= size.steps:
-                break
-    last = float(loss.detach())
+    step, first, last = _train_steps(
+        model,
+        loader,
+        optimizer,
+        schedule,
+        steps=size.steps,
+        device=device,
+        autocast=autocast,
+        progress=progress,
+    )
     model.eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

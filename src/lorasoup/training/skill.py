@@ -228,17 +228,13 @@ def resolve_resume(config: TrainRunConfig) -> str | None:
     return str(path)
 
 
-def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) -> TrainResult:
-    """Train the LoRA described by ``config`` and write ``config.output`` (PEFT adapter + ``run.json``)."""
+def _load_lora_model(config: TrainRunConfig) -> tuple[Any, TrainingData, dict[str, Any], Any]:
+    """The tokenizer, the data, the base's fingerprint, and the base wrapped as a fresh ``PeftModel``
+    whose ``lora_A`` are drawn from ``train.seed`` (before the Trainer seeds the global RNGs)."""
     from peft import get_peft_model
 
     from lorasoup.models import load_base_model, load_tokenizer, model_fingerprint, parse_model_spec
 
-    output = Path(config.output)
-    require_free_output(output, overwrite=config.overwrite)
-    resume = resolve_resume(config)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
     spec = parse_model_spec(config.base_model)
     tokenizer = load_tokenizer(spec)
     data = build_training_data(config, tokenizer)
@@ -246,27 +242,33 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
     fingerprint = model_fingerprint(base)
     model = get_peft_model(base, lora_config(config.lora))
     seed_lora_init(model, config.train.seed)
-    timings["load"] = time.perf_counter() - clock
+    return tokenizer, data, fingerprint, model
 
-    checkpoints_existed = config.checkpoint_dir.exists()
-    trainer = _build_trainer(config, model, data, tokenizer.pad_token_id, progress)
-    step_clock = _ClockCallback()
-    trainer.add_callback(step_clock)
+
+def _train_and_evaluate(
+    trainer: Trainer, resume: str | None, has_eval: bool, timings: dict[str, float]
+) -> float | None:
+    """Train (from ``resume`` if given), then evaluate when there is eval data; times each in ``timings``."""
     clock = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timings["train"] = time.perf_counter() - clock
-    eval_loss = None
-    if data.eval is not None:
-        clock = time.perf_counter()
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-        timings["eval"] = time.perf_counter() - clock
-    losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-    resources = resource_record(trainer.args.device)  # before the adapter is gathered; every process
-    main = trainer.is_world_process_zero()
-    if main and not checkpoints_existed:
-        _remove_if_empty(config.checkpoint_dir)  # the Trainer makes it even when it saves nothing
+    if not has_eval:
+        return None
+    clock = time.perf_counter()
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+    timings["eval"] = time.perf_counter() - clock
+    return eval_loss
 
-    training = {
+
+def _training_facts(
+    trainer: Trainer,
+    resume: str | None,
+    losses: list[tuple[int, float]],
+    eval_loss: float | None,
+    step_clock: _ClockCallback,
+) -> dict[str, Any]:
+    """``run.json``'s ``training``: steps, batch geometry, losses, the best checkpoint, throughput."""
+    return {
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "world_size": trainer.args.world_size,
@@ -280,6 +282,30 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "throughput": step_clock.clock.rates() if step_clock.clock is not None else None,
     }
+
+
+def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) -> TrainResult:
+    """Train the LoRA described by ``config`` and write ``config.output`` (PEFT adapter + ``run.json``)."""
+    output = Path(config.output)
+    require_free_output(output, overwrite=config.overwrite)
+    resume = resolve_resume(config)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    tokenizer, data, fingerprint, model = _load_lora_model(config)
+    timings["load"] = time.perf_counter() - clock
+
+    checkpoints_existed = config.checkpoint_dir.exists()
+    trainer = _build_trainer(config, model, data, tokenizer.pad_token_id, progress)
+    step_clock = _ClockCallback()
+    trainer.add_callback(step_clock)
+    eval_loss = _train_and_evaluate(trainer, resume, data.eval is not None, timings)
+    losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    resources = resource_record(trainer.args.device)  # before the adapter is gathered; every process
+    main = trainer.is_world_process_zero()
+    if main and not checkpoints_existed:
+        _remove_if_empty(config.checkpoint_dir)  # the Trainer makes it even when it saves nothing
+
+    training = _training_facts(trainer, resume, losses, eval_loss, step_clock)
     record = functools.partial(_run_json, config, model, data, fingerprint, training, timings, resources)
     _save_artifact(trainer, output, overwrite=config.overwrite, record=record, timings=timings)
     model.eval()

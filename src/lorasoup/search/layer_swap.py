@@ -45,7 +45,7 @@ from lorasoup.cat.inject import CatComposition
 from lorasoup.errors import ConfigError, DataError
 from lorasoup.merging.layer_swap import LayerSwapRule, model_layers, swap_weights
 from lorasoup.search.config import SwapFamily as Family
-from lorasoup.search.scoring import forward_split, score_population, target_batches
+from lorasoup.search.scoring import TargetBatch, forward_split, score_population, target_batches
 
 FAMILIES: tuple[Family, ...] = get_args(Family)
 CandidateProgress = Callable[[int, int], None]
@@ -167,6 +167,58 @@ class LayerSwapSearchResult:
         ]
 
 
+def _check_search(composition: CatComposition, families: Sequence[Family], other: str | None) -> list[str]:
+    """The adapter names, once the composition, ``families`` and ``other`` are fit for a search."""
+    if composition.granularity != "layer" or composition.weights.parameterisation != "free":
+        raise ValueError(
+            "a layer-swap search needs CAT composed with granularity='layer' and parameterisation='free', "
+            f"got {composition.granularity!r} and {composition.weights.parameterisation!r}"
+        )
+    names = list(composition.adapter_names)
+    if len(names) < 2:
+        raise ConfigError(f"a layer swap chooses between adapters: give at least two, got {len(names)}")
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        raise ConfigError(f"layer_swap.families: choose from {', '.join(FAMILIES)}, got {list(families)}")
+    if other is not None and other not in names:
+        raise ConfigError(f"layer_swap.other names adapter {other!r}; the adapters are {', '.join(names)}")
+    return names
+
+
+def _score_candidates(
+    composition: CatComposition,
+    batches: Sequence[TargetBatch],
+    weights: torch.Tensor,
+    chunk: int,
+    progress: CandidateProgress | None,
+) -> tuple[torch.Tensor, float]:
+    """Every candidate's loss ``(P,)``, ``chunk`` tables ``weights (P, G, K)`` per forward, in eval mode
+    (the model's mode restored after); and the seconds it took."""
+    losses = torch.empty(len(weights))
+    was_training = composition.model.training
+    composition.model.eval()
+    start = time.perf_counter()
+    try:
+        for first in range(0, len(weights), chunk):
+            group = weights[first : first + chunk]  # (m, G, K)
+            losses[first : first + len(group)] = score_population(
+                composition, batches, group, candidates_per_forward=chunk
+            )
+            if progress is not None:
+                progress(first + len(group), len(weights))
+    finally:
+        composition.model.train(was_training)
+    return losses, time.perf_counter() - start
+
+
+def _best_candidate(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``losses`` with non-finite ones as ``inf``, and the least one's index (the earliest among equals)."""
+    losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
+    if not torch.isfinite(losses).any():
+        raise DataError("every layer-swap candidate's loss is non-finite; check the adapters and data.train")
+    return losses, min(range(len(losses)), key=lambda i: (float(losses[i]), i))
+
+
 def search_layer_swap(
     composition: CatComposition,
     examples: Sequence[Mapping[str, list[int]]],
@@ -188,19 +240,7 @@ def search_layer_swap(
     imply. One forward holds ``candidates_per_forward`` candidates × all examples, or at most
     ``rows_per_forward`` rows (candidates × examples). The model's train/eval mode is restored.
     """
-    if composition.granularity != "layer" or composition.weights.parameterisation != "free":
-        raise ValueError(
-            "a layer-swap search needs CAT composed with granularity='layer' and parameterisation='free', "
-            f"got {composition.granularity!r} and {composition.weights.parameterisation!r}"
-        )
-    names = list(composition.adapter_names)
-    if len(names) < 2:
-        raise ConfigError(f"a layer swap chooses between adapters: give at least two, got {len(names)}")
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown or not families:
-        raise ConfigError(f"layer_swap.families: choose from {', '.join(FAMILIES)}, got {list(families)}")
-    if other is not None and other not in names:
-        raise ConfigError(f"layer_swap.other names adapter {other!r}; the adapters are {', '.join(names)}")
+    names = _check_search(composition, families, other)
     rows = [examples[i] for i in range(len(examples))]
     if not rows:
         raise DataError("the layer-swap search needs at least one target example; check data.train")
@@ -214,25 +254,7 @@ def search_layer_swap(
     batches = target_batches(
         rows, pad_token_id=pad_token_id, device=composition.weights.theta.device, examples_per_batch=per_batch
     )
-    losses = torch.empty(len(candidates))
-    was_training = composition.model.training
-    composition.model.eval()
-    start = time.perf_counter()
-    try:
-        for first in range(0, len(candidates), chunk):
-            group = weights[first : first + chunk]  # (m, G, K)
-            losses[first : first + len(group)] = score_population(
-                composition, batches, group, candidates_per_forward=chunk
-            )
-            if progress is not None:
-                progress(first + len(group), len(candidates))
-    finally:
-        composition.model.train(was_training)
-    seconds = time.perf_counter() - start
-
-    losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, math.inf))
-    if not torch.isfinite(losses).any():
-        raise DataError("every layer-swap candidate's loss is non-finite; check the adapters and data.train")
-    best = min(range(len(candidates)), key=lambda i: (float(losses[i]), i))
+    losses, seconds = _score_candidates(composition, batches, weights, chunk, progress)
+    losses, best = _best_candidate(losses)
     composition.set_effective_weights(weights[best], initial=True)
     return LayerSwapSearchResult(candidates, losses, best, layers, weights[best].clone(), seconds)

@@ -117,6 +117,10 @@ class LoraAdapter:
     def num_parameters(self) -> int:
         return sum(f.A.numel() + f.B.numel() for f in self.modules.values())
 
+    def summary(self) -> dict[str, Any]:
+        """What a run record says of this input: where it came from, its ranks, how many modules."""
+        return {"source": self.source, "ranks": self.ranks, "modules": len(self.modules)}
+
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.modules.values())).A.dtype

@@ -235,9 +235,7 @@ def _write_artifact(
             config=config,
             seed=getattr(config, "seed", 0),
             timings=timings,
-            adapters={
-                a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters
-            },
+            adapters={a.name: a.summary() for a in adapters},
             inputs_sha256=inputs_fingerprint(
                 [Path(a.source) / "adapter_model.safetensors" for a in adapters]
             ),

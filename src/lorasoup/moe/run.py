@@ -200,9 +200,7 @@ def _run_json(
         seed=config.train.seed,
         timings=timings,
         base_model=model_fingerprint(trained.model),
-        adapters={
-            a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in adapters
-        },
+        adapters={a.name: a.summary() for a in adapters},
         inputs_sha256=inputs_fingerprint(
             [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
             + [Path(p) for p in config.data.train]

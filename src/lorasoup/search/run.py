@@ -243,9 +243,7 @@ def search_inputs_record(config: SearchRunConfig, inputs: SearchInputs) -> dict[
         "config": config,
         "seed": config.search.seed,
         "base_model": model_fingerprint(inputs.composition.model),
-        "adapters": {
-            a.name: {"source": a.source, "ranks": a.ranks, "modules": len(a.modules)} for a in inputs.adapters
-        },
+        "adapters": {a.name: a.summary() for a in inputs.adapters},
         "inputs_sha256": inputs_fingerprint(
             [Path(ref.path) / "adapter_model.safetensors" for ref in config.adapters]
             + [Path(p) for p in config.data.train]

@@ -282,11 +282,54 @@ def seed_runner(folder: Path, settings: RealDemoSettings, stage: StageHook | Non
         check_benchmark_file(settings.benchmark_file, built_with(settings))
     if stage is not None:
         stage(f"converting {settings.model} into a checkpoint", 0, STAGES)
-    started = time.perf_counter()
     base_dir = folder / "base"
+    facts = _converted_base(base_dir, settings) or _convert_base(base_dir, settings)
+    return functools.partial(_run_on_base, base_dir, facts)
+
+
+_BASE_RECORD = "lorasoup-base.json"  # written last: a conversion cut off midway has none
+
+
+def _base_source(settings: RealDemoSettings) -> dict[str, Any]:
+    """What a converted base depends on: the model (a file by its size and modification time too)
+    and the template its tokenizer was checked against."""
+    source: dict[str, Any] = {"model": settings.model, "template": settings.template}
+    path = Path(settings.model)
+    if path.is_file():
+        stat = path.stat()
+        source |= {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return source
+
+
+def _converted_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any] | None:
+    """The facts of a base already converted in ``base_dir`` from the same source (a resumed run:
+    each GPU call would otherwise spend ~40 s converting the GGUF again), or None."""
+    import json
+
+    record = base_dir / _BASE_RECORD
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text(encoding="utf-8"))
+    if saved.get("source") != _base_source(settings):
+        return None
+    return saved["facts"] | {"reused": True}  # convert_s: the earlier call's conversion
+
+
+def _convert_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any]:
+    """Convert ``settings.model`` into ``base_dir`` (emptied first) and record it; its facts."""
+    import json
+    import shutil
+
+    from lorasoup.artifacts import atomic_file
+
+    started = time.perf_counter()
+    shutil.rmtree(base_dir, ignore_errors=True)  # a conversion cut off midway, or another source's
     facts = prepare_base(settings.model, base_dir, settings.template)
     facts |= {"convert_s": time.perf_counter() - started}
-    return functools.partial(_run_on_base, base_dir, facts)
+    with atomic_file(base_dir / _BASE_RECORD) as temporary:
+        record = {"source": _base_source(settings), "facts": facts}
+        temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return facts
 
 
 def _run_on_base(

@@ -174,11 +174,9 @@ def test_registered_as_streaming_for_every_core_method() -> None:
         assert isinstance(MERGE_METHODS.get(name).streaming(torch.device("cpu")), BatchedCoreMerge)
 
 
-@on_gpu
-@pytest.mark.parametrize("name", CORE_METHODS)
-def test_runner_on_cuda_equals_per_module(name) -> None:
-    """``merge_adapters`` on CUDA takes the batched path: its updates are the per-module merge's on
-    CUDA (the same CUDA generators, so DARE's draws too) and, but for DARE, on the CPU."""
+def check_runner_streams(name: str, device: str) -> None:
+    """``merge_adapters`` through the method's streaming merge gives the per-module merge's updates on
+    the same device (the same generators, so DARE's draws too) and, but for DARE, on the CPU."""
     modules = module_factors(seed=9)
     adapters = [
         LoraAdapter(
@@ -197,13 +195,13 @@ def test_runner_on_cuda_equals_per_module(name) -> None:
     params = params_for(name, rank=5)
     paths = [path for path, _ in modules]
 
-    def run(entry, device: str):
-        return merge_adapters(adapters, WEIGHTS, entry, params, modules=paths, seed=3, device=device)
+    def run(entry, on: str):
+        return merge_adapters(adapters, WEIGHTS, entry, params, modules=paths, seed=3, device=on)
 
-    got, facts = run(method, "cuda")
+    got, facts = run(method, device)
     assert list(got) == paths
-    references = [run(dataclasses.replace(method, streaming=None), "cuda")]
-    if not method.random:
+    references = [run(dataclasses.replace(method, streaming=None), device)]
+    if not method.random and device != "cpu":
         references.append(run(method, "cpu"))
     for expected, expected_facts in references:
         assert [f["rank"] for f in facts.values()] == [f["rank"] for f in expected_facts.values()]
@@ -211,3 +209,29 @@ def test_runner_on_cuda_equals_per_module(name) -> None:
             reference = expected[path].delta(torch.float64)
             error = (got[path].delta(torch.float64) - reference).norm()
             assert float(error) <= 1e-5 * float(reference.norm()), path
+
+
+@on_gpu
+@pytest.mark.parametrize("name", CORE_METHODS)
+def test_runner_on_cuda_equals_per_module(name) -> None:
+    """``merge_adapters`` on CUDA takes the batched path: its updates are the per-module merge's on
+    CUDA (the same CUDA generators, so DARE's draws too) and, but for DARE, on the CPU."""
+    check_runner_streams(name, "cuda")
+
+
+@pytest.mark.parametrize("name", [*CORE_METHODS, "ties", "dare_ties"])
+def test_runner_streaming_path_on_the_cpu_equals_per_module(name, monkeypatch) -> None:
+    """The runner's streaming branch (taken on CUDA only) run on the CPU: the submit / finish order,
+    the groups and the copies back give the per-module updates (a CUDA-only path's bugs show here)."""
+    from lorasoup.merging import run as runner
+
+    taken: list[object] = []
+
+    def everywhere(method, target):
+        merge = method.streaming(target) if method.streaming is not None else None
+        taken.append(merge)
+        return merge
+
+    monkeypatch.setattr(runner, "streaming_merge", everywhere)
+    check_runner_streams(name, "cpu")
+    assert taken[0] is not None and taken[1] is None  # streamed, then the per-module reference

@@ -30,7 +30,7 @@ from lorasoup.devices import DTYPES, default_device
 from lorasoup.errors import ConfigError, LorasoupError
 from lorasoup.export.serving import pad_factors
 from lorasoup.lowrank import recompress_modules
-from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge
+from lorasoup.merging.base import MERGE_METHODS, MergeMethod, MergeParams, ModuleMerge, StreamingMerge
 from lorasoup.merging.config import MergeRunConfig
 from lorasoup.merging.layer_swap import module_swap_weights
 
@@ -80,7 +80,7 @@ def merge_adapters(
     target = torch.device(default_device(device))
     # on the host: methods read weights as numbers, which would be a device read per module
     weight_tensor = torch.tensor(weights, dtype=torch.float32)
-    streaming = method.streaming(target) if method.streaming is not None and target.type == "cuda" else None
+    streaming = streaming_merge(method, target)
     merged: dict[str, LoraFactors] = {}
     facts: dict[str, dict[str, Any]] = {}
 
@@ -110,6 +110,12 @@ def merge_adapters(
     if target.type == "cuda":
         torch.cuda.synchronize(target)  # every copy to the host has landed before anyone reads one
     return merged, facts  # in module order: a streaming merge returns modules in the order submitted
+
+
+def streaming_merge(method: MergeMethod, target: torch.device) -> StreamingMerge | None:
+    """The method's streaming merge where it pays, on CUDA (the modules batched or pipelined); None
+    elsewhere, where each module is merged on its own (the same updates; tests run both)."""
+    return method.streaming(target) if method.streaming is not None and target.type == "cuda" else None
 
 
 def _to_host(tensor: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""`lorasoup compress` loads its config through the strict loader: --set, flags on top, one-line errors."""
+"""`lorasoup compress` loads its config through the strict loader: --set, flags on top, one-line errors;
+`lorasoup merge --list` shows every reference whole."""
 
 from typer.testing import CliRunner
 
@@ -82,3 +83,18 @@ def test_compress_with_merge_checks_the_base_first(make_lora, tmp_path, monkeypa
     args = ["compress", str(source), "--rank", "2", "--merge", "--base-model", "nobody-xyz/no-such-model-20"]
     result = runner.invoke(app, [*args, "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no-such-model-20" in result.output, result.output
+
+
+def test_merge_list_shows_every_reference_whole_on_a_narrow_terminal():
+    """At 80 columns a reference URL is folded over lines, never cut with an ellipsis."""
+    import re
+
+    from lorasoup.merging import MERGE_METHODS
+
+    result = CliRunner().invoke(app, ["merge", "--list"], terminal_width=80)
+    assert result.exit_code == 0 and "…" not in result.output
+    cells = [line.split("│")[-2].strip() for line in result.output.splitlines() if line.count("│") >= 5]
+    references = "".join(cells)  # the reference column, its folded lines joined
+    for name in MERGE_METHODS:
+        for url in re.findall(r"https?://\S+", MERGE_METHODS.get(name).reference):
+            assert url.rstrip(";,") in references, (name, url)

@@ -150,8 +150,10 @@ def print_distill_result(console: Console, result: DistillResult) -> None:
 def merge_methods_table(methods: Registry[MergeMethod]) -> Table:
     """``lorasoup merge --list``: the registry's entries."""
     table = Table(title="merge methods")
-    for column in ("name", "space", "what it does", "reference"):
-        table.add_column(column)
+    table.add_column("name", no_wrap=True)
+    table.add_column("space")
+    table.add_column("what it does")
+    table.add_column("reference", overflow="fold")  # a narrow terminal folds a URL, never cuts it
     for name in methods:
         entry = methods.get(name)
         table.add_row(name, entry.space, entry.summary, entry.reference)

@@ -333,7 +333,19 @@ def k3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    (out.parent / "printed.txt").write_text(result.output)  # what the terminal showed
     return out
+
+
+def test_the_terminal_shows_the_three_skill_table_too(k3_run: Path) -> None:
+    printed = (k3_run.parent / "printed.txt").read_text()
+    k3 = json.loads((k3_run / "results.json").read_text())["k3"]["table"]
+    head, _, tail = printed.partition("three skills (K = 3)")
+    assert tail, printed  # the second table follows the two-skill one
+    assert "3-way composite" in tail and "extra skill" in tail and "3-way composite" not in head
+    for row in k3:  # every K = 3 row, with its 3-way composite accuracy
+        line = next(line for line in tail.splitlines() if f" {row['method']} " in line)
+        assert f"{100 * row['composite3']['mean']:.1f}" in line, line
 
 
 def _accuracy(path: Path) -> float:

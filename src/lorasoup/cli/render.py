@@ -257,20 +257,38 @@ DEMO_COLUMNS = {
 }
 """The demo's tasks as the terminal table names them (GSM-Hard: the real-model study with its data)."""
 
+DEMO_K3_COLUMNS = {
+    "composite3": "3-way composite",
+    "math": "math skill",
+    "code": "code skill",
+    "extra": "extra skill",
+}
+"""The three-skill study's tasks (``--set skills=3``)."""
 
-def print_demo_result(console: Console, summary: DemoSummary) -> None:
+
+def demo_table(title: str, summary: DemoSummary, *, k3: bool = False) -> Table:
+    """One of the demo's tables: the two-skill study's, or with ``k3`` the three-skill study's."""
+    rows, names = (summary.k3_table or [], DEMO_K3_COLUMNS) if k3 else (summary.table, DEMO_COLUMNS)
     several = len(summary.seeds) > 1
-    table = Table(
-        title=f"lorasoup demo: composite task and skill retention, accuracy % (seeds {summary.seeds})"
-    )
-    tasks = [task for task in DEMO_COLUMNS if task in summary.table[0]]
-    for column in ("method", *(DEMO_COLUMNS[task] for task in tasks)):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in summary.table:
+    table = Table(title=title)
+    tasks = [task for task in names if task in rows[0]]
+    table.add_column("method", no_wrap=True)
+    for task in tasks:
+        table.add_column(names[task], justify="right")
+    for row in rows:
         cells = [accuracy_cell(row[task], several) for task in tasks]
         style = "bold" if row["method"] == "CAT (trained)" else None
         table.add_row(row["method"], *cells, style=style)
-    console.print(table)
+    return table
+
+
+def print_demo_result(console: Console, summary: DemoSummary) -> None:
+    seeds = f"accuracy % (seeds {summary.seeds})"
+    console.print(demo_table(f"lorasoup demo: composite task and skill retention, {seeds}", summary))
+    if summary.k3_table:
+        console.print(
+            demo_table(f"three skills (K = 3): 3-way composite and each skill, {seeds}", summary, k3=True)
+        )
     console.print(
         f"[bold green]wrote[/] {summary.output}/report.md, report.html and results.json "
         f"({summary.seconds:.0f} s)"

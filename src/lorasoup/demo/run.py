@@ -30,6 +30,7 @@ class DemoSummary:
     table: list[dict[str, Any]]
     seeds: list[int]
     seconds: float
+    k3_table: list[dict[str, Any]] | None = None  # the three-skill study's table (``skills=3``)
 
 
 def run_demo(
@@ -80,8 +81,8 @@ def run_demo(
         units = seed_units(staging, chosen, settings, model, timed_stage)
         outcomes = run_units(units, jobs=jobs, stage=timed_stage, resume=resume)
         seconds = clock.finish()
-        table = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
-    return DemoSummary(output=output, table=table, seeds=chosen, seconds=seconds)
+        results = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
+    return summary_of(output, results, seconds)
 
 
 class RunClock:
@@ -160,8 +161,8 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
         gpus = sorted({results["gpu"] for results in loaded if "gpu" in results})
         if gpus:
             hardware["gpu"] = ", ".join(gpus)
-        table = write_demo(staging, outcomes, seeds, settings, first["model"], seconds, hardware=hardware)
-    return DemoSummary(output=output, table=table, seeds=seeds, seconds=seconds)
+        results = write_demo(staging, outcomes, seeds, settings, first["model"], seconds, hardware=hardware)
+    return summary_of(output, results, seconds)
 
 
 def _finished_run(folder: Path) -> dict[str, Any]:
@@ -236,6 +237,14 @@ def seed_units(
     return [Unit(run_one, folder / f"seed-{s}", s, settings, stages, f"{prefix}seed {s}") for s in seeds]
 
 
+def summary_of(output: Path, results: dict[str, Any], seconds: float) -> DemoSummary:
+    """What the CLI prints of a run whose ``results.json`` holds ``results``."""
+    k3 = results.get("k3", {}).get("table")
+    return DemoSummary(
+        output=output, table=results["table"], seeds=results["seeds"], seconds=seconds, k3_table=k3
+    )
+
+
 def write_demo(
     folder: Path,
     outcomes: Sequence[tuple[list[MethodResult], dict[str, Any]]],
@@ -246,10 +255,11 @@ def write_demo(
     *,
     jobs: int = 1,
     hardware: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
     """Aggregate the seeds' outcomes and write ``results.json``, the report and ``run.json`` into
-    ``folder``; returns the table (mean ± std over seeds). ``hardware``: what ran the seeds, when it
-    was not this machine (runs combined); by default this machine's device for ``settings.device``."""
+    ``folder``; returns what ``results.json`` holds (``table``: mean ± std over seeds). ``hardware``:
+    what ran the seeds, when it was not this machine (runs combined); by default this machine's
+    device for ``settings.device``."""
     from lorasoup.artifacts import run_record, write_json_atomic
     from lorasoup.demo.device import device_facts
 
@@ -289,7 +299,7 @@ def write_demo(
         **hardware,
     )
     write_json_atomic(folder / "run.json", record)
-    return table
+    return results
 
 
 def _cell(value: dict[str, Any], seeds: int) -> str:

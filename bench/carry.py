@@ -58,12 +58,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def split(source: Path, folder: Path, *, part_bytes: int = DEFAULT_PART_MIB << 20) -> dict:
-    """Cut ``source`` into ``folder/part0, part1, ...`` of at most ``part_bytes`` and write the manifest
-    (name, size and sha256 of the whole file and of each part). Returns the manifest."""
+    """Cut ``source`` into ``folder/part0, part1, ...`` of at most ``part_bytes``, as few as that allows
+    and of equal size (the last a few bytes shorter: every call keeps the same room beside its part,
+    and the last call, which carries the data too, is not the tightest), and write the manifest (name,
+    size and sha256 of the whole file and of each part). Returns the manifest."""
     if not source.is_file():
         raise CarryError(f"no file at {source}")
     if part_bytes < 1:
         raise CarryError(f"the part size must be positive, got {part_bytes} bytes")
+    size = source.stat().st_size
+    count = max(1, -(-size // part_bytes))
+    part_bytes = max(1, -(-size // count))
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("part*"):
         stale.unlink()

@@ -18,7 +18,7 @@
 # core_merge 60, cat_step ~320 with floor, PEFT bf16 and fp32 and CAT; CAT_VARIANTS now defaults to
 # floor, PEFT bf16, CAT and the cat_stacked experiment: about as long), so run
 # STEPS="tests core_merge" and STEPS=cat_step as two calls; each other step goes in a call beside
-# some of them, e.g. two calls back to back (the SmolLM2 GGUF travels in two parts of 50 MiB, one
+# some of them, e.g. two calls back to back (the SmolLM2 GGUF travels in two parts of 47 MiB, one
 # per call):
 #   STAGE_SMOLLM2=1 STEPS="user_path" bash bench/device_open_issues.sh
 #       carry .carry/smollm2/part0 .carry/smollm2/MANIFEST.json .wheels   (part 0 and gguf ride along)

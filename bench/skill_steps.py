@@ -122,6 +122,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": accuracy[args.skill],
             "last_loss": training["last_loss"],
             "train_s": round(train_s, 2),
+            # the Trainer's own step time past warm-up: compute-bound fp32 or not (a TF32 question)
+            "step_s_median": training.get("throughput", {}).get("steady_step_seconds_median"),
             "score_s": round(time.perf_counter() - began, 2),
             # where the scoring went (generation, graph capture, tokens, backend): the first GPU
             # figures of what a real-model study row's ~20 s are made of

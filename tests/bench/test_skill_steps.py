@@ -49,6 +49,7 @@ def test_the_sweep_trains_and_scores_each_step_count(tmp_path: Path, llama_dir: 
     assert [row["epochs"] for row in result["rows"]] == [pytest.approx(4 / 12, abs=1e-3), 1.0]
     assert all(0 <= row["accuracy"] <= 100 and row["train_s"] > 0 for row in result["rows"])
     assert all(row["last_loss"] > 0 for row in result["rows"])  # from each LoRA's run.json
+    assert result["rows"][-1]["step_s_median"] > 0  # its steps past the first (none after 1 step)
     assert all(
         row["scoring"]["generate_s"] > 0 and row["scoring"]["backend"] == "hf" for row in result["rows"]
     )

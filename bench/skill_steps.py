@@ -34,10 +34,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lorasoup.artifacts import atomic_file, package_versions  # noqa: E402
+from lorasoup.artifacts import package_versions, write_json_atomic  # noqa: E402
 from lorasoup.config import load_config  # noqa: E402
+from lorasoup.demo.device import device_facts  # noqa: E402
 from lorasoup.demo.methods import load_study_model, train_lora  # noqa: E402
-from lorasoup.demo.real_study import RealDemoSettings, prepare_base, real_benchmark, task_specs  # noqa: E402
+from lorasoup.demo.real_study import RealDemoSettings, converted_base, real_benchmark, task_specs  # noqa: E402
 from lorasoup.demo.scoring import Scorer, write_records  # noqa: E402
 from lorasoup.errors import LorasoupError  # noqa: E402
 
@@ -62,13 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def device_facts() -> dict[str, Any]:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"gpu": gpu, "python": platform.python_version(), **package_versions()}
-
-
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Train and score ``args.skill``'s LoRA at each of ``args.steps``; the result also at ``args.out``."""
     from transformers import AutoTokenizer
@@ -78,10 +72,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise LorasoupError("--set benchmark_file=PATH is required: the data of the study's seeds")
     work, out = Path(args.work), Path(args.out)
     base_dir = work / "base"
-    started = time.perf_counter()
-    if not (base_dir / "config.json").is_file():  # converted once per work folder
-        prepare_base(settings.model, base_dir, settings.template)
-    convert_s = time.perf_counter() - started
+    base = converted_base(base_dir, settings)  # once per work folder, as a resumed study run does
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     benchmark = real_benchmark(args.seed, settings, tokenizer)
     seed_dir = work / f"seed-{args.seed}"
@@ -98,8 +89,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         "settings": dataclasses.asdict(settings),
         "train_records": len(records),
         "test_examples": len(benchmark.test[args.skill]),
-        "convert_s": round(convert_s, 2),
-        "env": device_facts(),
+        "base_model": base,
+        "env": device_facts(settings.device) | {"python": platform.python_version(), **package_versions()},
         "rows": [],
     }
     for steps in args.steps:
@@ -137,9 +128,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as temporary:
-        temporary.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    """``result`` at ``path`` (atomically), and in ``$OUT`` on the device machine when not there."""
+    write_json_atomic(path, result)
     if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != path.parent.resolve():
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
 

@@ -45,6 +45,8 @@ def test_the_sweep_trains_and_scores_each_step_count(tmp_path: Path, llama_dir: 
     counts = (result["skill"], result["seed"], result["train_records"], result["test_examples"])
     assert counts == ("math", 5, 12, 3)
     assert result["settings"]["benchmark_file"] == str(data) and result["settings"]["device"] == "cpu"
+    assert result["env"]["device"] == "cpu"
+    assert result["base_model"]["num_parameters"] > 0  # converted once, through the study's own path
     assert [row["steps"] for row in result["rows"]] == [1, 3]
     assert [row["epochs"] for row in result["rows"]] == [pytest.approx(4 / 12, abs=1e-3), 1.0]
     assert all(0 <= row["accuracy"] <= 100 and row["train_s"] > 0 for row in result["rows"])

@@ -58,6 +58,6 @@ def test_a_cut_off_or_changed_source_is_converted_again(tmp_path: Path, llama_di
     saved["source"] = real_study._base_source(RealDemoSettings(model=str(gguf), template="plain"))
     record.write_text(json.dumps(saved))
     changed = RealDemoSettings(model=str(gguf), template="plain")
-    assert real_study._converted_base(tmp_path / "base", changed) is not None
+    assert real_study._reused_base(tmp_path / "base", changed) is not None
     os.utime(gguf, ns=(1, 1))  # the file was replaced since
-    assert real_study._converted_base(tmp_path / "base", changed) is None
+    assert real_study._reused_base(tmp_path / "base", changed) is None

@@ -16,6 +16,8 @@ learn an answer format, not a new prompt format.
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -283,8 +285,14 @@ def seed_runner(folder: Path, settings: RealDemoSettings, stage: StageHook | Non
     if stage is not None:
         stage(f"converting {settings.model} into a checkpoint", 0, STAGES)
     base_dir = folder / "base"
-    facts = _converted_base(base_dir, settings) or _convert_base(base_dir, settings)
-    return functools.partial(_run_on_base, base_dir, facts)
+    return functools.partial(_run_on_base, base_dir, converted_base(base_dir, settings))
+
+
+def converted_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any]:
+    """``settings.model`` as a checkpoint in ``base_dir``, converted once per folder: a base already
+    converted there from the same source is reused (a resumed run: each GPU call would otherwise
+    spend ~40 s converting the GGUF again). Its facts (``reused`` when it was)."""
+    return _reused_base(base_dir, settings) or _convert_base(base_dir, settings)
 
 
 _BASE_RECORD = "lorasoup-base.json"  # written last: a conversion cut off midway has none
@@ -301,11 +309,8 @@ def _base_source(settings: RealDemoSettings) -> dict[str, Any]:
     return source
 
 
-def _converted_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any] | None:
-    """The facts of a base already converted in ``base_dir`` from the same source (a resumed run:
-    each GPU call would otherwise spend ~40 s converting the GGUF again), or None."""
-    import json
-
+def _reused_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any] | None:
+    """The facts of a base already converted in ``base_dir`` from the same source, or None."""
     record = base_dir / _BASE_RECORD
     if not record.is_file():
         return None
@@ -317,18 +322,13 @@ def _converted_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any
 
 def _convert_base(base_dir: Path, settings: RealDemoSettings) -> dict[str, Any]:
     """Convert ``settings.model`` into ``base_dir`` (emptied first) and record it; its facts."""
-    import json
-    import shutil
-
-    from lorasoup.artifacts import atomic_file
+    from lorasoup.artifacts import write_json_atomic
 
     started = time.perf_counter()
     shutil.rmtree(base_dir, ignore_errors=True)  # a conversion cut off midway, or another source's
     facts = prepare_base(settings.model, base_dir, settings.template)
     facts |= {"convert_s": time.perf_counter() - started}
-    with atomic_file(base_dir / _BASE_RECORD) as temporary:
-        record = {"source": _base_source(settings), "facts": facts}
-        temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    write_json_atomic(base_dir / _BASE_RECORD, {"source": _base_source(settings), "facts": facts})
     return facts
 
 

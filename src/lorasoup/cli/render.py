@@ -266,10 +266,8 @@ DEMO_K3_COLUMNS = {
 """The three-skill study's tasks (``--set skills=3``)."""
 
 
-def demo_table(title: str, summary: DemoSummary, *, k3: bool = False) -> Table:
-    """One of the demo's tables: the two-skill study's, or with ``k3`` the three-skill study's."""
-    rows, names = (summary.k3_table or [], DEMO_K3_COLUMNS) if k3 else (summary.table, DEMO_COLUMNS)
-    several = len(summary.seeds) > 1
+def demo_table(title: str, rows: list[dict[str, Any]], names: dict[str, str], several: bool) -> Table:
+    """One of the demo's tables: ``rows`` in the columns of ``names`` that they have."""
     table = Table(title=title)
     tasks = [task for task in names if task in rows[0]]
     table.add_column("method", no_wrap=True)
@@ -283,12 +281,12 @@ def demo_table(title: str, summary: DemoSummary, *, k3: bool = False) -> Table:
 
 
 def print_demo_result(console: Console, summary: DemoSummary) -> None:
-    seeds = f"accuracy % (seeds {summary.seeds})"
-    console.print(demo_table(f"lorasoup demo: composite task and skill retention, {seeds}", summary))
+    seeds, several = f"accuracy % (seeds {summary.seeds})", len(summary.seeds) > 1
+    title = f"lorasoup demo: composite task and skill retention, {seeds}"
+    console.print(demo_table(title, summary.table, DEMO_COLUMNS, several))
     if summary.k3_table:
-        console.print(
-            demo_table(f"three skills (K = 3): 3-way composite and each skill, {seeds}", summary, k3=True)
-        )
+        title = f"three skills (K = 3): 3-way composite and each skill, {seeds}"
+        console.print(demo_table(title, summary.k3_table, DEMO_K3_COLUMNS, several))
     console.print(
         f"[bold green]wrote[/] {summary.output}/report.md, report.html and results.json "
         f"({summary.seconds:.0f} s)"

@@ -134,12 +134,12 @@ def combine_runs(runs: Sequence[str | Path], output: str | Path, *, overwrite: b
     loaded = [_finished_run(folder) for folder in folders]
     first = loaded[0]
     mode = demo_mode(first["model"])
-    _check_one_study(folders, loaded, mode)
+    settings = load_config(mode.settings, base=first["settings"])
+    _check_one_study(folders, loaded, mode, settings)
     seeds = [seed for results in loaded for seed in results["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"the runs share seeds ({seeds}); combine runs of different seeds")
     output = Path(output)
-    settings = load_config(mode.settings, base=first["settings"])
     outcomes: list[tuple[list[MethodResult], dict[str, Any]]] = []
     with atomic_output_dir(output, overwrite=overwrite) as staging:
         for folder, results in zip(folders, loaded, strict=True):
@@ -181,19 +181,21 @@ def _finished_run(folder: Path) -> dict[str, Any]:
     return results
 
 
-def _check_one_study(folders: list[Path], loaded: list[dict[str, Any]], mode: DemoMode) -> None:
-    """Every run has the first's model, tasks and settings. Settings are compared with the fields a
-    later lorasoup added at their defaults (which is what a run recorded before them did)."""
+def _check_one_study(
+    folders: list[Path], loaded: list[dict[str, Any]], mode: DemoMode, settings: Any
+) -> None:
+    """Every run has the first's model, tasks and ``settings`` (the first's, loaded). Settings are
+    compared with the fields a later lorasoup added at their defaults (which is what a run recorded
+    before them did)."""
     from lorasoup.config import load_config
 
-    def complete(results: dict[str, Any]) -> dict[str, Any]:
-        return settings_record(load_config(mode.settings, base=results["settings"]))
-
-    first = loaded[0]
-    expected = complete(first)
+    first, expected = loaded[0], settings_record(settings)
     for folder, results in zip(folders[1:], loaded[1:], strict=True):
         for key in ("model", "tasks", "settings"):
-            same = complete(results) == expected if key == "settings" else results[key] == first[key]
+            if key == "settings":
+                same = settings_record(load_config(mode.settings, base=results["settings"])) == expected
+            else:
+                same = results[key] == first[key]
             if not same:
                 raise ConfigError(
                     f"{folder} differs from {folders[0]} in {key}: only runs of one study combine"

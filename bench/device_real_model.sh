@@ -104,16 +104,20 @@ stage() {  # every call but the last: the parts carried into the store, the whee
   fi
 }
 
-run() {  # the last call (and later ones): the last part, the join, the seeds not yet finished
+ready() {  # a call that runs the model: the last part staged, the file joined (GGUF), packages and data checked
   stage --optional
-  local gguf
-  gguf=$("$PY" bench/carry.py join "$PARTS")  # says so, exit 3, when the machine was lost
+  GGUF=$("$PY" bench/carry.py join "$PARTS")  # says so, exit 3, when the machine was lost
   [[ -d "$ASSETS/site/gguf" ]] || die "gguf is not installed in $ASSETS/site: the machine was lost; stage again"
   [[ -f "$BENCH" ]] || die "no benchmark file $BENCH: carry it"
+  export PYTHONPATH="$ASSETS/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+}
+
+run() {  # the last call (and later ones): the last part, the join, the seeds not yet finished
+  ready
+  local gguf=$GGUF
   [[ -f "$GSM_HARD/test_datasets/math/test.json" ]] || die "no GSM-Hard data in $GSM_HARD: carry it"
   local out=${OUT:-/tmp/lorasoup-out}
   mkdir -p "$out" "$RUNS"
-  export PYTHONPATH="$ASSETS/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
   export TTY_COMPATIBLE=1 TTY_INTERACTIVE=1 COLUMNS=140  # rich draws its stage bar into the log
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -164,12 +168,9 @@ for name in ("transformers", "peft", "accelerate", "tokenizers", "gguf", "cma"):
 }
 
 sweep() {  # issue 18's steps check: the math LoRA alone at SWEEP_STEPS, one process per seed side by side
-  stage --optional
-  local gguf out=${OUT:-/tmp/lorasoup-out} pids=() seed
-  gguf=$("$PY" bench/carry.py join "$PARTS")  # says so, exit 3, when the machine was lost
-  [[ -f "$BENCH" ]] || die "no benchmark file $BENCH: carry it"
+  ready
+  local gguf=$GGUF out=${OUT:-/tmp/lorasoup-out} pids=() seed
   mkdir -p "$out"
-  export PYTHONPATH="$ASSETS/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
   for seed in "${SEEDS[@]}"; do
     # shellcheck disable=SC2046,SC2086  # word splitting of the settings and of the step list is wanted
     timeout --kill-after=10 "$DEMO_TIMEOUT" "$PY" bench/skill_steps.py --model "$gguf" --seed "$seed" \

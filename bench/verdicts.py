@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lorasoup.demo.scoring import slug
+from lorasoup.report import markdown_table
 
 VERDICTS = ("correct", "wrong", "error", "no-code", "timeout")
 
@@ -56,13 +57,12 @@ def verdict_table(results: dict, sources: list[Path], task: str = "composite") -
     unknown = {v for c in counts.values() for v in c} - set(VERDICTS)
     if unknown:
         raise ValueError(f"verdicts this table has no column for: {sorted(unknown)}")
-    lines = ["| method | answers | " + " | ".join(VERDICTS) + " |", "|" + "---|" * (len(VERDICTS) + 2)]
-    for row in results["table"]:
-        found = counts.get(slug(row["method"]))
-        if found:
-            cells = [row["method"], str(sum(found.values())), *(str(found[v]) for v in VERDICTS)]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [
+        [row["method"], sum(found.values()), *(found[v] for v in VERDICTS)]
+        for row in results["table"]
+        if (found := counts.get(slug(row["method"])))
+    ]
+    return markdown_table(["method", "answers", *VERDICTS], rows).splitlines()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
-import shutil
 import statistics
 import sys
 import time
@@ -39,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))  # bench/cat_stacked.py, when run from anywhere
 
 import cat_stacked
+from results_io import write_result
 
 from lorasoup.adapters import LoraAdapter, LoraFactors
 from lorasoup.cat.inject import compose_cat, remove_cat
@@ -444,15 +442,9 @@ def profile_table(rows: list[dict]) -> str:
 
 def write_json(result: dict, out: str, quiet: bool = False) -> None:
     """Also called after every variant, so a run cut off by a time limit still returns its numbers."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    copy = Path(os.environ["OUT"]) / path.name if os.environ.get("OUT") else None
-    if copy is not None and copy.resolve() != path.resolve():  # the device machine returns $OUT
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, copy)
+    written = write_result(result, out)
     if not quiet:
-        print(f"wrote {path}" + (f" and {os.environ['OUT']}/{path.name}" if os.environ.get("OUT") else ""))
+        print("wrote " + " and ".join(map(str, written)))
 
 
 def header(args, model, device: torch.device) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import sys
@@ -34,6 +33,10 @@ import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/results_io.py, when run from anywhere
+
+from results_io import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("LORA_SOUPS_DATA", str(ROOT.parent / "shared/data/lora-soups/data"))
@@ -201,21 +204,6 @@ def header(args: argparse.Namespace, model: str, settings) -> dict:
     }
 
 
-def write_json(result: dict, out: str) -> list[Path]:
-    """``out``, and a copy in ``$OUT`` (which the device machine sends back) unless it is there already."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
-    written = [path]
-    if os.environ.get("OUT"):
-        copy = Path(os.environ["OUT"]) / path.name
-        if copy.resolve() != path.resolve():
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, copy)
-            written.append(copy)
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     from lorasoup.evaluation.runner import task_settings
     from lorasoup.evaluation.tasks import Task, get_task_spec, resolve_inputs
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  accuracy {row.get('accuracy')}  {row.get('error', '')[:120]}",
             flush=True,
         )
-        write_json(result, args.out)
+        write_result(result, args.out)
     baseline = result["rows"][0]
     ids = [e.id for e in examples]
     for row in result["rows"][1:]:
@@ -267,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['backend']} / {baseline['backend']}: {ratio:.2f}x tokens/s, "
                 f"{same} of {comparison['total']} generations identical"
             )
-    print("wrote " + " and ".join(map(str, write_json(result, args.out))))
+    print("wrote " + " and ".join(map(str, write_result(result, args.out))))
     if scratch is not None and args.work is None:
         shutil.rmtree(scratch, ignore_errors=True)
     failed = any("error" in r for r in result["rows"]) or not all(

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import shutil
 import statistics
 import sys
@@ -58,6 +56,10 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/results_io.py, when run from anywhere
+
+from results_io import write_result
 
 from lorasoup.evaluation.generate import PAPER_SAMPLING, GenerationSettings, generate
 from lorasoup.evaluation.graph_decode import GraphGenerator
@@ -351,16 +353,6 @@ def vllm_rows(args, prompts_by_batch, tokenizer) -> list[dict]:
     return rows
 
 
-def write_json(result: dict, out: str) -> None:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    if os.environ.get("OUT"):  # the device machine returns $OUT
-        copy = Path(os.environ["OUT"]) / path.name
-        if copy.resolve() != path.resolve():
-            shutil.copy(path, copy)
-
-
 def table(rows: list[dict], reference: float | None) -> str:
     lines = [f"{'variant':<20}{'cache':>22}{'batch':>7}{'tokens/s':>11}{'x ref':>9}{'floor %':>9}"]
     for r in rows:
@@ -413,7 +405,7 @@ def hf_rows(model, tokenizer, prompts: dict, args, device: torch.device, result:
             elif kind == "profile":
                 profiles = result.setdefault("decode_profiles", {})
                 profiles[option] = profile_decode(model, tokenizer, prompts[batch], args, option)
-                write_json(result, args.out)
+                write_result(result, args.out)
                 continue
             elif kind == "cudagraph":
                 out = texts.setdefault((kind, batch, option), [])
@@ -563,7 +555,7 @@ def add_row(result: dict, row: dict, reference: float | None, args) -> None:
         row["x_reference"] = row["tokens_per_s"] / reference
     result["rows"].append(row)
     print(table([row], reference), flush=True)
-    write_json(result, args.out)  # after every row: a run cut off by a time limit keeps its numbers
+    write_result(result, args.out)  # after every row: a run cut off by a time limit keeps its numbers
 
 
 def free_memory(device: torch.device) -> None:
@@ -609,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in vllm_rows(args, {b: prompts[b] for b in args.batch}, tokenizer) if on_gpu else []:
             add_row(result, row, reference, args)
     print("\n" + table(result["rows"], reference))
-    write_json(result, args.out)
+    write_result(result, args.out)
     print(f"wrote {args.out}")
     return 1 if any("error" in r for r in result["rows"]) else 0
 

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,10 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/results_io.py, when run from anywhere
+
+from results_io import write_result
 
 from lorasoup.adapters import LoraAdapter, LoraFactors
 from lorasoup.merging import MERGE_METHODS, MergeParams, rowwise
@@ -292,13 +295,7 @@ def write(args, device: torch.device, rows: list[dict], benchmark: str = "merge"
         },
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    target = os.environ.get("OUT")
-    if target and Path(target).resolve() != out.parent.resolve():
-        shutil.copy(out, Path(target) / out.name)
-    print(f"wrote {out}")
+    print("wrote " + " and ".join(map(str, write_result(report, args.out))))
 
 
 if __name__ == "__main__":

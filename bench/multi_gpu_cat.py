@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -27,6 +26,10 @@ from pathlib import Path
 
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/results_io.py, when run from anywhere
+
+from results_io import write_result
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -127,10 +130,7 @@ def environment(benchmark: str) -> dict:
 
 def write_report(report: dict, out: Path) -> None:
     """``out`` (and a copy in ``$OUT``, which the device machine sends back), then one line per part."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if os.environ.get("OUT"):
-        shutil.copy(out, Path(os.environ["OUT"]) / out.name)
+    write_result(report, out)
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), json.dumps(report["runs"]))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import shutil
 import sys
@@ -33,8 +32,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/results_io.py
 
-from lorasoup.artifacts import package_versions, write_json_atomic  # noqa: E402
+from results_io import write_result  # noqa: E402
+
+from lorasoup.artifacts import package_versions  # noqa: E402
 from lorasoup.config import load_config  # noqa: E402
 from lorasoup.demo.device import device_facts  # noqa: E402
 from lorasoup.demo.methods import load_study_model, train_lora  # noqa: E402
@@ -121,17 +123,10 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "scoring": scorer.timings.get(method, {}).get(args.skill),
         }
         result["rows"].append(row)
-        write_json(out, result)
+        write_result(result, out)
         print(f"seed {args.seed} {args.skill} LoRA, {steps} steps: {row['accuracy']:.1f} % "
               f"({row['epochs']} epochs; train {train_s:.0f} s)", flush=True)  # fmt: skip
     return result
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """``result`` at ``path`` (atomically), and in ``$OUT`` on the device machine when not there."""
-    write_json_atomic(path, result)
-    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != path.parent.resolve():
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,14 @@
 """How each row of a demo study fails one task: its per-example verdicts counted over seeds.
 
 Reads the per-example files a demo run writes (``seed-K/eval/<row>/<task>.jsonl``), from run
-folders or from the ``per-example.tar.gz`` archives committed beside docs/results' real-model runs,
+folders or from the ``per-example.tar.xz`` archives committed beside docs/results' real-model runs,
 and prints one Markdown table: per row (in the order of ``--results``' table), how many answers were
 correct, wrong (a number, not the reference), an error (the program raised or did not parse), gave no
 code (no ``solution()`` to run: a worked answer), or timed out. docs/real-model.md's failure-mode
 table is this command's output (tests/demo/test_docs_table.py checks it).
 
     PYTHONPATH=src python bench/verdicts.py docs/results/demo-smollm2-gpu-h100-3seeds/results.json \\
-        docs/results/demo-smollm2-gpu-h100-procedural{,-seed1,-seed2}/per-example.tar.gz
+        docs/results/demo-smollm2-gpu-h100-procedural{,-seed1,-seed2}/per-example.tar.xz
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def verdict_table(results: dict, sources: list[Path], task: str = "composite") -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path, help="a results.json whose table gives the rows and their order")
-    p.add_argument("sources", type=Path, nargs="+", help="run folders or per-example.tar.gz archives")
+    p.add_argument("sources", type=Path, nargs="+", help="run folders or per-example.tar.xz archives")
     p.add_argument("--task", default="composite")
     args = p.parse_args(argv)
     missing = [str(path) for path in [args.results, *args.sources] if not path.exists()]

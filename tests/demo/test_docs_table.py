@@ -89,7 +89,7 @@ def test_real_model_failure_modes_are_what_bench_verdicts_prints() -> None:
     runs = ROOT / "docs" / "results"
     results = json.loads((runs / "demo-smollm2-gpu-h100-3seeds" / "results.json").read_text(encoding="utf-8"))
     archives = [
-        runs / f"demo-smollm2-gpu-h100-procedural{suffix}" / "per-example.tar.gz"
+        runs / f"demo-smollm2-gpu-h100-procedural{suffix}" / "per-example.tar.xz"
         for suffix in ("", "-seed1", "-seed2")
     ]
     printed = verdicts.verdict_table(results, archives)

@@ -174,9 +174,11 @@ def test_registered_as_streaming_for_every_core_method() -> None:
         assert isinstance(MERGE_METHODS.get(name).streaming(torch.device("cpu")), BatchedCoreMerge)
 
 
-def check_runner_streams(name: str, device: str) -> None:
+def check_runner_streams(name: str, device: str, rank: int | None = 5) -> None:
     """``merge_adapters`` through the method's streaming merge gives the per-module merge's updates on
-    the same device (the same generators, so DARE's draws too) and, but for DARE, on the CPU."""
+    the same device (the same generators, so DARE's draws too) and, but for DARE, on the CPU.
+    ``rank=None``: no recompression, so each group goes to the host in one copy (on CUDA, one that
+    is waited for once per flush)."""
     modules = module_factors(seed=9)
     adapters = [
         LoraAdapter(
@@ -192,7 +194,7 @@ def check_runner_streams(name: str, device: str) -> None:
         for i in range(2)
     ]
     method = MERGE_METHODS.get(name)
-    params = params_for(name, rank=5)
+    params = params_for(name, rank=rank)
     paths = [path for path, _ in modules]
 
     def run(entry, on: str):
@@ -212,15 +214,18 @@ def check_runner_streams(name: str, device: str) -> None:
 
 
 @on_gpu
+@pytest.mark.parametrize("rank", [5, None])
 @pytest.mark.parametrize("name", CORE_METHODS)
-def test_runner_on_cuda_equals_per_module(name) -> None:
+def test_runner_on_cuda_equals_per_module(name, rank) -> None:
     """``merge_adapters`` on CUDA takes the batched path: its updates are the per-module merge's on
-    CUDA (the same CUDA generators, so DARE's draws too) and, but for DARE, on the CPU."""
-    check_runner_streams(name, "cuda")
+    CUDA (the same CUDA generators, so DARE's draws too) and, but for DARE, on the CPU; without a
+    rank, read from the host copies that land after the merge returned its groups."""
+    check_runner_streams(name, "cuda", rank)
 
 
+@pytest.mark.parametrize("rank", [5, None])
 @pytest.mark.parametrize("name", [*CORE_METHODS, "ties", "dare_ties"])
-def test_runner_streaming_path_on_the_cpu_equals_per_module(name, monkeypatch) -> None:
+def test_runner_streaming_path_on_the_cpu_equals_per_module(name, rank, monkeypatch) -> None:
     """The runner's streaming branch (taken on CUDA only) run on the CPU: the submit / finish order,
     the groups and the copies back give the per-module updates (a CUDA-only path's bugs show here)."""
     from lorasoup.merging import run as runner
@@ -233,5 +238,5 @@ def test_runner_streaming_path_on_the_cpu_equals_per_module(name, monkeypatch) -
         return merge
 
     monkeypatch.setattr(runner, "streaming_merge", everywhere)
-    check_runner_streams(name, "cpu")
+    check_runner_streams(name, "cpu", rank)
     assert taken[0] is not None and taken[1] is None  # streamed, then the per-module reference

@@ -17,8 +17,10 @@ per-module merge runs on a batch of one (``core_space.core_space``, the method's
    presets ``delta.merge_task_batch`` (each module's tasks trimmed on their own, with no read back;
    DARE's draws from each module's own generator, in the per-module order, so the masks are the
    per-module path's), ``core_tsv`` one batched SVD of all ``G·K`` cores and batched polar factors;
-3. the map back, and one copy of the group's factors to the host. With ``rank`` / ``energy`` each
-   module is recompressed on its own (its rank depends on its own singular values), then copied.
+3. the map back, and one copy of the group's factors to the host (into pinned memory, without
+   waiting: :meth:`BatchedCoreMerge.finish` waits once, after its last group). With ``rank`` /
+   ``energy`` each module is recompressed on its own (its rank depends on its own singular values),
+   then copied.
 
 Scales and weights are per module, so modules where an adapter is absent or weighted 0 join the
 group of the adapters that remain. The results are the per-module merge's up to float64 round-off
@@ -112,6 +114,9 @@ class BatchedCoreMerge:
             modules: list[_Module] = [queue[i] for i in indices]  # type: ignore[misc]
             for index, module, result in zip(indices, modules, self._merge_group(modules), strict=True):
                 done[index] = (module.name, result)
+        for device in {signature[4] for signature in groups}:
+            if device.type == "cuda":  # every group's copy to the host has landed before anyone reads it
+                torch.cuda.current_stream(device).synchronize()
         return [done[i] for i in range(len(queue))]
 
     def _merge_group(self, modules: Sequence[_Module]) -> list[ModuleMerge]:
@@ -125,8 +130,16 @@ class BatchedCoreMerge:
             [m.active for m in modules], weights, params, generators
         )  # (G, k, in), (G, out, k)
         if params.rank is None and params.energy is None:
-            A, B = A.to(dtype).cpu(), B.to(dtype).cpu()  # one copy each for the group
+            # one copy each for the group, which finish() waits for once; finish(a, b) only views them
+            A, B = _copy_to_host(A.to(dtype)), _copy_to_host(B.to(dtype))
         return [_on_host(finish(a, b, params, dtype)) for a, b in zip(A, B, strict=True)]
+
+
+def _copy_to_host(tensor: Tensor) -> Tensor:
+    """A copy on the host that has not landed yet where ``tensor`` is on CUDA: into pinned memory, at
+    the link's bandwidth. A blocking ``.cpu()`` goes through pageable memory instead: on an H100 it
+    held a 7B pair's core TIES (160 modules, 0.44 GB of merged fp32 factors) for ~0.24 of its 0.45 s."""
+    return tensor.to("cpu", non_blocking=True)
 
 
 def _on_host(result: ModuleMerge) -> ModuleMerge:

@@ -124,7 +124,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         }
         result["rows"].append(row)
         write_result(result, out)
-        print(f"seed {args.seed} {args.skill} LoRA, {steps} steps: {row['accuracy']:.1f} % "
+        # the scorer's accuracy is a fraction; session 12's GPU run printed it as a percent (0.4 %)
+        print(f"seed {args.seed} {args.skill} LoRA, {steps} steps: {100 * row['accuracy']:.1f} % "
               f"({row['epochs']} epochs; train {train_s:.0f} s)", flush=True)  # fmt: skip
     return result
 

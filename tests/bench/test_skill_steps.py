@@ -24,7 +24,9 @@ def record(a: int, b: int) -> dict:
     return {"instruction": f"{a} + {b}", "output": f"{a} + {b} = {a + b}", "value": a + b}
 
 
-def test_the_sweep_trains_and_scores_each_step_count(tmp_path: Path, llama_dir: Path, tokenizer, monkeypatch):
+def test_the_sweep_trains_and_scores_each_step_count(
+    tmp_path: Path, llama_dir: Path, tokenizer, monkeypatch, capsys
+):
     monkeypatch.delenv("OUT", raising=False)
     sets = ["template=plain", "cutoff_len=32", "math_tokens=4", "batch_size=4", "eval_batch_size=4",
             "device=cpu", "sizes.skill=12", "sizes.test=3"]  # fmt: skip
@@ -42,6 +44,10 @@ def test_the_sweep_trains_and_scores_each_step_count(tmp_path: Path, llama_dir: 
             "--set", f"benchmark_file={data}"]  # fmt: skip
     assert skill_steps.main(argv) == 0
     result = json.loads(out.read_text())
+    printed = [line for line in capsys.readouterr().out.splitlines() if "LoRA, " in line]
+    assert [line.split(": ")[1].split(" %")[0] for line in printed] == [
+        f"{100 * row['accuracy']:.1f}" for row in result["rows"]
+    ]  # the fraction printed as a percent
     counts = (result["skill"], result["seed"], result["train_records"], result["test_examples"])
     assert counts == ("math", 5, 12, 3)
     assert result["settings"]["benchmark_file"] == str(data) and result["settings"]["device"] == "cpu"
@@ -49,7 +55,7 @@ def test_the_sweep_trains_and_scores_each_step_count(tmp_path: Path, llama_dir: 
     assert result["base_model"]["num_parameters"] > 0  # converted once, through the study's own path
     assert [row["steps"] for row in result["rows"]] == [1, 3]
     assert [row["epochs"] for row in result["rows"]] == [pytest.approx(4 / 12, abs=1e-3), 1.0]
-    assert all(0 <= row["accuracy"] <= 100 and row["train_s"] > 0 for row in result["rows"])
+    assert all(0 <= row["accuracy"] <= 1 and row["train_s"] > 0 for row in result["rows"])
     assert all(row["last_loss"] > 0 for row in result["rows"])  # from each LoRA's run.json
     assert result["rows"][-1]["step_s_median"] > 0  # its steps past the first (none after 1 step)
     assert all(

@@ -45,12 +45,13 @@ PY=${PYTHON:-python3}
 SEEDS=(${SEEDS:-0 1 2})  # must be seeds of the benchmark file
 DEMO_TIMEOUT=${DEMO_TIMEOUT:-520}  # seconds per seed process; the call's limit is 600
 
-# 3,200 records per skill (one epoch of 200 steps × 16), 200 test examples per task, every GSM-Hard
-# problem. On the GPU (docs/demo.md) the math skill reached 34.5 % at this size: the precondition of
-# the study is each skill ≥ 30 % on its own task, chosen on the skills' accuracy, never the composite.
-SIZES=(sizes.skill=3200 sizes.test=200)
+# 6,400 records per skill (one epoch of 400 steps × 16), 200 test examples per task, every GSM-Hard
+# problem. The precondition of the study is each skill ≥ 30 % on its own task, chosen on the skills'
+# accuracy, never the composite: at 3,200 records and 200 steps the math LoRA reached 34.5 / 26.5 /
+# 26.5 % on seeds 0-2, at this size 41.0 / 37.5 / 37.5 (session 12's sweep, docs/real-model.md).
+SIZES=(sizes.skill=6400 sizes.test=200)
 TRAINING=(
-  lora_steps=200 batch_size=16 cat_steps=100
+  lora_steps=400 batch_size=16 cat_steps=100
   search_examples=16 gate_examples=64 eval_batch_size=200
   device=cuda eval_backend=cudagraph gsm_hard_batch_size=128
 )

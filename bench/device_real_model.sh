@@ -54,6 +54,7 @@ TRAINING=(
   lora_steps=400 batch_size=16 cat_steps=100
   search_examples=16 gate_examples=64 eval_batch_size=200
   device=cuda eval_backend=cudagraph gsm_hard_batch_size=128
+  tf32=true  # every LoRA's training on TF32 tensor cores (session 13 on; the steps sweep was full fp32)
 )
 
 die() { echo "device_real_model.sh: $*" >&2; exit 2; }

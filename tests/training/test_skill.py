@@ -474,3 +474,40 @@ def test_group_by_length_batches_carry_less_padding(base_dir, tmp_path, tokenize
         assert sum(len(batch["input_ids"]) for batch in loader) == len(rows)  # every row, once
         widths[grouped] = sum(batch["input_ids"].shape[1] for batch in loader)
     assert widths[True] < 0.85 * widths[False]
+
+
+def test_the_precision_the_training_set_ends_with_the_training(base_dir, tmp_path, monkeypatch):
+    """``TrainingArguments`` sets the fp32 matmul precision process-wide (TF32 with ``train.tf32`` or
+    with ``compile``): the training runs under it (nothing on its path reads the legacy flags, which
+    would raise once the new API set TF32) and the process has its own back afterwards."""
+    from lorasoup.training import skill
+
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    made = skill.training_arguments
+
+    def as_on_a_gpu(*args, **kwargs):  # what transformers does with tf32=True on a CUDA GPU
+        torch.backends.fp32_precision = "tf32"
+        return made(*args, **kwargs)
+
+    seen: list[str] = []
+    monkeypatch.setattr(skill, "training_arguments", as_on_a_gpu)
+    clock = skill._ClockCallback
+    monkeypatch.setattr(skill, "_ClockCallback", lambda: _recording_clock(clock, seen))
+    before = torch.backends.fp32_precision
+    data = write_json(tmp_path / "pairs.json", MAPPING)
+    config = make_config(base_dir, tmp_path / "out", [str(data)], train={"max_steps": 2, "tf32": True})
+    result = train_skill(config)
+    assert result.steps == 2 and seen and set(seen) == {"tf32"}  # every step ran under TF32
+    assert torch.backends.fp32_precision == before
+
+
+def _recording_clock(clock: type, seen: list[str]):
+    """The training's step clock (``clock``), also noting the matmul precision at each step's end."""
+
+    class Recorder(clock):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(torch.backends.cuda.matmul.fp32_precision)
+            super().on_step_end(args, state, control, **kwargs)
+
+    return Recorder()

@@ -149,3 +149,21 @@ def test_bad_values_fail_at_load_with_one_line(case):
         load_config(TrainRunConfig, base=BASE, overrides=overrides)
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["true", "false", "null"])
+def test_tf32_reaches_the_trainer_only_where_it_trains_on_cuda(value, monkeypatch):
+    """``train.tf32`` is transformers' ``tf32`` when the run trains on a CUDA GPU; on a CPU, where
+    transformers refuses it, it is left out (the same YAML works on both machines)."""
+    import transformers.training_args as hf_args
+
+    from lorasoup.training import skill
+
+    config = load_config(TrainRunConfig, base=BASE, overrides=[f"train.tf32={value}"])
+    monkeypatch.setattr(skill, "cuda_available", lambda: False)
+    assert training_arguments(config, has_eval=False, quiet=True).tf32 is None  # CPU: not passed
+    passed: dict = {}
+    monkeypatch.setattr(skill, "cuda_available", lambda: True)
+    monkeypatch.setattr(skill, "TrainingArguments", lambda **kwargs: passed.update(kwargs) or hf_args)
+    training_arguments(config, has_eval=False, quiet=True)
+    assert passed.get("tf32", "absent") == {"true": True, "false": False, "null": "absent"}[value]

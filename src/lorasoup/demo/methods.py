@@ -67,6 +67,7 @@ def train_lora(
             "logging_steps": 50,
             "use_cpu": resolve_device(settings.device) == "cpu",
             "group_by_length": settings.group_by_length,
+            "tf32": getattr(settings, "tf32", False) or None,  # only the real study has it
         },
     }
     # A progress hook keeps the Trainer's own bars and log lines out of the demo's output.

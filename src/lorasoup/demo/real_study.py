@@ -75,6 +75,9 @@ class RealDemoSettings:
     code_tokens: int = 192  # CodeI/O programs (records fit cutoff_len, prompt included)
     device: str = "auto"  # auto (CUDA if torch sees a GPU, else the CPU) | cpu | cuda; device.py
     eval_backend: str = "hf"  # hf | cudagraph (CUDA: decoding steps as graphs, few-shot prefix shared)
+    # every LoRA's fp32 training on TF32 tensor cores (CUDA; train.tf32): the GPU study's training
+    # is compute-bound fp32 (0.37 s a step for 135M parameters at 16 × 256 tokens on an H100)
+    tf32: bool = False
     code_skill: str = "procedural"  # procedural (reasoning-gym generators) | codeio (the first design)
     # GSM-Hard (the paper's test set, scored with its 8-shot program-of-thought prompt like `lorasoup
     # eval --task gsm-hard`): the LoRA Soups data folder (or its test file); None: no GSM-Hard column.

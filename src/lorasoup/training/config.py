@@ -205,6 +205,10 @@ class TrainOptions:
     # none | default | reduce-overhead (CUDA graphs: give it fixed shapes, rows of one length) |
     # max-autotune-no-cudagraphs. Compiling is paid once, in the first steps.
     compile: CompileMode = "none"
+    # fp32 matmuls on TF32 tensor cores while training (CUDA, Ampere or newer; ignored on a CPU):
+    # true | false | null (transformers' choice: on with compile, off otherwise). Set for the
+    # training only: the process's own precision is back once the adapter is written.
+    tf32: bool | None = None
 
     def validate(self) -> None:
         require(

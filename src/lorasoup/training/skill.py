@@ -23,7 +23,7 @@ import functools
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,25 @@ def training_arguments(config: TrainRunConfig, *, has_eval: bool, quiet: bool) -
     if t.compile != "none":
         kwargs["torch_compile"] = True
         kwargs["torch_compile_mode"] = None if t.compile == "default" else t.compile
+    if t.tf32 is not None and not kwargs["use_cpu"]:  # transformers refuses tf32 without a CUDA GPU
+        kwargs["tf32"] = t.tf32
     return TrainingArguments(**_for_installed_transformers(kwargs))
+
+
+@contextlib.contextmanager
+def restored_fp32_precision() -> Iterator[None]:
+    """Give the process its fp32 matmul precision back after the block: ``TrainingArguments`` sets
+    it process-wide (TF32 with ``train.tf32``, or with ``compile`` when ``tf32`` is null), and what
+    runs after the training (scoring, merging) must not inherit it."""
+    backends = torch.backends
+    if not hasattr(backends, "fp32_precision"):  # torch < 2.9: the legacy flags only
+        yield
+        return
+    before = backends.fp32_precision
+    try:
+        yield
+    finally:
+        backends.fp32_precision = before
 
 
 def _for_installed_transformers(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -295,10 +313,11 @@ def train_skill(config: TrainRunConfig, progress: ProgressHook | None = None) ->
     timings["load"] = time.perf_counter() - clock
 
     checkpoints_existed = config.checkpoint_dir.exists()
-    trainer = _build_trainer(config, model, data, tokenizer.pad_token_id, progress)
-    step_clock = _ClockCallback()
-    trainer.add_callback(step_clock)
-    eval_loss = _train_and_evaluate(trainer, resume, data.eval is not None, timings)
+    with restored_fp32_precision():
+        trainer = _build_trainer(config, model, data, tokenizer.pad_token_id, progress)
+        step_clock = _ClockCallback()
+        trainer.add_callback(step_clock)
+        eval_loss = _train_and_evaluate(trainer, resume, data.eval is not None, timings)
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     resources = resource_record(trainer.args.device)  # before the adapter is gathered; every process
     main = trainer.is_world_process_zero()

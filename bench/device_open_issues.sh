@@ -11,7 +11,8 @@
 #       (carry .carry/gemma3/partK .carry/gemma3/MANIFEST.json; parts 0-3 ride on four calls' measurements,
 #       part 4 on bench/device_real_model.sh's run call: see docs/real-model.md)
 #
-# Three more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s)
+# Four more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s),
+# study_probe (at most 240 s; issue 18: where a real-model seed's time goes, bench/study_probe.py)
 # and study (at most STUDY_LIMIT, 540 s: the scaling study of docs/study.md on one GPU, sizes
 # STUDY_ONLY, e.g. "4M,100M", default all; its reports come back as study.tar.gz).
 # The default three take up to 740 s with their limits (about 470 s on an H100 in session 8: tests 90,
@@ -93,6 +94,10 @@ wanted cat_step && TAIL=40 step cat_step.log 420 "$PY" bench/cat_step.py --ks 2 
 # shellcheck disable=SC2086  # USER_PATH_KS is a list of K
 wanted user_path && TAIL=20 step user_path.log 330 "$PY" bench/user_path.py --ks ${USER_PATH_KS:-2} --bench-step \
   --work /tmp/lorasoup-user-path --reuse --out "$out/user_path.json"
+# issue 18's planning: a SmolLM2-shaped seed's training (fp32 against TF32) and scoring (base, LoRA as
+# PEFT keeps it, LoRA merged), random weights, so it needs no GGUF part
+wanted study_probe && TAIL=6 step study_probe.log 240 "$PY" bench/study_probe.py --work /tmp/lorasoup-probe \
+  --out "$out/study_probe.json"
 if wanted eval_backends; then
   if [[ -f .carry/smollm2/part1 ]]; then "$PY" bench/carry.py stage .carry/smollm2 --part 1; fi
   if gguf=$("$PY" bench/carry.py join .carry/smollm2); then

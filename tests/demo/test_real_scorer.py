@@ -100,3 +100,40 @@ def test_a_model_the_graph_backend_refuses_is_scored_by_hf_and_recorded(
     assert len(scorer.fallbacks) == 1 and "decoder-only" in scorer.fallbacks[0]
     assert scorer.fallbacks[0].startswith("m / composite: ")
     assert scorer.score("m2", model) == reference and len(scorer.fallbacks) == 1  # the next model: graphs
+
+
+def test_merged_scoring_scores_a_peft_row_as_the_merged_model(
+    settings, tokenizer, tmp_path, monkeypatch
+) -> None:
+    """``merged_scoring``: a PEFT adapter row is scored with its LoRA folded into the weights (no LoRA
+    layer left in the model that generates) and, in fp32 on a CPU, to the same generations."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorasoup.evaluation import runner
+
+    def with_lora() -> torch.nn.Module:  # the same random base and LoRA each time
+        torch.manual_seed(0)
+        base = build_llama(len(tokenizer))
+        base.config.max_position_embeddings = 2048
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        return get_peft_model(base, lora).eval()
+
+    generated_by = []
+    evaluate = runner.evaluate_model
+
+    def spy(model, *args, **kwargs):
+        generated_by.append(hasattr(model, "peft_config"))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_model", spy)
+    plain = scorer_for(settings, tokenizer, tmp_path / "plain").score("lora", with_lora())
+    merged_settings = RealDemoSettings(**{**vars(settings), "merged_scoring": True})
+    merged = scorer_for(merged_settings, tokenizer, tmp_path / "merged").score("lora", with_lora())
+    assert generated_by == [True] * 4 + [False] * 4  # four tasks each: PEFT-wrapped, then merged
+    assert merged == plain
+
+    def generations(folder: str) -> list[str]:
+        lines = (tmp_path / folder / "lora" / "gsm-hard.jsonl").read_text().splitlines()
+        return [json.loads(line)["generation"] for line in lines]
+
+    assert generations("merged") == generations("plain")

@@ -78,6 +78,10 @@ class RealDemoSettings:
     # every LoRA's fp32 training on TF32 tensor cores (CUDA; train.tf32): the GPU study's training
     # is compute-bound fp32 (0.37 s a step for 135M parameters at 16 × 256 tokens on an H100)
     tf32: bool = False
+    # score each PEFT-adapter row with its LoRA merged into the base weights (fp32: the same model up
+    # to rounding, so a greedy tie may break the other way): fewer kernels a decoding step. Off: the
+    # published runs scored the adapters as PEFT keeps them. CAT at init and the MoE rows stay as built.
+    merged_scoring: bool = False
     code_skill: str = "procedural"  # procedural (reasoning-gym generators) | codeio (the first design)
     # GSM-Hard (the paper's test set, scored with its 8-shot program-of-thought prompt like `lorasoup
     # eval --task gsm-hard`): the LoRA Soups data folder (or its test file); None: no GSM-Hard column.

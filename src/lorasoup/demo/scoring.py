@@ -102,6 +102,7 @@ class Scorer:
         self.out_dir = out_dir
         self.device = resolve_device(settings.device)
         self.backend = getattr(settings, "eval_backend", "hf")
+        self.merge_adapters = getattr(settings, "merged_scoring", False)  # the real study's option
         self.fallbacks: list[str] = []  # "method / task: why" for each score the hf backend had to redo
         # Every row scores the same test sets, and many rows write the same programs: run each once.
         self.programs = ProgramCache()
@@ -117,6 +118,8 @@ class Scorer:
 
     def score(self, method: str, model: torch.nn.Module) -> dict[str, float]:
         model = model.to(self.device)
+        if self.merge_adapters and hasattr(model, "merge_and_unload"):  # a PeftModel: W0 + s·BA in place
+            model = model.merge_and_unload()
         accuracy = {}
         folder = self.out_dir / slug(method)
         folder.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,10 @@ def training_arguments(config: TrainRunConfig, *, has_eval: bool, quiet: bool) -
 def restored_fp32_precision() -> Iterator[None]:
     """Give the process its fp32 matmul precision back after the block: ``TrainingArguments`` sets
     it process-wide (TF32 with ``train.tf32``, or with ``compile`` when ``tf32`` is null), and what
-    runs after the training (scoring, merging) must not inherit it."""
+    runs after the training (scoring, merging) must not inherit it. Only the process-wide setting is
+    put back: accelerate also sets the legacy ``allow_tf32`` of CUDA matmuls for a compiled run on a
+    GPU, and writing the new API's per-backend value over that would make every later read of the
+    legacy flag raise (torch ≥ 2.9 refuses a mix), so that one flag stays as accelerate left it."""
     backends = torch.backends
     if not hasattr(backends, "fp32_precision"):  # torch < 2.9: the legacy flags only
         yield

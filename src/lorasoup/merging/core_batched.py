@@ -66,11 +66,15 @@ class _Module:
     generator: torch.Generator
     dtype: torch.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.active[0].A.device
+
     def signature(self) -> tuple:
         """What a group shares: whatever fixes the stacked shapes, the device, the dtype and the combine."""
         first = self.active[0]
         ranks = tuple(f.rank for f in self.active)
-        return (first.out_features, first.in_features, ranks, self.dtype, first.A.device, self.params)
+        return (first.out_features, first.in_features, ranks, self.dtype, self.device, self.params)
 
 
 class BatchedCoreMerge:
@@ -114,7 +118,7 @@ class BatchedCoreMerge:
             modules: list[_Module] = [queue[i] for i in indices]  # type: ignore[misc]
             for index, module, result in zip(indices, modules, self._merge_group(modules), strict=True):
                 done[index] = (module.name, result)
-        for device in {signature[4] for signature in groups}:
+        for device in {queue[indices[0]].device for indices in groups.values()}:  # type: ignore[union-attr]
             if device.type == "cuda":  # every group's copy to the host has landed before anyone reads it
                 torch.cuda.current_stream(device).synchronize()
         return [done[i] for i in range(len(queue))]

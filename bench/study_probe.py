@@ -176,6 +176,7 @@ def scoring(base: Path, adapter: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorasoup.artifacts import package_versions
     from lorasoup.demo.device import device_facts
 
     args = parse_args(argv)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "study_probe",
         "shape": "tiny" if args.tiny else "smollm2-135m (random weights)",
         "args": vars(args),
-        "env": device_facts(device),
+        "env": device_facts(device) | package_versions(),  # as skill_steps.py records it
     }
     base = write_base(work / "base", TINY if args.tiny else SMOLLM2, args.seed)
     data = write_records(work / "records.json", rows=16 * args.train_steps, seed=args.seed)

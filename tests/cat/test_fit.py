@@ -11,6 +11,7 @@ from lorasoup.cat.fit import fit_cat_weights
 from lorasoup.cat.inject import compose_cat
 from lorasoup.options import FitOptions
 from lorasoup.training.data import build_dataset, collate
+from tests.conftest import TINY_DECODER, on_gpu
 
 RECORDS = [
     {"instruction": f"what is {a} plus {b} ?", "output": f"the answer is {a + b}"}
@@ -102,3 +103,65 @@ def test_compiled_training_learns_the_eager_weights(setup, tokenizer):
     assert not torch.equal(eager.weights.theta, eager.theta_init)
     # The composition's own model stays plain (the compiled view is only used for training).
     assert not any("_orig_mod" in name for name, _ in compiled.model.named_modules())
+
+
+def test_cuda_graph_training_marks_each_step_and_feeds_layers_inputs_that_require_grad(setup, monkeypatch):
+    """train.compile=reduce-overhead: every micro-batch starts a new CUDA-graph iteration, and the
+    embeddings' output requires grad (so the first decoder layer traces like the others; without it
+    ``lorasoup cat`` failed on an H100); the hook is gone after training and θ is eager training's.
+    The compile itself is replaced by the plain model: CUDA graphs need a GPU (``-m gpu`` covers them)."""
+    from lorasoup.training import loop as fit_loop
+
+    fresh, dataset, collate_fn = setup
+    options = FitOptions(learning_rate=0.1, max_steps=3, batch_size=6, grad_accum=2, warmup=0.0)
+    eager = fresh()
+    fit_cat_weights(eager, dataset, collate_fn, options)
+
+    graphed = fresh()
+    marks, layer_inputs = [], []
+    monkeypatch.setattr(fit_loop, "compiled", lambda model, mode: model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(layer_inputs)))
+    first_layer = graphed.model.model.layers[0]
+    first_layer.register_forward_pre_hook(lambda module, args: layer_inputs.append(args[0].requires_grad))
+    fit_cat_weights(
+        graphed, dataset, collate_fn, FitOptions(**{**vars(options), "compile": "reduce-overhead"})
+    )
+
+    assert marks == list(range(6))  # 3 steps of 2 micro-batches: one mark before each forward
+    assert layer_inputs == [True] * 6
+    torch.testing.assert_close(graphed.weights.theta, eager.weights.theta, rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():  # after training: the embeddings are plain again
+        embedded = graphed.model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert not embedded.requires_grad
+
+
+@on_gpu
+def test_cuda_graph_training_of_cat_runs_and_learns_the_eager_weights(make_lora, tmp_path, tokenizer):
+    """``train.compile=reduce-overhead`` on CUDA, four decoder layers compiled one by one under CUDA
+    graphs, inputs from a frozen embedding (as ``lorasoup cat`` runs; it failed on an H100 before the
+    loop marked its steps and made the layers' inputs require grad): θ close to eager training's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), pad_token_id=0, **{**TINY_DECODER, "num_hidden_layers": 4}
+    )
+    base_dir = tmp_path / "base"
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    adapters = [
+        load_adapter(make_lora(n, base_dir=base_dir, seed=s), name=n) for n, s in (("a", 1), ("b", 2))
+    ]
+    dataset = build_dataset(RECORDS, tokenizer, template="plain", cutoff_len=32)
+    padded = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=32)
+    options = FitOptions(learning_rate=0.1, max_steps=6, batch_size=8, warmup=0.0, device="cuda")
+    thetas = {}
+    for mode in ("none", "reduce-overhead"):
+        model = AutoModelForCausalLM.from_pretrained(base_dir).cuda()
+        composition = compose_cat(model, adapters, seed=7)
+        torch._dynamo.reset()
+        result = fit_cat_weights(
+            composition, dataset, padded, FitOptions(**{**vars(options), "compile": mode})
+        )
+        assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+        thetas[mode] = composition.weights.theta.detach().cpu()
+    torch.testing.assert_close(thetas["reduce-overhead"], thetas["none"], rtol=1e-3, atol=1e-4)

@@ -115,6 +115,28 @@ def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return compile_regions(model, mode=None if mode == "default" else mode)
 
 
+def inputs_require_grad(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
+    """Make the input embeddings' output require grad (a forward hook; its handle, or None where the
+    model has no input embeddings), so every decoder layer receives an input that requires grad.
+
+    For CUDA-graph training (``reduce-overhead``): with a frozen embedding, the first layer's input is
+    the only one without grad, so Dynamo compiles that layer a second graph (a ``requires_grad`` guard)
+    and, on an H100, ``lorasoup cat`` then failed reading "a tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run" (``bench/user_path.py``, session 13) where the benchmark's CAT
+    step, whose inputs require grad, ran. The cost is the first layer's input gradient, one layer's
+    share of the backward's input GEMMs."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if not isinstance(embeddings, torch.nn.Module):
+        return None
+
+    def requires_grad(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True)
+
+    return embeddings.register_forward_hook(requires_grad)
+
+
 @dataclass
 class Loop:
     """What ``accelerate`` prepared for a run, and the run's length."""
@@ -127,6 +149,10 @@ class Loop:
     parameters: list[torch.nn.Parameter]
     steps_per_epoch: int
     total: int
+    # reduce-overhead: each step starts a new CUDA-graph iteration, and this hook (inputs_require_grad)
+    # is removed when the loop ends
+    cuda_graphs: bool = False
+    input_grad_hook: torch.utils.hooks.RemovableHandle | None = None
 
     def state(self, step: int) -> dict[str, Any]:
         """The optimizer, scheduler, step and RNG part of a checkpoint."""
@@ -176,6 +202,8 @@ def prepare_loop(
         generator=torch.Generator().manual_seed(options.seed),
     )
     optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
+    cuda_graphs = compile_mode == "reduce-overhead"
+    hook = inputs_require_grad(model) if cuda_graphs else None
     model, optimizer, loader = accelerator.prepare(compiled(model, compile_mode), optimizer, loader)
     # After prepare: under DDP each process sees its shard, so an epoch is fewer steps per process.
     steps_per_epoch = max(1, math.ceil(len(loader) / options.grad_accum))
@@ -185,7 +213,18 @@ def prepare_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(total, warmup_steps(options.warmup, total))
     )
-    return Loop(accelerator, model, optimizer, loader, scheduler, parameters, steps_per_epoch, total)
+    return Loop(
+        accelerator,
+        model,
+        optimizer,
+        loader,
+        scheduler,
+        parameters,
+        steps_per_epoch,
+        total,
+        cuda_graphs,
+        hook,
+    )
 
 
 @dataclass
@@ -209,11 +248,33 @@ def run_loop(
 ) -> tuple[int, list[list[float]], StepClock]:
     """Optimise from ``step`` to ``loop.total``; ``losses(model, batch)`` gives a micro-batch's losses,
     the first one minimised. Returns the last step, each optimizer step's mean losses, and its clock."""
-    accelerator, model, optimizer, scheduler = loop.accelerator, loop.model, loop.optimizer, loop.scheduler
+    accelerator, model = loop.accelerator, loop.model
     history: list[list[float]] = []
     model.train()
     clock = StepClock(loop.total, first_step=step, synchronize=synchronizer(accelerator.device))
     clock.start()
+    try:
+        step = _optimise(loop, options, losses, step, history, clock, checkpoints, progress)
+    finally:
+        if loop.input_grad_hook is not None:
+            loop.input_grad_hook.remove()
+    model.eval()
+    accelerator.wait_for_everyone()
+    return step, history, clock
+
+
+def _optimise(
+    loop: Loop,
+    options: FitOptions,
+    losses: Callable[[Any, dict[str, torch.Tensor]], Sequence[torch.Tensor]],
+    step: int,
+    history: list[list[float]],
+    clock: StepClock,
+    checkpoints: Checkpoints | None,
+    progress: ProgressHook | None,
+) -> int:
+    """:func:`run_loop`'s steps; returns the last step."""
+    accelerator, model, optimizer, scheduler = loop.accelerator, loop.model, loop.optimizer, loop.scheduler
     while step < loop.total:
         epoch, done_in_epoch = divmod(step, loop.steps_per_epoch)
         loop.loader.set_epoch(epoch)
@@ -223,6 +284,8 @@ def run_loop(
         micro = 0
         for batch in batches:
             with accelerator.accumulate(model):
+                if loop.cuda_graphs:  # the last step's graph outputs are done with: they may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 values = losses(model, batch)
                 accelerator.backward(values[0])
                 floats = [value.detach().float().item() for value in values]
@@ -248,6 +311,4 @@ def run_loop(
                     save_checkpoint(checkpoints.directory / f"step-{step}", state, file=checkpoints.file)
             if step >= loop.total:
                 break
-    model.eval()
-    accelerator.wait_for_everyone()
-    return step, history, clock
+    return step

@@ -240,3 +240,23 @@ def test_runner_streaming_path_on_the_cpu_equals_per_module(name, rank, monkeypa
     monkeypatch.setattr(runner, "streaming_merge", everywhere)
     check_runner_streams(name, "cpu", rank)
     assert taken[0] is not None and taken[1] is None  # streamed, then the per-module reference
+
+
+def test_a_flush_lands_in_one_host_buffer_per_dtype() -> None:
+    """The copy to the host packs every group of a flush into one buffer per dtype (one pinned
+    allocation on CUDA instead of one per group and side): the same values and shapes, in order."""
+    from lorasoup.merging.core_batched import into_host_buffers
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3, 4, 5, generator=g),
+        torch.randn(3, 7, 4, generator=g).to(torch.bfloat16),
+        torch.randn(2, 4, 9, generator=g),
+        torch.randn(2, 6, 4, generator=g).to(torch.bfloat16),
+    ]
+    landed = into_host_buffers(tensors, pin_memory=False)
+    assert [t.shape for t in landed] == [t.shape for t in tensors]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(landed, tensors, strict=True))
+    storages = {t.dtype: t.untyped_storage().data_ptr() for t in landed}
+    assert all(t.untyped_storage().data_ptr() == storages[t.dtype] for t in landed)
+    assert len(storages) == 2 and landed[0].untyped_storage().nbytes() == 4 * (60 + 72)

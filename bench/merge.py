@@ -277,6 +277,8 @@ def write(args, device: torch.device, rows: list[dict], benchmark: str = "merge"
         if device.type == "cuda"
         else f"cpu ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
+        # the allocator settings, when set: pinned host memory through cudaHostRegister changes the copies
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

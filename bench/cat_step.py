@@ -7,7 +7,7 @@ Every variant runs in every mode (eager, plain ``torch.compile`` and ``reduce-ov
 graphs), so each ratio compares like with like: CAT / floor and CAT / PEFT are taken within one mode.
 PEFT runs twice: with bf16 adapters as CAT's (``peft_multi``) and with its default fp32 adapters
 (``peft_fp32``, ``autocast_adapter_dtype=True``). ``cat_stacked``: CAT with each module's base weight
-and ``A`` stacked in one frozen matrix (``bench/cat_stacked.py``, an experiment for issue 23).
+and ``A`` stacked in one frozen matrix (``lorasoup.cat.stacked``, what CAT's training uses under CUDA graphs).
 ``--profile`` adds, per variant, the CUDA kernels of a few compiled steps (torch.profiler), grouped
 by kind, to show what CAT adds over the floor.
 
@@ -33,12 +33,12 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))  # bench/cat_stacked.py, when run from anywhere
+sys.path.insert(0, str(Path(__file__).parent))  # bench/results_io.py, when run from anywhere
 
-import cat_stacked
 from results_io import write_result
 
 from lorasoup.adapters import LoraAdapter, LoraFactors
+from lorasoup.cat import stacked as cat_stacked
 from lorasoup.cat.inject import compose_cat, remove_cat
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -172,8 +172,8 @@ def attach(kind: str, model, k: int, args) -> tuple[object, list[torch.nn.Parame
         adapters = random_adapters(model, k, args.rank, args.seed)
         comp = compose_cat(model, adapters, granularity="module", parameterisation="softmax", seed=args.seed)
         note = "lorasoup compose_cat (module, softmax); trains theta only (AdamW)"
-        if kind == "cat_stacked":  # the experiment of bench/cat_stacked.py: one frozen [W0; A] per module
-            note += f"; {cat_stacked.stack(model)} modules with [W0; A] stacked (bench/cat_stacked.py)"
+        if kind == "cat_stacked":  # one frozen [W0; A] per module (lorasoup.cat.stacked)
+            note += f"; {cat_stacked.stack(model)} modules with [W0; A] stacked (lorasoup.cat.stacked)"
         return comp, [comp.weights.theta], note
     multi = kind in ("peft_multi", "peft_fp32")
     rank = args.rank if multi else args.rank * k

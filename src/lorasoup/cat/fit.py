@@ -7,13 +7,17 @@ the uninterrupted run would have seen and ends with the same weights.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from lorasoup.cat import stacked
 from lorasoup.cat.inject import CatComposition
 from lorasoup.options import FitOptions
 from lorasoup.training import loop as fit_loop
@@ -41,7 +45,44 @@ def fit_cat_weights(
     progress: ProgressHook | None = None,
 ) -> FitResult:
     """Train ``composition.weights`` on ``dataset`` with AdamW and linear warm-up/decay
-    (``lorasoup.training.loop``); the decoder layers are compiled one by one if ``options.compile`` says."""
+    (``lorasoup.training.loop``); the decoder layers are compiled one by one if ``options.compile`` says,
+    and under CUDA graphs on one GPU each module's ``[W0; A]`` is stacked for the run
+    (``lorasoup.cat.stacked``, :func:`stacks_base`)."""
+    with stacked_base(composition, stacks_base(options)):
+        return _fit(composition, dataset, collate, options, checkpoint_dir, resume_from, progress)
+
+
+def stacks_base(options: FitOptions) -> bool:
+    """Whether training stacks the base weight with ``A``: where it was measured to pay (an H100, CUDA
+    graphs: docs/benchmarks.md), i.e. ``compile: reduce-overhead`` on one CUDA device, no process group
+    (under FSDP the base weights are sharded parameters, not free to become views)."""
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return options.compile == "reduce-overhead" and device.startswith("cuda") and single
+
+
+@contextmanager
+def stacked_base(composition: CatComposition, enabled: bool) -> Iterator[None]:
+    """The composition's modules stacked while the block runs, plain again after it (also on error)."""
+    if not enabled:
+        yield
+        return
+    stacked.stack(composition.model)
+    try:
+        yield
+    finally:
+        stacked.unstack(composition.model)
+
+
+def _fit(
+    composition: CatComposition,
+    dataset: Dataset,
+    collate: Collate,
+    options: FitOptions,
+    checkpoint_dir: Path | None,
+    resume_from: str | Path | None,
+    progress: ProgressHook | None,
+) -> FitResult:
     theta = composition.weights.theta
     loop = fit_loop.prepare_loop(
         composition.model, [theta], dataset, collate, options, compile_mode=options.compile

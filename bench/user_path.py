@@ -19,7 +19,8 @@ timed from its ``run.json``, against the bench's own step in the same session (s
    (``steady_step_seconds_median``: past the first fifth of the steps, which hold compilation and CUDA
    graph capture) and the steady mean (``1 / steady_steps_per_s``, bounded by two synchronisations).
 4. ``--bench-step`` (alias ``--cat-step``), in this process after the commands: ``cat_step.py``'s CAT
-   variant per K in the matching mode with regional compilation (forward + backward + AdamW on θ,
+   variant per K in the matching mode with regional compilation (``cat_stacked`` under CUDA graphs on a
+   GPU, as ``lorasoup cat`` then trains) (forward + backward + AdamW on θ,
    median of CUDA-event times), and ``lora_train``: the same LoRA as ``train.yaml`` (stock PEFT, fp32
    A/B trainable, bf16 autocast) as a bare forward + backward + AdamW step, eager. Each command's
    median ÷ its bench step is the ratio (the issue's target: within 10 %).
@@ -93,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 2:
         p.error("--steps must be at least 2 (a steady window needs steps past the first)")
     return args
+
+
+def cat_variant(args: argparse.Namespace, device: torch.device) -> str:
+    """``cat_step.py``'s variant that ``lorasoup cat`` trains as: the stacked ``[W0; A]`` layer under
+    CUDA graphs on a GPU (``lorasoup.cat.fit.stacks_base``), the plain layer otherwise."""
+    return "cat_stacked" if args.compile == "reduce-overhead" and device.type == "cuda" else "cat"
 
 
 def bench_args(args: argparse.Namespace, k: int | None = None) -> argparse.Namespace:
@@ -394,12 +401,13 @@ def bench_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     try:
         if "cat" in args.commands:
+            variant = cat_variant(args, device)
             for k in args.ks:
                 try:
-                    rows += cat_step.run_variant("cat", k, model, batches, bench_args(args, k), device)
+                    rows += cat_step.run_variant(variant, k, model, batches, bench_args(args, k), device)
                 except Exception as err:
                     traceback.print_exc()
-                    rows.append({"variant": f"cat_{k}", "kind": "cat", "k": k, "error": repr(err)})
+                    rows.append({"variant": f"{variant}_{k}", "kind": variant, "k": k, "error": repr(err)})
         if "train" in args.commands:
             rows.append(lora_train_row(model, batches, common, device))
     finally:
@@ -411,9 +419,16 @@ def bench_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def compare(runs: list[dict], bench: list[dict]) -> list[dict]:
     """Each command's steady median ÷ its bench step (CAT K in the same mode; ``lora_train``)."""
     by_name = {r["variant"]: r for r in bench if r.get("ms_median") is not None}
+    cat_rows = {
+        r["k"]: r for r in bench if r.get("kind", "").startswith("cat") and r.get("ms_median") is not None
+    }
     ratios = []
     for run in runs:
-        ref = by_name.get(f"cat_{run['run'].split('-')[1]}" if run["command"] == "cat" else "lora_train")
+        ref = (
+            cat_rows.get(int(run["run"].split("-")[1]))
+            if run["command"] == "cat"
+            else by_name.get("lora_train")
+        )
         if ref is None or run.get("ms_per_step_median") is None:
             continue
         ratio = run["ms_per_step_median"] / ref["ms_median"]

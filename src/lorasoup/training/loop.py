@@ -119,12 +119,12 @@ def inputs_require_grad(model: torch.nn.Module) -> torch.utils.hooks.RemovableHa
     """Make the input embeddings' output require grad (a forward hook; its handle, or None where the
     model has no input embeddings), so every decoder layer receives an input that requires grad.
 
-    For CUDA-graph training (``reduce-overhead``): with a frozen embedding, the first layer's input is
-    the only one without grad, so Dynamo compiles that layer a second graph (a ``requires_grad`` guard)
-    and, on an H100, ``lorasoup cat`` then failed reading "a tensor output of CUDAGraphs that has been
-    overwritten by a subsequent run" (``bench/user_path.py``, session 13) where the benchmark's CAT
-    step, whose inputs require grad, ran. The cost is the first layer's input gradient, one layer's
-    share of the backward's input GEMMs."""
+    For CUDA-graph training (``reduce-overhead``). On an H100, ``lorasoup cat`` failed reading "a tensor
+    output of CUDAGraphs that has been overwritten by a subsequent run" (``bench/user_path.py``,
+    session 13) where the benchmark's CAT step ran, whose inputs require grad; with a frozen embedding
+    the first layer's input is the only one without grad, and Dynamo compiles that layer a second graph
+    (a ``requires_grad`` guard, seen on the CPU). This makes the run the benchmark's; the cost is the
+    first layer's input gradient, one layer's share of the backward's input GEMMs."""
     getter = getattr(model, "get_input_embeddings", None)
     embeddings = getter() if callable(getter) else None
     if not isinstance(embeddings, torch.nn.Module):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/merge.py's helpers, when
 import merge as merge_bench
 
 from lorasoup.adapters import LoraAdapter
-from lorasoup.merging import MERGE_METHODS
+from lorasoup.merging import MERGE_METHODS, core_batched
 
 # (core-space method, the ΔW-space lorasoup method it is compared with, the PEFT combination)
 TRIPLES = [
@@ -71,6 +71,14 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also record each core-space method's top operators over one batched run (torch.profiler: "
         "host time with the waits for the device, and device time), to show where the time goes",
+    )
+    p.add_argument(
+        "--host-copy",
+        choices=["pinned", "prefaulted"],
+        default="pinned",
+        help="how the batched core-space merges land their factors on the host: 'pinned' (the library's: "
+        "one pinned buffer per flush, page-locked by the allocator) or 'prefaulted' (an experiment: "
+        "pageable memory first touched by torch's threads, then blocking copies; see prefaulted_copy)",
     )
     p.add_argument("--out", default="bench/results/core_merge.json", help="also copied to $OUT if set")
     return p.parse_args()
@@ -131,8 +139,22 @@ def profile_ops(fn, device: torch.device, top: int = 20) -> list[dict]:
     ]
 
 
+def prefaulted_copy(tensors):
+    """An alternative to ``core_batched._copy_to_host`` (issue 22): page-locking fresh host memory was
+    most of core TIES' time on an H100 (``cudaHostAlloc``, 0.25 of 0.35 s). Here the host buffer is
+    pageable and first touched by ``zero_`` (torch's threads, so the page faults are spread over the
+    cores), then each tensor copied into it (blocking: the driver stages a copy to pageable memory itself)."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return list(tensors)
+    return core_batched.into_host_buffers(
+        tensors, lambda dtype, numel: torch.empty(numel, dtype=dtype).zero_()
+    )
+
+
 def main() -> None:
     args = parse_args()
+    if args.host_copy == "prefaulted":
+        core_batched._copy_to_host = prefaulted_copy  # this process only: the variant under test
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = merge_bench.TINY if args.tiny else merge_bench.FULL
     model = None
@@ -154,6 +176,7 @@ def main() -> None:
         if core not in args.methods:
             continue
         row: dict = {"method": core, "delta_method": delta, "peft_combination": combination, **sizes}
+        row["host_copy"] = args.host_copy  # how the batched core-space path lands its factors
         try:
             row["core_s"], row["core_peak_gib"] = time_once(
                 core, merge_bench.ours(core, adapters, args, device)

@@ -11,8 +11,9 @@
 #       (carry .carry/gemma3/partK .carry/gemma3/MANIFEST.json; parts 0-3 ride on four calls' measurements,
 #       part 4 on bench/device_real_model.sh's run call: see docs/real-model.md)
 #
-# Five more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s),
-# core_merge_register (at most 120 s: core_merge with pinned memory locked by 8 threads, issue 22),
+# Six more steps, never run by default: user_path (at most 330 s), eval_backends (at most 200 s),
+# core_merge_register and core_merge_prefault (at most 120 s each, issue 22: core_merge with pinned
+# memory locked by 8 threads, and with pageable memory first touched by torch's threads),
 # study_probe (at most 240 s; issue 18: where a real-model seed's time goes, bench/study_probe.py)
 # and study (at most STUDY_LIMIT, 540 s: the scaling study of docs/study.md on one GPU, sizes
 # STUDY_ONLY, e.g. "4M,100M", default all; its reports come back as study.tar.gz).
@@ -94,6 +95,10 @@ wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --profile
 wanted core_merge_register && PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
   step core_merge_register.log 120 "$PY" bench/core_merge.py --skip-peft --methods core_linear core_ties core_dare \
   --caps-mib 256 --profile --out "$out/core_merge_register.json"
+# issue 22: and with pageable host memory first touched by torch's threads instead of pinned memory
+wanted core_merge_prefault && step core_merge_prefault.log 120 "$PY" bench/core_merge.py --skip-peft \
+  --methods core_linear core_ties core_dare --caps-mib 256 --host-copy prefaulted --profile \
+  --out "$out/core_merge_prefault.json"
 # shellcheck disable=SC2086  # CAT_VARIANTS is a list
 wanted cat_step && TAIL=40 step cat_step.log 420 "$PY" bench/cat_step.py --ks 2 4 --variants ${CAT_VARIANTS:-floor peft_multi cat cat_stacked} \
   ${CAT_MODES:+--modes $CAT_MODES} --compile-scope layers --profile --steps 15 --out "$out/cat_step.json"

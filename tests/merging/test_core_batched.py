@@ -254,7 +254,7 @@ def test_a_flush_lands_in_one_host_buffer_per_dtype() -> None:
         torch.randn(2, 4, 9, generator=g),
         torch.randn(2, 6, 4, generator=g).to(torch.bfloat16),
     ]
-    landed = into_host_buffers(tensors, pin_memory=False)
+    landed = into_host_buffers(tensors, lambda dtype, numel: torch.empty(numel, dtype=dtype))
     assert [t.shape for t in landed] == [t.shape for t in tensors]
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(landed, tensors, strict=True))
     storages = {t.dtype: t.untyped_storage().data_ptr() for t in landed}

@@ -160,15 +160,22 @@ def _copy_to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
     host allocator) of the 0.35 s left. Host tensors come back as they are."""
     if not tensors or tensors[0].device.type != "cuda":
         return list(tensors)
-    return into_host_buffers(tensors, pin_memory=True)
+    return into_host_buffers(tensors, pinned)
 
 
-def into_host_buffers(tensors: Sequence[Tensor], *, pin_memory: bool) -> list[Tensor]:
-    """``tensors`` copied (without waiting) into one host buffer per dtype: views of it, in order."""
+def pinned(dtype: torch.dtype, numel: int) -> Tensor:
+    return torch.empty(numel, dtype=dtype, pin_memory=True)
+
+
+def into_host_buffers(
+    tensors: Sequence[Tensor], allocate: Callable[[torch.dtype, int], Tensor]
+) -> list[Tensor]:
+    """``tensors`` copied (without waiting, where the buffer is pinned) into one host buffer per dtype,
+    ``allocate(dtype, numel)``: views of it, in order."""
     totals: dict[torch.dtype, int] = {}
     for tensor in tensors:
         totals[tensor.dtype] = totals.get(tensor.dtype, 0) + tensor.numel()
-    buffers = {dtype: torch.empty(n, dtype=dtype, pin_memory=pin_memory) for dtype, n in totals.items()}
+    buffers = {dtype: allocate(dtype, n) for dtype, n in totals.items()}
     starts = dict.fromkeys(totals, 0)
     landed = []
     for tensor in tensors:

@@ -139,7 +139,7 @@ def test_cuda_graph_training_marks_each_step_and_feeds_layers_inputs_that_requir
 def test_cuda_graph_training_of_cat_runs_and_learns_the_eager_weights(make_lora, tmp_path, tokenizer):
     """``train.compile=reduce-overhead`` on CUDA, four decoder layers compiled one by one under CUDA
     graphs, inputs from a frozen embedding (as ``lorasoup cat`` runs; it failed on an H100 before the
-    loop marked its steps and made the layers' inputs require grad): θ close to eager training's."""
+    loop marked its steps and made the layers' inputs require grad): eager training's losses and θ."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -154,14 +154,20 @@ def test_cuda_graph_training_of_cat_runs_and_learns_the_eager_weights(make_lora,
     dataset = build_dataset(RECORDS, tokenizer, template="plain", cutoff_len=32)
     padded = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=32)
     options = FitOptions(learning_rate=0.1, max_steps=6, batch_size=8, warmup=0.0, device="cuda")
-    thetas = {}
+    thetas, losses = {}, {}
     for mode in ("none", "reduce-overhead"):
         model = AutoModelForCausalLM.from_pretrained(base_dir).cuda()
         composition = compose_cat(model, adapters, seed=7)
         torch._dynamo.reset()
-        result = fit_cat_weights(
-            composition, dataset, padded, FitOptions(**{**vars(options), "compile": mode})
-        )
-        assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+        options_now = FitOptions(**{**vars(options), "compile": mode})
+        result = fit_cat_weights(composition, dataset, padded, options_now)
+        losses[mode] = torch.tensor(result.losses)
+        assert result.steps == 6 and torch.isfinite(losses[mode]).all()
         thetas[mode] = composition.weights.theta.detach().cpu()
-    torch.testing.assert_close(thetas["reduce-overhead"], thetas["none"], rtol=1e-3, atol=1e-4)
+    # fused kernels reorder sums (and a process may have TF32 on), and Adam moves a θ whose gradient
+    # is near zero by about the learning rate whatever its sign: the loss curve is the like-for-like
+    # check, θ's movement the loose one (a run that trained nothing, or something else, fails both)
+    torch.testing.assert_close(losses["reduce-overhead"], losses["none"], rtol=0.02, atol=0)
+    theta0 = composition.theta_init.cpu()
+    moved = (thetas["none"] - theta0).norm()
+    assert moved > 0 and (thetas["reduce-overhead"] - thetas["none"]).norm() < 0.25 * moved

@@ -97,6 +97,13 @@ def reset_peak(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
     torch.cuda.empty_cache()
+    # and the pinned host blocks the last run freed: every timed run then page-locks its host copies
+    # afresh, as a merge in a new process does (a reused block would hide cudaHostAlloc's cost)
+    empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None
+    )
+    if empty_host_cache is not None:
+        empty_host_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated()
 

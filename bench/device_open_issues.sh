@@ -122,8 +122,9 @@ fi
 if wanted study; then  # issue 22's GPU-study rows: the scaling study with today's default rows
   work=/tmp/lorasoup-study
   # shellcheck disable=SC2086  # STUDY_ONLY: a comma list of sizes, or empty for the whole ladder
+  # --resume: a size the limit cuts goes on in the next call on this machine (its LoRAs and rows kept)
   INT_FIRST=1 TAIL=20 step study.log "${STUDY_LIMIT:-540}" "$PY" -m lorasoup study "${STUDY_CONFIG:-configs/study/scale-gpu.yaml}" \
-    --output "$work" ${STUDY_ONLY:+--only "$STUDY_ONLY"}
+    --output "$work" --resume ${STUDY_ONLY:+--only "$STUDY_ONLY"}
   "$PY" -m lorasoup study "${STUDY_CONFIG:-configs/study/scale-gpu.yaml}" --output "$work" --report-only >>"$out/study.log" 2>&1 || true
   tar -C "$work" -czf "$out/study.tar.gz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
     --exclude='*/base' --exclude='*/eval' . || echo "== study: nothing to pack"

@@ -173,6 +173,45 @@ def test_finished_sizes_are_kept_and_changed_ones_refused(smoke: Path, tmp_path:
     assert code == 2 and "other settings or seeds" in output and "--overwrite" in output
 
 
+class Stop(Exception):
+    """What a GPU call's time limit does to a study, here raised from the progress hook."""
+
+
+def test_a_stopped_study_resumes_its_unfinished_size(smoke: Path, tmp_path: Path) -> None:
+    """``--resume``: a size stopped part way stays in ``.SIZE.partial``; the next run keeps its base,
+    LoRAs and scored rows, finishes it with the numbers of an uninterrupted run, and counts both
+    runs' seconds."""
+    from lorasoup.demo.scale import run_study
+
+    config = load_config(StudyConfig, SMOKE, ["jobs=1"])
+    out = tmp_path / "resumed"
+
+    def stop_after_the_merges(what: str, done: int, total: int) -> None:
+        if "scoring CAT, weights at init" in what:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_study(config, output=out, only=["xs"], stage=stop_after_the_merges, resume=True)
+    partial = out / ".xs.partial" / "seed-0"
+    kept = [
+        partial / "base" / "pretraining.json",
+        partial / "adapters" / "math" / "adapter_model.safetensors",
+    ]
+    kept.append(partial / "eval" / "linear" / "composite.jsonl")
+    assert all(path.is_file() for path in kept) and not (out / "xs").exists()
+    before = [path.stat().st_mtime_ns for path in kept]
+    first_call = json.loads((out / ".xs.partial" / "elapsed.json").read_text())["elapsed_s"]
+
+    summary = run_study(config, output=out, only=["xs"], resume=True)
+    assert summary.ran == ["xs"] and not (out / ".xs.partial").exists()
+    finished = out / "xs" / "seed-0"
+    after = [(finished / path.relative_to(partial)).stat().st_mtime_ns for path in kept]
+    assert after == before  # the base was not pre-trained again, the LoRA not trained, the row not scored
+    assert _tables(out / "xs") == _tables(smoke / "xs")
+    assert not (out / "xs" / "elapsed.json").exists()
+    assert json.loads((out / "xs" / "run.json").read_text())["timings_s"]["total"] >= first_call
+
+
 def test_report_only_needs_a_finished_size(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code, output = _study(str(SMOKE), "--output", str(tmp_path / "empty"), "--report-only")

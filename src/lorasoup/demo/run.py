@@ -98,16 +98,20 @@ class RunClock:
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.started
 
+    def save(self) -> None:
+        """The time so far into ``path`` (nothing without one)."""
+        if self.path is not None:
+            from lorasoup.artifacts import write_json_atomic
+
+            write_json_atomic(self.path, {"elapsed_s": self.elapsed()})
+
     def hook(self, stage: StageHook | None) -> StageHook | None:
         """``stage``, also saving the time so far (the stage that a kill interrupts is not counted)."""
         if self.path is None:
             return stage
-        path = self.path
 
         def report(what: str, done: int, total: int) -> None:
-            from lorasoup.artifacts import write_json_atomic
-
-            write_json_atomic(path, {"elapsed_s": self.elapsed()})
+            self.save()
             if stage is not None:
                 stage(what, done, total)
 

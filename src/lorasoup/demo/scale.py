@@ -11,7 +11,10 @@ Splitting a study: ``only`` runs some sizes (one process per GPU, ``--only``), `
 rebuilds the scaling report from the finished ``OUTPUT/<name>/results.json`` folders. A size whose
 folder already holds a finished run with the same settings and seeds is kept, not run again (so a
 study cut short resumes where it stopped); a folder with other settings is an error unless
-``overwrite``.
+``overwrite``. With ``resume`` an unfinished size resumes too: it works in ``OUTPUT/.<name>.partial``
+(``artifacts.resumable_output_dir``), which a stop leaves behind, and the next run keeps its
+pre-trained bases, trained LoRAs and scored rows (the demo's own ``resume``), its seconds counted over
+both runs.
 
 With ``jobs > 1`` every seed of every size is one unit of work, ``jobs`` of them at once in worker
 processes (``seeds.py``). Units start size by size in the config's order, so sizes finish (and their
@@ -162,10 +165,12 @@ def run_study(
     overwrite: bool = False,
     report_only: bool = False,
     stage: StageHook | None = None,
+    resume: bool = False,
 ) -> StudySummary:
     """Run the sizes of ``config`` (``only``: some of them) and write the scaling report.
 
     ``report_only``: run nothing; rebuild ``scaling.*`` and ``run.json`` from the finished sizes.
+    ``resume``: an unfinished size goes on where a stopped run left it (module docstring).
     """
     from lorasoup.demo.device import resolve_device
 
@@ -179,7 +184,7 @@ def run_study(
             resolve_device(config.settings(preset).device)
         todo, kept = _plan(out, config, chosen, overwrite=overwrite)
         if todo:
-            ran = _run_sizes(out, config, todo, overwrite=overwrite, stage=stage)
+            ran = _run_sizes(out, config, todo, overwrite=overwrite, stage=stage, resume=resume)
     elif not out.is_dir():
         raise LorasoupError(f"--report-only: {out} does not exist; run the study into it first")
     scaling = write_scaling(out, config, ran=ran, seconds=time.perf_counter() - started)
@@ -224,28 +229,49 @@ def _finished(folder: Path) -> dict[str, Any] | None:
 
 
 def _run_sizes(
-    out: Path, config: StudyConfig, todo: list[SizePreset], *, overwrite: bool, stage: StageHook | None
+    out: Path,
+    config: StudyConfig,
+    todo: list[SizePreset],
+    *,
+    overwrite: bool,
+    stage: StageHook | None,
+    resume: bool = False,
 ) -> list[str]:
     """Run every seed of every size in ``todo``, in that order; each size's folder appears when its
-    seeds are done, and a failure removes the unfinished sizes' staging folders."""
-    from lorasoup.artifacts import atomic_output_dir
-    from lorasoup.demo.run import seed_units, write_demo
+    seeds are done, and a failure removes the unfinished sizes' staging folders (with ``resume``, it
+    keeps them for the next run)."""
+    from lorasoup.artifacts import atomic_output_dir, resumable_output_dir
+    from lorasoup.demo.run import RunClock, seed_units, write_demo
     from lorasoup.demo.seeds import run_units
+    from lorasoup.demo.settings import settings_record
 
     seeds = config.seed_list
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     open_dirs: dict[str, AbstractContextManager[Path]] = {}
+    clocks: dict[str, RunClock] = {}  # each size's seconds, over the runs a resumed size took
     units, owner = [], []
     try:
         for preset in todo:
             settings = config.settings(preset)
-            context = atomic_output_dir(out / preset.name, overwrite=overwrite)
+            target = out / preset.name
+            if resume:
+                fingerprint = {"model": "tiny", "seeds": seeds, "settings": settings_record(settings)}
+                context = resumable_output_dir(target, fingerprint, overwrite=overwrite)
+            else:
+                context = atomic_output_dir(target, overwrite=overwrite)
             staging = context.__enter__()
             open_dirs[preset.name] = context
+            clocks[preset.name] = RunClock(staging / "elapsed.json" if resume else None, started)
             units += seed_units(staging, seeds, settings, "tiny", label=preset.name)
             owner += [preset] * len(seeds)
         outcomes: dict[str, dict[int, Any]] = {preset.name: {} for preset in todo}
+
+        def timed(what: str, done: int, total: int) -> None:
+            for name in open_dirs:  # the sizes still running: a stop keeps their time so far
+                clocks[name].save()
+            if stage is not None:
+                stage(what, done, total)
 
         def finish(index: int, outcome: Any) -> None:
             preset, unit = owner[index], units[index]
@@ -254,11 +280,11 @@ def _run_sizes(
                 folder = unit.folder.parent
                 ordered = [outcomes[preset.name][s] for s in seeds]
                 settings = unit.settings
-                seconds = time.perf_counter() - started
+                seconds = clocks[preset.name].finish()
                 write_demo(folder, ordered, seeds, settings, "tiny", seconds, jobs=config.jobs)
                 open_dirs.pop(preset.name).__exit__(None, None, None)  # the size's folder appears
 
-        run_units(units, jobs=config.jobs, stage=stage, on_done=finish)
+        run_units(units, jobs=config.jobs, stage=timed, on_done=finish, resume=resume)
     except BaseException as error:
         for context in open_dirs.values():  # unfinished sizes leave nothing behind
             context.__exit__(type(error), error, error.__traceback__)

@@ -15,10 +15,12 @@ oracle in held-out frames (``robustness.py``). The default run is exactly the tw
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from lorasoup.artifacts import write_json_atomic
 from lorasoup.demo import compose
 from lorasoup.demo.base import pretrain_base
 from lorasoup.demo.benchmark import Benchmark, build_benchmark, build_tokenizer
@@ -110,8 +112,26 @@ def demo_tokenizer(settings: DemoSettings) -> Any:
     return build_tokenizer(skills=settings.skills, frames=settings.format_robust)
 
 
+BASE_FACTS = "pretraining.json"
+"""Written into the base's folder after the model: a base folder holding it is whole (a resumed run
+keeps it rather than pre-train again, which on a GPU need not give the same bits under bf16)."""
+
+
 def _pretrain(benchmark: Benchmark, tokenizer: Any, base_dir: Path, settings: DemoSettings, seed: int) -> Any:
-    """The base model; with ``format_robust`` it learns its language in every frame (robustness.py)."""
+    """The base model (kept where a resumed run finds it whole: :data:`BASE_FACTS`) and its facts."""
+    facts_file = base_dir / BASE_FACTS
+    if facts_file.is_file():
+        return json.loads(facts_file.read_text(encoding="utf-8"))
+    facts = _pretrain_base(benchmark, tokenizer, base_dir, settings, seed)
+    write_json_atomic(facts_file, facts)
+    return facts
+
+
+def _pretrain_base(
+    benchmark: Benchmark, tokenizer: Any, base_dir: Path, settings: DemoSettings, seed: int
+) -> Any:
+    """Pre-train and save; with ``format_robust`` the base learns its language in every frame
+    (robustness.py)."""
     where = {
         "size": settings.base,
         "seed": seed,

@@ -142,6 +142,13 @@ def study(
     overwrite: Annotated[
         bool, typer.Option(help="Rerun sizes whose folders hold a finished run (default: keep them).")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Work on each size in OUTPUT/.SIZE.partial and keep it if the study stops; run again "
+            "with the same settings and its bases, LoRAs and scored rows are not redone."
+        ),
+    ] = False,
 ) -> None:
     """Run the demo study at every base model size of CONFIG and compare the methods across sizes.
 
@@ -158,6 +165,6 @@ def study(
         fail("--only: give size names separated by commas")
     with stage_progress(console, "study") as stage:
         summary = run_study(
-            study_config, only=names, overwrite=overwrite, report_only=report_only, stage=stage
+            study_config, only=names, overwrite=overwrite, report_only=report_only, stage=stage, resume=resume
         )
     print_study_result(console, summary)

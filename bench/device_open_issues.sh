@@ -17,7 +17,7 @@
 # study_probe (at most 240 s; issue 18: where a real-model seed's time goes, bench/study_probe.py)
 # and study (at most STUDY_LIMIT, 540 s: the scaling study of docs/study.md on one GPU, sizes
 # STUDY_ONLY, e.g. "4M,100M", default all; its reports come back as study.tar.gz).
-# The default three take up to 740 s with their limits (about 470 s on an H100 in session 8: tests 90,
+# The default three take up to 830 s with their limits (about 470 s on an H100 in session 8: tests 90,
 # core_merge 60, cat_step ~320 with floor, PEFT bf16 and fp32 and CAT; CAT_VARIANTS now defaults to
 # floor, PEFT bf16, CAT and the cat_stacked experiment: about as long), so run
 # STEPS="tests core_merge" and STEPS=cat_step as two calls; each other step goes in a call beside
@@ -88,7 +88,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
 
 wanted() { [[ " ${STEPS:-tests core_merge cat_step} " == *" $1 "* ]]; }
 
-wanted tests && step gpu-tests.txt 150 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
+wanted tests && step gpu-tests.txt 240 "$PY" -m pytest -q -m gpu tests -p no:warnings -x --durations=5
 wanted core_merge && step core_merge.log 170 "$PY" bench/core_merge.py --profile --out "$out/core_merge.json"
 # issue 22: the same merges with torch's pinned memory page-locked by cudaHostRegister from 8 threads
 # instead of cudaHostAlloc (torch's allocator settings): the page-locking was most of core TIES' time

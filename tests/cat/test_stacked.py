@@ -120,7 +120,7 @@ def test_stacked_training_learns_the_plain_weights_and_unstacks(make_lora, llama
     ]
     dataset = build_dataset(records, tokenizer, template="plain", cutoff_len=64)
     collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
-    options = FitOptions(learning_rate=0.1, max_steps=4, batch_size=8, warmup=0.0)
+    options = FitOptions(learning_rate=0.1, max_steps=4, batch_size=8, warmup=0.0, device="cpu")
     thetas, seen = {}, []
     real_stack = cat_stacked.stack
     monkeypatch.setattr(cat_stacked, "stack", lambda model: seen.append(real_stack(model)) or seen[-1])

@@ -48,7 +48,8 @@ def fit_cat_weights(
     (``lorasoup.training.loop``); the decoder layers are compiled one by one if ``options.compile`` says,
     and under CUDA graphs on one GPU each module's ``[W0; A]`` is stacked for the run
     (``lorasoup.cat.stacked``, :func:`stacks_base`)."""
-    with stacked_base(composition, stacks_base(options)):
+    device = (options.device or "cuda") if stacks_base(options) else None
+    with stacked_base(composition, device):
         return _fit(composition, dataset, collate, options, checkpoint_dir, resume_from, progress)
 
 
@@ -62,11 +63,15 @@ def stacks_base(options: FitOptions) -> bool:
 
 
 @contextmanager
-def stacked_base(composition: CatComposition, enabled: bool) -> Iterator[None]:
-    """The composition's modules stacked while the block runs, plain again after it (also on error)."""
-    if not enabled:
+def stacked_base(composition: CatComposition, device: str | None) -> Iterator[None]:
+    """The composition's modules stacked on ``device`` while the block runs (None: not stacked), plain
+    again after it (also on error). The model goes to ``device`` first, as accelerate would move it:
+    moving a stacked module would copy its ``W0`` and ``A`` apart from the stacked matrix (twice
+    the frozen weights' memory)."""
+    if device is None:
         yield
         return
+    composition.model.to(device)
     stacked.stack(composition.model)
     try:
         yield

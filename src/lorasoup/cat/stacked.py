@@ -66,7 +66,10 @@ def stackable(layer: CatLinear) -> bool:
 
 
 def stack(model: nn.Module) -> int:
-    """Replace every stackable ``CatLinear`` of ``model`` by its stacked form; returns how many."""
+    """Replace every stackable ``CatLinear`` of ``model`` by its stacked form; returns how many.
+
+    Stack a model already on its device: ``.to(other)`` moves each buffer and parameter on its own,
+    so ``W0`` and ``A`` would become copies beside the stacked matrix (twice their memory)."""
     paths = [
         path for path, module in model.named_modules() if isinstance(module, CatLinear) and stackable(module)
     ]

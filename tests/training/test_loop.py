@@ -38,3 +38,23 @@ def test_checkpoint_round_trip_and_a_clear_error(tmp_path):
     assert [p.name for p in (tmp_path / "step-2").iterdir()] == ["x_state.pt"]  # no temporary left
     with pytest.raises(LorasoupError, match="no MoE checkpoint"):
         load_checkpoint(tmp_path / "missing", file="x_state.pt", kind="MoE")
+
+
+def test_the_training_loss_builds_no_kv_cache(llama_dir):
+    """A transformers model left at ``use_cache=True`` fills a KV cache in every training forward
+    (memory held to the end of the step; under CUDA graphs, earlier layers' graph outputs that
+    Dynamo reads): the fit loop's loss asks for none, and is the same loss."""
+    from transformers import AutoModelForCausalLM
+
+    from lorasoup.training.loop import language_model_loss
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).train()
+    assert model.config.use_cache
+    ids = torch.randint(4, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    caches = []
+    model.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    loss = language_model_loss(model, batch)
+    plain = model(**batch).loss
+    assert caches[0] is None and caches[1] is not None  # what the plain call does, and the loss avoids
+    torch.testing.assert_close(loss, plain)

@@ -111,7 +111,7 @@ def _fit(
     result.steps, history, clock = fit_loop.run_loop(
         loop,
         options,
-        lambda model, batch: (model(**batch).loss,),
+        lambda model, batch: (fit_loop.language_model_loss(model, batch),),
         step=step,
         checkpoints=checkpoints,
         progress=progress,

@@ -64,7 +64,7 @@ def _losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L, L_lm, L_balance)`` of one micro-batch, with ``L = L_lm + α · L_balance``."""
     with composition.recording() as records:
-        lm_loss = model(**batch).loss
+        lm_loss = fit_loop.language_model_loss(model, batch)
     balance = composition.balance_loss(records, batch.get("attention_mask"))
     return lm_loss + balance_coef * balance, lm_loss, balance
 

@@ -115,16 +115,26 @@ def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return compile_regions(model, mode=None if mode == "default" else mode)
 
 
+def language_model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal LM loss of ``batch`` (its ``labels``), with no KV cache: a transformers model left at
+    ``use_cache=True`` builds one in every training forward (each layer's keys and values held to the
+    end of the step, ~0.5 GB for a 7B model at 4 × 256 tokens) and, compiled, guards each layer on it.
+    Under CUDA graphs that cache is a suspect of the failure ``inputs_require_grad`` tells (it holds
+    the earlier layers' graph outputs, which Dynamo reads when it compiles the next layer)."""
+    return model(**batch, use_cache=False).loss
+
+
 def inputs_require_grad(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
     """Make the input embeddings' output require grad (a forward hook; its handle, or None where the
     model has no input embeddings), so every decoder layer receives an input that requires grad.
 
     For CUDA-graph training (``reduce-overhead``). On an H100, ``lorasoup cat`` failed reading "a tensor
     output of CUDAGraphs that has been overwritten by a subsequent run" (``bench/user_path.py``,
-    session 13) where the benchmark's CAT step ran, whose inputs require grad; with a frozen embedding
-    the first layer's input is the only one without grad, and Dynamo compiles that layer a second graph
-    (a ``requires_grad`` guard, seen on the CPU). This makes the run the benchmark's; the cost is the
-    first layer's input gradient, one layer's share of the backward's input GEMMs."""
+    session 13) where the benchmark's CAT step ran, whose inputs require grad (and whose model has no
+    KV cache: :func:`language_model_loss`); with a frozen embedding the first layer's input is the only
+    one without grad, and Dynamo compiles that layer a second graph (a ``requires_grad`` guard, seen on
+    the CPU). This makes the run the benchmark's; the cost is the first layer's input gradient, one
+    layer's share of the backward's input GEMMs."""
     getter = getattr(model, "get_input_embeddings", None)
     embeddings = getter() if callable(getter) else None
     if not isinstance(embeddings, torch.nn.Module):

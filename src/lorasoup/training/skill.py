@@ -260,6 +260,9 @@ def _load_lora_model(config: TrainRunConfig) -> tuple[Any, TrainingData, dict[st
     tokenizer = load_tokenizer(spec)
     data = build_training_data(config, tokenizer)
     base = load_base_model(spec, dtype=DTYPES[config.train.dtype])
+    # no KV cache in the training forwards (training.loop.language_model_loss says why); this model
+    # is only trained and its loss evaluated, and the adapter saved holds no base config
+    base.config.use_cache = False
     fingerprint = model_fingerprint(base)
     model = get_peft_model(base, lora_config(config.lora))
     seed_lora_init(model, config.train.seed)

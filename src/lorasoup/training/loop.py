@@ -117,10 +117,10 @@ def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 def language_model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The causal LM loss of ``batch`` (its ``labels``), with no KV cache: a transformers model left at
-    ``use_cache=True`` builds one in every training forward (each layer's keys and values held to the
-    end of the step, ~0.5 GB for a 7B model at 4 × 256 tokens) and, compiled, guards each layer on it.
-    Under CUDA graphs that cache is a suspect of the failure ``inputs_require_grad`` tells (it holds
-    the earlier layers' graph outputs, which Dynamo reads when it compiles the next layer)."""
+    ``use_cache=True`` builds one in every training forward (bookkeeping for nothing: its tensors are
+    the keys and values attention saves for the backward anyway) and, compiled, guards each layer on
+    it. Under CUDA graphs that cache is the likeliest cause of the failure ``inputs_require_grad``
+    tells: it holds the earlier layers' graph outputs, which Dynamo reads when it compiles a layer."""
     return model(**batch, use_cache=False).loss
 
 

@@ -19,11 +19,11 @@ timed from its ``run.json``, against the bench's own step in the same session (s
    (``steady_step_seconds_median``: past the first fifth of the steps, which hold compilation and CUDA
    graph capture) and the steady mean (``1 / steady_steps_per_s``, bounded by two synchronisations).
 4. ``--bench-step`` (alias ``--cat-step``), in this process after the commands: ``cat_step.py``'s CAT
-   variant per K in the matching mode with regional compilation (``cat_stacked`` under CUDA graphs on a
-   GPU, as ``lorasoup cat`` then trains) (forward + backward + AdamW on θ,
-   median of CUDA-event times), and ``lora_train``: the same LoRA as ``train.yaml`` (stock PEFT, fp32
-   A/B trainable, bf16 autocast) as a bare forward + backward + AdamW step, eager. Each command's
-   median ÷ its bench step is the ratio (the issue's target: within 10 %).
+   variant per K in the matching mode with regional compilation (forward + backward + AdamW on θ,
+   median of CUDA-event times; ``cat_stacked`` under CUDA graphs on a GPU, as ``lorasoup cat``
+   trains), and ``lora_train``: the same LoRA as ``train.yaml`` (stock PEFT, fp32 A/B trainable, bf16
+   autocast) as a bare forward + backward + AdamW step, eager. Each command's median ÷ its bench step
+   is the ratio (the issue's target: within 10 %).
 
     PYTHONPATH=src python bench/user_path.py --bench-step              # GPU (H100): ~4-5 min with K = 2
     PYTHONPATH=src python bench/user_path.py --ks 2 4 --bench-step     # GPU, both K
@@ -47,6 +47,9 @@ from pathlib import Path
 import cat_step  # bench/, beside this file
 import torch
 import yaml
+
+from lorasoup.cat.fit import stacking_device
+from lorasoup.options import FitOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 32
@@ -97,9 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cat_variant(args: argparse.Namespace, device: torch.device) -> str:
-    """``cat_step.py``'s variant that ``lorasoup cat`` trains as: the stacked ``[W0; A]`` layer under
-    CUDA graphs on a GPU (``lorasoup.cat.fit.stacks_base``), the plain layer otherwise."""
-    return "cat_stacked" if args.compile == "reduce-overhead" and device.type == "cuda" else "cat"
+    """``cat_step.py``'s variant that ``lorasoup cat`` trains as: the stacked ``[W0; A]`` layer where
+    the library stacks (``lorasoup.cat.fit.stacking_device``), the plain layer otherwise."""
+    stacks = stacking_device(FitOptions(compile=args.compile, device=device.type))
+    return "cat_stacked" if stacks is not None else "cat"
 
 
 def bench_args(args: argparse.Namespace, k: int | None = None) -> argparse.Namespace:

@@ -93,15 +93,16 @@ def test_stack_leaves_the_modules_it_cannot_stack_plain(make_lora, llama_dir) ->
 
 
 def test_training_stacks_only_under_cuda_graphs_on_one_gpu(monkeypatch) -> None:
-    from lorasoup.cat.fit import stacks_base
+    from lorasoup.cat.fit import stacking_device
     from lorasoup.options import FitOptions
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert stacks_base(FitOptions(compile="reduce-overhead", device="cuda"))
-    assert not stacks_base(FitOptions(compile="default", device="cuda"))
-    assert not stacks_base(FitOptions(compile="reduce-overhead", device="cpu"))
+    assert stacking_device(FitOptions(compile="reduce-overhead", device="cuda")) == "cuda"
+    assert stacking_device(FitOptions(compile="reduce-overhead", device="cuda:1")) == "cuda:1"
+    assert stacking_device(FitOptions(compile="default", device="cuda")) is None
+    assert stacking_device(FitOptions(compile="reduce-overhead", device="cpu")) is None
     monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch: DDP / FSDP processes
-    assert not stacks_base(FitOptions(compile="reduce-overhead", device="cuda"))
+    assert stacking_device(FitOptions(compile="reduce-overhead", device="cuda")) is None
 
 
 def test_stacked_training_learns_the_plain_weights_and_unstacks(make_lora, llama_dir, tokenizer, monkeypatch):
@@ -125,7 +126,8 @@ def test_stacked_training_learns_the_plain_weights_and_unstacks(make_lora, llama
     real_stack = cat_stacked.stack
     monkeypatch.setattr(cat_stacked, "stack", lambda model: seen.append(real_stack(model)) or seen[-1])
     for stacking in (False, True):
-        monkeypatch.setattr(cat_fit, "stacks_base", lambda options, stacking=stacking: stacking)
+        device = "cpu" if stacking else None
+        monkeypatch.setattr(cat_fit, "stacking_device", lambda options, device=device: device)
         composition = compose_cat(AutoModelForCausalLM.from_pretrained(llama_dir), adapters, seed=3)
         cat_fit.fit_cat_weights(composition, dataset, collate_fn, options)
         thetas[stacking] = composition.weights.theta.detach().clone()

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from lorasoup.cat import stacked
 from lorasoup.cat.inject import CatComposition
+from lorasoup.devices import default_device
 from lorasoup.options import FitOptions
 from lorasoup.training import loop as fit_loop
 from lorasoup.training.loop import Checkpoints, Collate, FitResult, ProgressHook
@@ -47,19 +48,18 @@ def fit_cat_weights(
     """Train ``composition.weights`` on ``dataset`` with AdamW and linear warm-up/decay
     (``lorasoup.training.loop``); the decoder layers are compiled one by one if ``options.compile`` says,
     and under CUDA graphs on one GPU each module's ``[W0; A]`` is stacked for the run
-    (``lorasoup.cat.stacked``, :func:`stacks_base`)."""
-    device = (options.device or "cuda") if stacks_base(options) else None
-    with stacked_base(composition, device):
+    (``lorasoup.cat.stacked``, :func:`stacking_device`)."""
+    with stacked_base(composition, stacking_device(options)):
         return _fit(composition, dataset, collate, options, checkpoint_dir, resume_from, progress)
 
 
-def stacks_base(options: FitOptions) -> bool:
-    """Whether training stacks the base weight with ``A``: where it was measured to pay (an H100, CUDA
-    graphs: docs/benchmarks.md), i.e. ``compile: reduce-overhead`` on one CUDA device, no process group
-    (under FSDP the base weights are sharded parameters, not free to become views)."""
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def stacking_device(options: FitOptions) -> str | None:
+    """The device training stacks the base weight with ``A`` on, or None: where it was measured to pay
+    (an H100, CUDA graphs: docs/benchmarks.md), i.e. ``compile: reduce-overhead`` on one CUDA device,
+    no process group (under FSDP the base weights are sharded parameters, not free to become views)."""
+    device = default_device(options.device)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return options.compile == "reduce-overhead" and device.startswith("cuda") and single
+    return device if options.compile == "reduce-overhead" and device.startswith("cuda") and single else None
 
 
 @contextmanager

@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
         default="pinned",
         help="how the batched core-space merges land their factors on the host: 'pinned' (the library's: "
         "one pinned buffer per flush, page-locked by the allocator) or 'prefaulted' (an experiment: "
-        "pageable memory first touched by torch's threads, then blocking copies; see prefaulted_copy)",
+        "pageable memory first touched by torch's threads, then blocking copies; see prefaulted)",
     )
     p.add_argument("--out", default="bench/results/core_merge.json", help="also copied to $OUT if set")
     return p.parse_args()
@@ -139,22 +139,18 @@ def profile_ops(fn, device: torch.device, top: int = 20) -> list[dict]:
     ]
 
 
-def prefaulted_copy(tensors):
-    """An alternative to ``core_batched._copy_to_host`` (issue 22): page-locking fresh host memory was
-    most of core TIES' time on an H100 (``cudaHostAlloc``, 0.25 of 0.35 s). Here the host buffer is
+def prefaulted(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """An alternative host buffer for ``core_batched._copy_to_host`` (issue 22): page-locking fresh
+    host memory was most of core TIES' time on an H100 (``cudaHostAlloc``, 0.25 of 0.35 s). This one is
     pageable and first touched by ``zero_`` (torch's threads, so the page faults are spread over the
-    cores), then each tensor copied into it (blocking: the driver stages a copy to pageable memory itself)."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return list(tensors)
-    return core_batched.into_host_buffers(
-        tensors, lambda dtype, numel: torch.empty(numel, dtype=dtype).zero_()
-    )
+    cores); the copies into it then block (the driver stages a copy to pageable memory itself)."""
+    return torch.empty(numel, dtype=dtype).zero_()
 
 
 def main() -> None:
     args = parse_args()
     if args.host_copy == "prefaulted":
-        core_batched._copy_to_host = prefaulted_copy  # this process only: the variant under test
+        core_batched.pinned = prefaulted  # this process only: the variant under test
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = merge_bench.TINY if args.tiny else merge_bench.FULL
     model = None

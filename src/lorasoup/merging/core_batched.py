@@ -164,6 +164,8 @@ def _copy_to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def pinned(dtype: torch.dtype, numel: int) -> Tensor:
+    """The host buffer :func:`_copy_to_host` lands a flush in (``bench/core_merge.py --host-copy``
+    swaps it to time other kinds)."""
     return torch.empty(numel, dtype=dtype, pin_memory=True)
 
 

@@ -69,9 +69,8 @@ def run_demo(
     output = Path(output)
     require_free_output(output, overwrite=overwrite)
     started = time.perf_counter()
-    fingerprint = {"model": model, "seeds": chosen, "settings": settings_record(settings)}
     folder = (
-        resumable_output_dir(output, fingerprint, overwrite=overwrite)
+        resumable_output_dir(output, resume_fingerprint(model, chosen, settings), overwrite=overwrite)
         if resume
         else atomic_output_dir(output, overwrite=overwrite)
     )
@@ -83,6 +82,12 @@ def run_demo(
         seconds = clock.finish()
         results = write_demo(staging, outcomes, chosen, settings, model, seconds, jobs=jobs)
     return summary_of(output, results, seconds)
+
+
+def resume_fingerprint(model: str, seeds: list[int], settings: Any) -> dict[str, Any]:
+    """What a run's results depend on: a partial run resumes only under the same one
+    (``artifacts.resumable_output_dir``)."""
+    return {"model": model, "seeds": seeds, "settings": settings_record(settings)}
 
 
 class RunClock:

@@ -241,9 +241,8 @@ def _run_sizes(
     seeds are done, and a failure removes the unfinished sizes' staging folders (with ``resume``, it
     keeps them for the next run)."""
     from lorasoup.artifacts import atomic_output_dir, resumable_output_dir
-    from lorasoup.demo.run import RunClock, seed_units, write_demo
+    from lorasoup.demo.run import RunClock, resume_fingerprint, seed_units, write_demo
     from lorasoup.demo.seeds import run_units
-    from lorasoup.demo.settings import settings_record
 
     seeds = config.seed_list
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +255,7 @@ def _run_sizes(
             settings = config.settings(preset)
             target = out / preset.name
             if resume:
-                fingerprint = {"model": "tiny", "seeds": seeds, "settings": settings_record(settings)}
+                fingerprint = resume_fingerprint("tiny", seeds, settings)
                 context = resumable_output_dir(target, fingerprint, overwrite=overwrite)
             else:
                 context = atomic_output_dir(target, overwrite=overwrite)

@@ -57,6 +57,8 @@ TRAINING=(
   tf32=true  # every LoRA's training on TF32 tensor cores (session 13 on; the steps sweep was full fp32)
   merged_scoring=true  # adapter rows decoded with the LoRA merged: 17.5 vs 21.3 ms a step at batch 200,
                       # 200 of 200 generations identical (bench/results/study_probe_smollm2_h100.json)
+  extra_rows=true  # issue 22's costly rows (CAT and LoRA-Flow gates on LoraHub's 16 composite examples,
+                   # the gates' mean-gate CAT): three more rows, about 2 more device minutes a seed
 )
 
 die() { echo "device_real_model.sh: $*" >&2; exit 2; }

@@ -11,11 +11,12 @@ from typing import Annotated, Any
 import typer
 
 from lorasoup.cli.console import console, fail
-from lorasoup.cli.options import OutputOption, OverwriteOption, SetOption, load_run_config, split_commas
+from lorasoup.cli.options import OutputOption, OverwriteOption, load_run_config, set_option, split_commas
 from lorasoup.cli.progress import spinner, stage_progress
 from lorasoup.cli.render import print_demo_result, print_saved_benchmark, print_study_result
 from lorasoup.config import load_config
 
+StudySetOption = set_option("base.lora_steps=300")
 DemoSetOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -129,7 +130,7 @@ def save_demo_benchmark(path: Path, model: str, seeds: list[int], settings: Any,
 
 def study(
     config: Annotated[Path, typer.Argument(help="Study YAML (see configs/study/scale-gpu.yaml).")],
-    set_: SetOption = None,
+    set_: StudySetOption = None,
     output: OutputOption = None,
     only: Annotated[
         str | None,

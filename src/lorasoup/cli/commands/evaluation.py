@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from lorasoup.cli.console import console
-from lorasoup.cli.options import OverwriteOption, SetOption, load_run_config, only_if
+from lorasoup.cli.options import OverwriteOption, load_run_config, only_if, set_option
 from lorasoup.cli.progress import score_progress
 from lorasoup.cli.render import print_eval_result
+
+EvalSetOption = set_option("generation.max_new_tokens=256")
 
 ModelOption = Annotated[
     str | None, typer.Option(help="Base model: hub id, checkpoint dir, .gguf or builtin.")
@@ -45,7 +47,7 @@ def eval_(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda if present).")
     ] = None,
-    set_: SetOption = None,
+    set_: EvalSetOption = None,
     resume: ResumeOption = True,
     overwrite: OverwriteOption = False,
 ) -> None:

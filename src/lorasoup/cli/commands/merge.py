@@ -11,7 +11,6 @@ from lorasoup.cli.console import console, fail
 from lorasoup.cli.options import (
     OutputOption,
     OverwriteOption,
-    SetOption,
     load_run_config,
     only_if,
     set_option,
@@ -26,6 +25,7 @@ BaseModelOption = Annotated[str | None, typer.Option(help="Base model (needed fo
 
 
 CompressSetOption = set_option("dtype=bfloat16")
+MergeSetOption = set_option("parameters.density=0.5")
 
 MergeConfigArgument = Annotated[
     Path | None,
@@ -56,7 +56,7 @@ def merge(
         bool | None, typer.Option("--merge", help="Also write merged full weights to OUTPUT/merged.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for DARE's random drops.")] = None,
-    set_: SetOption = None,
+    set_: MergeSetOption = None,
     list_methods: Annotated[bool, typer.Option("--list", help="List the merge methods and exit.")] = False,
     overwrite: OverwriteOption = False,
 ) -> None:

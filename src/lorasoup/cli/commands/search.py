@@ -9,14 +9,16 @@ from typing import Annotated
 import typer
 
 from lorasoup.cli.console import console
-from lorasoup.cli.options import OutputOption, OverwriteOption, SetOption, load_run_config, only_if
+from lorasoup.cli.options import OutputOption, OverwriteOption, load_run_config, only_if, set_option
 from lorasoup.cli.progress import count_progress, step_progress
 from lorasoup.cli.render import print_layer_swap_search_result, print_search_result
+
+SearchSetOption = set_option("search.iterations=40")
 
 
 def search(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/search-example.yaml).")],
-    set_: SetOption = None,
+    set_: SearchSetOption = None,
     output: OutputOption = None,
     overwrite: OverwriteOption = False,
     layer_swap: Annotated[

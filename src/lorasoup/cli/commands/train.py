@@ -10,14 +10,16 @@ from typing import Annotated
 import typer
 
 from lorasoup.cli.console import console
-from lorasoup.cli.options import OverwriteOption, SetOption, load_run_config, only_if
+from lorasoup.cli.options import OverwriteOption, load_run_config, only_if, set_option
 from lorasoup.cli.progress import step_progress
 from lorasoup.cli.render import print_train_result
+
+TrainSetOption = set_option("train.learning_rate=2e-4")
 
 
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/train-example.yaml).")],
-    set_: SetOption = None,
+    set_: TrainSetOption = None,
     output: Annotated[str | None, typer.Option(help="Adapter directory (overrides `output`).")] = None,
     resume_from: Annotated[
         str | None, typer.Option(help="A checkpoint (OUTPUT.checkpoints/checkpoint-N), or 'last'.")

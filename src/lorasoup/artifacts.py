@@ -178,6 +178,12 @@ def package_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    if versions.get("lorasoup") == "not installed":
+        # run from a source tree on PYTHONPATH (the GPU machine's copy): the code is there, only its
+        # install record is not
+        from lorasoup import __version__
+
+        versions["lorasoup"] = f"{__version__} (source tree, not installed)"
     return versions
 
 

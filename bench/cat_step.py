@@ -8,6 +8,10 @@ graphs), so each ratio compares like with like: CAT / floor and CAT / PEFT are t
 PEFT runs twice: with bf16 adapters as CAT's (``peft_multi``) and with its default fp32 adapters
 (``peft_fp32``, ``autocast_adapter_dtype=True``). ``cat_stacked``: CAT with each module's base weight
 and ``A`` stacked in one frozen matrix (``lorasoup.cat.stacked``, what CAT's training uses under CUDA graphs).
+``--modes max-autotune`` (not a default: minutes of autotuning per variant) compiles with Inductor's
+Triton GEMM templates under CUDA graphs, which can fuse the add into the base output and the
+coefficient product into the adapter GEMMs: what is left of CAT over the floor under graphs
+(docs/benchmarks.md) without a hand-written kernel, measured like for like with the floor's own.
 ``--profile`` adds, per variant, the CUDA kernels of a few compiled steps (torch.profiler), grouped
 by kind, to show what CAT adds over the floor.
 
@@ -54,7 +58,7 @@ SHAPE_KEYS = tuple(FULL)
 TINY = dict(zip(SHAPE_KEYS, (64, 172, 2, 4, 4, 256), strict=True))
 CHECK_RTOL = 2e-2  # bf16: compiled kernels fuse and reorder reductions, so losses differ in the 3rd digit
 VARIANTS = ("floor", "peft_multi", "peft_fp32", "peft_single", "cat", "cat_stacked")
-MODES = ("eager", "compile", "reduce-overhead", "max-autotune-no-cudagraphs")
+MODES = ("eager", "compile", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_MODES = MODES[:3]
 PROFILE_MODE = "compile"  # CUDA graphs hide the kernels from the profiler: profile the plain compile
 

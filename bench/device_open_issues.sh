@@ -45,7 +45,9 @@
 #    hf on SmolLM2-135M-Instruct (the GGUF), GSM-Hard with the paper's 8-shot prompt, first
 #    EVAL_LIMIT (512) problems at batch 128: tokens/s and identical generations, one process.
 #
-# CAT_MODES limits cat_step's modes (default eager, compile, reduce-overhead), e.g. "compile reduce-overhead".
+# CAT_MODES limits cat_step's modes (default eager, compile, reduce-overhead), e.g. "compile reduce-overhead";
+# CAT_MODES=max-autotune CAT_VARIANTS="floor cat cat_stacked" (a call of its own: autotuning takes
+# minutes a variant) tries Inductor's Triton GEMM templates under graphs, with the adds fused.
 #
 # Leaves in $OUT: env.txt, gpu-tests.txt, core_merge.json, core_merge.log, cat_step.json,
 # cat_step.log (and user_path.json, user_path.log, eval_backends.json, eval_backends.log). Each step

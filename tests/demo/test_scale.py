@@ -134,6 +134,7 @@ def test_scaling_numbers_agree_with_each_size(smoke: Path) -> None:
         record = json.loads((smoke / size["name"] / "run.json").read_text())
         assert size["parameters"] == record["base_models"][0]["parameters"]
         assert size["device"] == results["device"] == "cpu" and size["seeds"] == [0]
+        assert size["pretraining"] == "fp32"
         for row in results["table"]:
             for task in TASKS:
                 assert data["accuracy"][row["method"]][task][index] == row[task]
@@ -267,3 +268,24 @@ def test_smoke_study_runs_on_cuda(tmp_path: Path) -> None:
     assert code == 0, output
     data = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert all(size["device"] == "cuda" and size["gpu"] for size in data["sizes"])
+
+
+def test_the_ladder_says_how_each_base_was_pre_trained(smoke: Path, tmp_path: Path) -> None:
+    """bf16 autocast applies on CUDA only (base.py), so one config pre-trains another base on a CPU:
+    the report's ladder says which, from each size's own results."""
+    out = tmp_path / "precision"
+    shutil.copytree(smoke, out)
+    results_path = out / "s" / "results.json"
+    results = json.loads(results_path.read_text())
+    results["settings"]["base"]["cuda_bf16"] = True  # as scale-gpu.yaml asks, run on a CPU: fp32
+    results_path.write_text(json.dumps(results))
+    xs_path = out / "xs" / "results.json"
+    xs = json.loads(xs_path.read_text())
+    xs["settings"]["base"]["cuda_bf16"], xs["device"] = True, "cuda"  # as a GPU run records it
+    xs_path.write_text(json.dumps(xs))
+    code, output = _study(str(SMOKE), "--output", str(out), "--report-only")
+    assert code == 0, output
+    sizes = json.loads((out / "scaling.json").read_text())["sizes"]
+    assert [size["pretraining"] for size in sizes] == ["bf16 autocast", "fp32"]
+    ladder = (out / "scaling.md").read_text()
+    assert "| pre-training |" in ladder and "| bf16 autocast |" in ladder

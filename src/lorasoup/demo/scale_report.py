@@ -32,6 +32,7 @@ LADDER_COLUMNS = [
     "LoRA steps",
     "CAT steps",
     "device",
+    "pre-training",
     "s per seed",
 ]
 Cell = dict[str, Any] | None
@@ -74,6 +75,11 @@ def collect(out: Path, config: StudyConfig) -> dict[str, Any]:
                 "seeds": results["seeds"],
                 "device": results.get("device", "cpu"),
                 "gpu": results.get("gpu"),
+                # base.py's rule: bf16 autocast on CUDA only, so one config pre-trains a different base
+                # on a CPU (docs/study.md, the 0.7M rung on the CPU)
+                "pretraining": "bf16 autocast"
+                if results.get("device") == "cuda" and base.get("cuda_bf16")
+                else "fp32",
                 "seconds": record["timings_s"]["total"],
                 "seed_seconds": [
                     record["timings_s"].get(f"seed_{seed}_total_s") for seed in results["seeds"]
@@ -254,6 +260,7 @@ def scaling_markdown(data: dict[str, Any]) -> str:
             str(size["steps"]["lora"]),
             str(size["steps"]["cat"]),
             size["gpu"] or size["device"],
+            size.get("pretraining", "fp32"),
             _per_seed(size["seed_seconds"]),
         ]
         for size in sizes

@@ -99,6 +99,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         chosen = dataclasses.replace(settings, lora_steps=steps)
         adapter_dir = seed_dir / f"{args.skill}-{steps}-steps"
         shutil.rmtree(adapter_dir, ignore_errors=True)  # train_lora keeps a finished LoRA: retrain
+        # the Trainer's own bar is off (train_lora): say what the next minutes (CPU: tens of them) are
+        print(f"seed {args.seed} {args.skill} LoRA: training {steps} steps, then scoring", flush=True)
         began = time.perf_counter()
         adapter = train_lora(
             base_dir, [(args.skill, data, None)], adapter_dir, chosen, args.seed,

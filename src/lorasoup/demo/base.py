@@ -143,6 +143,13 @@ def _train_steps(
     return step, first, float(loss.detach())
 
 
+def bf16_pretraining(device: str, cuda_bf16: bool) -> bool:
+    """Whether pre-training on ``device`` runs under bf16 autocast: on CUDA only, where ``cuda_bf16``
+    asks (a CPU ignores it, so one setting pre-trains a different base there; the study report's
+    ladder says which, from this rule)."""
+    return device != "cpu" and cuda_bf16
+
+
 def pretrain_base(
     records: list[dict[str, Any]],
     tokenizer: Any,
@@ -166,7 +173,7 @@ def pretrain_base(
     loader = _batch_loader(dataset, tokenizer, size, seed, group_by_length)
     on_gpu = device != "cpu"
     optimizer, schedule = _optimizer(model, size, on_gpu)
-    bf16 = on_gpu and size.cuda_bf16
+    bf16 = bf16_pretraining(device, size.cuda_bf16)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     step, first, last = _train_steps(
         model,

@@ -47,6 +47,7 @@ def comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def collect(out: Path, config: StudyConfig) -> dict[str, Any]:
     """``scaling.json``'s content: every finished size of ``config`` in ``out``, in the config's order."""
+    from lorasoup.demo.base import bf16_pretraining
     from lorasoup.demo.settings import settings_record
 
     sizes, missing, notices = [], [], []
@@ -75,10 +76,9 @@ def collect(out: Path, config: StudyConfig) -> dict[str, Any]:
                 "seeds": results["seeds"],
                 "device": results.get("device", "cpu"),
                 "gpu": results.get("gpu"),
-                # base.py's rule: bf16 autocast on CUDA only, so one config pre-trains a different base
-                # on a CPU (docs/study.md, the 0.7M rung on the CPU)
+                # one config pre-trains a different base on a CPU (docs/study.md, the 0.7M rung)
                 "pretraining": "bf16 autocast"
-                if results.get("device") == "cuda" and base.get("cuda_bf16")
+                if bf16_pretraining(results.get("device", "cpu"), base.get("cuda_bf16", False))
                 else "fp32",
                 "seconds": record["timings_s"]["total"],
                 "seed_seconds": [
